@@ -1,0 +1,727 @@
+//! The `ClusterPolicy` custom resource (`gpupilot.io/v1alpha1`, cluster-scoped).
+//!
+//! The spec keeps the field names of NVIDIA's `nvidia.com/v1` ClusterPolicy so an admin's YAML and
+//! habits carry over. Every field has a default that the apiserver fills in (through the schema), so
+//! `spec: {}` is a complete, working policy. Rules one object can check live in the schema (enums,
+//! CEL `x-kubernetes-validations`); rules that need other objects live in the validating webhook.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::names::{Component, GPU_TAINT_KEY, Stage};
+
+/// Version of gpu-pilot, which is also the default tag of the agent image.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Where gpu-pilot's own images live.
+pub const GPU_PILOT_REPOSITORY: &str = "ghcr.io/gpu-pilot";
+/// The one image that serves every gpu-pilot-owned operand (device plugin, GFD, MIG manager, validator).
+pub const AGENT_IMAGE: &str = "gpu-pilot-agent";
+
+/// Desired state of the GPU stack on every GPU node of the cluster.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "gpupilot.io",
+    version = "v1alpha1",
+    kind = "ClusterPolicy",
+    plural = "clusterpolicies",
+    singular = "clusterpolicy",
+    shortname = "gpupolicy",
+    category = "gpu-pilot",
+    status = "ClusterPolicyStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "ClusterPolicy is the one object an admin edits to run NVIDIA GPUs on the cluster with gpu-pilot.",
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "GPU-Nodes", type_ = "integer", json_path = ".status.gpuNodes"),
+    printcolumn(
+        name = "Ready-Nodes",
+        type_ = "integer",
+        json_path = ".status.readyNodes"
+    ),
+    printcolumn(
+        name = "MIG",
+        type_ = "string",
+        json_path = ".spec.mig.strategy",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClusterPolicySpec {
+    /// Cluster-wide settings of the operator itself.
+    pub operator: OperatorSpec,
+    /// Settings every operand DaemonSet shares.
+    pub daemonsets: DaemonsetsSpec,
+    /// The NVIDIA driver container. Disable it where the driver is installed on the host.
+    pub driver: DriverSpec,
+    /// The NVIDIA container toolkit, which makes the container runtime GPU-aware.
+    pub toolkit: ToolkitSpec,
+    /// The kubelet device plugin that advertises `nvidia.com/gpu` (served by the gpu-pilot agent).
+    pub device_plugin: DevicePluginSpec,
+    /// NVIDIA's DCGM exporter for detailed GPU metrics.
+    pub dcgm_exporter: DcgmExporterSpec,
+    /// GPU feature labels on nodes (served by the gpu-pilot agent).
+    pub gfd: GfdSpec,
+    /// Applies MIG layouts asked for with `nvidia.com/mig.config` (served by the gpu-pilot agent).
+    pub mig_manager: MigManagerSpec,
+    /// How MIG devices are exposed to workloads.
+    pub mig: MigSpec,
+    /// Validation steps between the stages (served by the gpu-pilot agent).
+    pub validator: ValidatorSpec,
+    /// Container Device Interface support.
+    pub cdi: CdiSpec,
+    /// Paths on the host the operands need.
+    pub host_paths: HostPathsSpec,
+}
+
+/// Image pull policy, as in a Pod.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl ImagePullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImagePullPolicy::Always => "Always",
+            ImagePullPolicy::IfNotPresent => "IfNotPresent",
+            ImagePullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// What every operand can be configured with. Implemented by each component's spec.
+pub trait OperandSpec {
+    fn enabled(&self) -> bool;
+    fn repository(&self) -> &str;
+    fn image(&self) -> &str;
+    fn version(&self) -> &str;
+    fn image_pull_policy(&self) -> ImagePullPolicy;
+    fn image_pull_secrets(&self) -> &[String];
+    fn resources(&self) -> Option<&ResourceRequirements>;
+    fn args(&self) -> &[String];
+    fn env(&self) -> &[EnvVar];
+
+    /// The full image reference the DaemonSet runs, or `None` when none can be formed.
+    fn image_reference(&self) -> Option<String> {
+        image_reference(self.repository(), self.image(), self.version())
+    }
+}
+
+/// Builds an image reference the way NVIDIA's operator does: `image` may already be a full
+/// reference (it contains a `/`), otherwise it is joined to `repository`; `version` is a tag, or a
+/// digest when it starts with `sha256:`. An image that already carries a tag or digest keeps it.
+pub fn image_reference(repository: &str, image: &str, version: &str) -> Option<String> {
+    if image.is_empty() {
+        return None;
+    }
+    let base = if image.contains('/') || repository.is_empty() {
+        image.to_string()
+    } else {
+        format!("{}/{}", repository.trim_end_matches('/'), image)
+    };
+    let last = base.rsplit('/').next().unwrap_or(&base);
+    if base.contains('@') || last.contains(':') {
+        return Some(base);
+    }
+    if version.is_empty() {
+        return None;
+    }
+    if version.starts_with("sha256:") {
+        Some(format!("{base}@{version}"))
+    } else {
+        Some(format!("{base}:{version}"))
+    }
+}
+
+/// Declares one operand's spec struct: the common fields, the component's own defaults, and any
+/// extra fields. One macro keeps the eight component types identical where they should be.
+macro_rules! component {
+    (
+        $(#[$doc:meta])*
+        $name:ident {
+            enabled: $enabled:expr,
+            repository: $repo:expr,
+            image: $image:expr,
+            version: $version:expr $(,)?
+        }
+        $( extra { $( $(#[$fdoc:meta])* $field:ident : $ty:ty = $default:expr ),* $(,)? } )?
+    ) => {
+        $(#[$doc])*
+        #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+        #[serde(rename_all = "camelCase", default)]
+        #[schemars(extend("x-kubernetes-validations" = [
+            {
+                "rule": "!self.enabled || (self.image != '' && (self.image.contains('/') || self.repository != '') && (self.version != '' || self.image.contains('@') || self.image.matches(':[^/]*$')))",
+                "message": "an enabled component needs an image it can pull: set image, repository and version (or a full image reference in image), or set enabled: false",
+                "fieldPath": ".image",
+                "reason": "FieldValueRequired"
+            }
+        ]))]
+        pub struct $name {
+            /// Deploy this component.
+            pub enabled: bool,
+            /// Registry and path the image is pulled from, e.g. `nvcr.io/nvidia`.
+            #[schemars(length(max = 512))]
+            pub repository: String,
+            /// Image name, or a full image reference (then `repository` is ignored).
+            #[schemars(length(max = 512))]
+            pub image: String,
+            /// Image tag, or a digest `sha256:<64 hex digits>`.
+            #[schemars(length(max = 256))]
+            #[schemars(extend("x-kubernetes-validations" = [
+                {
+                    "rule": "self == '' || self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$') || self.matches('^sha256:[a-f0-9]{64}$')",
+                    "message": "version must be an image tag (up to 128 letters, digits, '_', '.' or '-', not starting with '.' or '-') or a digest 'sha256:' followed by 64 lowercase hex digits"
+                }
+            ]))]
+            pub version: String,
+            /// When the kubelet pulls the image.
+            pub image_pull_policy: ImagePullPolicy,
+            /// Names of Secrets in the operator's namespace used to pull the image.
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            pub image_pull_secrets: Vec<String>,
+            /// CPU and memory for the component's containers.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub resources: Option<ResourceRequirements>,
+            /// Extra arguments for the component's main container.
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            pub args: Vec<String>,
+            /// Extra environment variables for the component's main container.
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            pub env: Vec<EnvVar>,
+            $($( $(#[$fdoc])* pub $field: $ty, )*)?
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self {
+                    enabled: $enabled,
+                    repository: $repo.into(),
+                    image: $image.into(),
+                    version: $version.into(),
+                    image_pull_policy: ImagePullPolicy::IfNotPresent,
+                    image_pull_secrets: Vec::new(),
+                    resources: None,
+                    args: Vec::new(),
+                    env: Vec::new(),
+                    $($( $field: $default, )*)?
+                }
+            }
+        }
+
+        impl OperandSpec for $name {
+            fn enabled(&self) -> bool { self.enabled }
+            fn repository(&self) -> &str { &self.repository }
+            fn image(&self) -> &str { &self.image }
+            fn version(&self) -> &str { &self.version }
+            fn image_pull_policy(&self) -> ImagePullPolicy { self.image_pull_policy }
+            fn image_pull_secrets(&self) -> &[String] { &self.image_pull_secrets }
+            fn resources(&self) -> Option<&ResourceRequirements> { self.resources.as_ref() }
+            fn args(&self) -> &[String] { &self.args }
+            fn env(&self) -> &[EnvVar] { &self.env }
+        }
+    };
+}
+
+component! {
+    /// The NVIDIA driver container.
+    DriverSpec {
+        enabled: true,
+        repository: "nvcr.io/nvidia",
+        image: "driver",
+        version: "580.95.05",
+    }
+    extra {
+        /// Which kernel modules the driver container loads.
+        kernel_module_type: KernelModuleType = KernelModuleType::Auto,
+    }
+}
+
+component! {
+    /// The NVIDIA container toolkit.
+    ToolkitSpec {
+        enabled: true,
+        repository: "nvcr.io/nvidia/k8s",
+        image: "container-toolkit",
+        version: "v1.17.8",
+    }
+    extra {
+        /// Where the toolkit is installed on the host.
+        #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/')", "message": "installDir must be an absolute path"}]))]
+        #[schemars(length(max = 4096))]
+        install_dir: String = "/usr/local/nvidia".into(),
+    }
+}
+
+component! {
+    /// The kubelet device plugin.
+    DevicePluginSpec {
+        enabled: true,
+        repository: GPU_PILOT_REPOSITORY,
+        image: AGENT_IMAGE,
+        version: concat!("v", env!("CARGO_PKG_VERSION")),
+    }
+    extra {
+        /// Time-slicing and other device-plugin settings from a ConfigMap.
+        config: ConfigRef = ConfigRef::default(),
+    }
+}
+
+component! {
+    /// NVIDIA's DCGM exporter.
+    DcgmExporterSpec {
+        enabled: true,
+        repository: "nvcr.io/nvidia/k8s",
+        image: "dcgm-exporter",
+        version: "4.2.3-4.1.3-ubuntu22.04",
+    }
+    extra {
+        /// A ConfigMap with the metrics to collect, in dcgm-exporter's CSV format.
+        config: ConfigRef = ConfigRef::default(),
+    }
+}
+
+component! {
+    /// GPU feature discovery labels.
+    GfdSpec {
+        enabled: true,
+        repository: GPU_PILOT_REPOSITORY,
+        image: AGENT_IMAGE,
+        version: concat!("v", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+component! {
+    /// The MIG manager.
+    MigManagerSpec {
+        enabled: true,
+        repository: GPU_PILOT_REPOSITORY,
+        image: AGENT_IMAGE,
+        version: concat!("v", env!("CARGO_PKG_VERSION")),
+    }
+    extra {
+        /// The mig-parted config (`version: v1`, `mig-configs`) and the layout applied by default.
+        config: ConfigRef = ConfigRef {
+            name: "default-mig-parted-config".into(),
+            default: "all-disabled".into(),
+        },
+    }
+}
+
+component! {
+    /// The validator that gates the stages.
+    ValidatorSpec {
+        enabled: true,
+        repository: GPU_PILOT_REPOSITORY,
+        image: AGENT_IMAGE,
+        version: concat!("v", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// Which kernel modules the driver loads.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelModuleType {
+    /// Open modules where the GPU supports them, proprietary otherwise.
+    #[default]
+    Auto,
+    Open,
+    Proprietary,
+}
+
+/// A reference to a ConfigMap in the operator's namespace and the entry used by default.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.default == '' || self.name != ''",
+        "message": "config.default names an entry of the ConfigMap in config.name: set config.name too",
+        "fieldPath": ".name",
+        "reason": "FieldValueRequired"
+    }
+]))]
+pub struct ConfigRef {
+    /// ConfigMap name; empty means no ConfigMap.
+    #[schemars(length(max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self == '' || self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "config.name must be a ConfigMap name: lowercase letters, digits, '-' and '.'"
+        }
+    ]))]
+    pub name: String,
+    /// The entry of that ConfigMap used on nodes that do not choose one.
+    #[schemars(length(max = 253))]
+    pub default: String,
+}
+
+/// Container runtime on the nodes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerRuntime {
+    #[default]
+    Containerd,
+    Crio,
+    Docker,
+}
+
+/// Cluster-wide operator settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OperatorSpec {
+    /// The container runtime the toolkit configures.
+    pub default_runtime: ContainerRuntime,
+    /// RuntimeClass created for GPU pods and set on them by the webhook.
+    #[schemars(length(max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "runtimeClass must be a valid RuntimeClass name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+        }
+    ]))]
+    pub runtime_class: String,
+    /// Labels added to every object the operator creates.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to every object the operator creates.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for OperatorSpec {
+    fn default() -> Self {
+        Self {
+            default_runtime: ContainerRuntime::Containerd,
+            runtime_class: "nvidia".into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+/// How a DaemonSet replaces its pods.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum UpdateStrategy {
+    #[default]
+    RollingUpdate,
+    OnDelete,
+}
+
+/// Settings shared by all operand DaemonSets.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DaemonsetsSpec {
+    /// Labels added to every operand pod.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to every operand pod.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Tolerations of every operand pod.
+    pub tolerations: Vec<Toleration>,
+    /// PriorityClass of every operand pod.
+    #[schemars(length(max = 253))]
+    pub priority_class_name: String,
+    /// Update strategy of the operand DaemonSets (the driver's is always OnDelete).
+    pub update_strategy: UpdateStrategy,
+    /// Rolling update parameters when updateStrategy is RollingUpdate.
+    pub rolling_update: RollingUpdateSpec,
+}
+
+impl Default for DaemonsetsSpec {
+    fn default() -> Self {
+        Self {
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            tolerations: vec![Toleration {
+                key: Some(GPU_TAINT_KEY.into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }],
+            priority_class_name: "system-node-critical".into(),
+            update_strategy: UpdateStrategy::RollingUpdate,
+            rolling_update: RollingUpdateSpec::default(),
+        }
+    }
+}
+
+/// Rolling update parameters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RollingUpdateSpec {
+    /// How many nodes (a number, or a percentage like `10%`) may update at once.
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.matches('^([1-9][0-9]*|([1-9][0-9]?|100)%)$')",
+            "message": "maxUnavailable must be a positive number of nodes like '1' or a percentage from 1% to 100% like '10%'"
+        }
+    ]))]
+    pub max_unavailable: String,
+}
+
+impl Default for RollingUpdateSpec {
+    fn default() -> Self {
+        Self {
+            max_unavailable: "1".into(),
+        }
+    }
+}
+
+/// How MIG devices are exposed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MigStrategy {
+    /// MIG devices are not exposed; whole GPUs only.
+    None,
+    /// Every GPU of a node has the same MIG layout; MIG devices are `nvidia.com/gpu`.
+    #[default]
+    Single,
+    /// Each MIG profile is its own resource, e.g. `nvidia.com/mig-1g.10gb`.
+    Mixed,
+}
+
+impl MigStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigStrategy::None => "none",
+            MigStrategy::Single => "single",
+            MigStrategy::Mixed => "mixed",
+        }
+    }
+}
+
+/// MIG settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MigSpec {
+    /// How MIG devices are exposed: none, single or mixed.
+    pub strategy: MigStrategy,
+}
+
+/// Container Device Interface settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CdiSpec {
+    /// Generate CDI specs and let the device plugin hand out CDI devices.
+    pub enabled: bool,
+    /// Make CDI the default way GPUs reach containers.
+    pub default: bool,
+}
+
+/// Host paths the operands mount.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HostPathsSpec {
+    /// The host's root filesystem.
+    #[serde(rename = "rootFS")]
+    #[schemars(length(max = 4096))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/')", "message": "rootFS must be an absolute path"}]))]
+    pub root_fs: String,
+    /// Where the driver container installs the driver on the host.
+    #[schemars(length(max = 4096))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/')", "message": "driverInstallDir must be an absolute path"}]))]
+    pub driver_install_dir: String,
+}
+
+impl Default for HostPathsSpec {
+    fn default() -> Self {
+        Self {
+            root_fs: "/".into(),
+            driver_install_dir: "/run/nvidia/driver".into(),
+        }
+    }
+}
+
+impl ClusterPolicySpec {
+    /// The spec of one operand, seen through the fields all operands share.
+    pub fn operand(&self, component: Component) -> &dyn OperandSpec {
+        match component {
+            Component::ContainerToolkit => &self.toolkit,
+            Component::Driver => &self.driver,
+            Component::OperatorValidator => &self.validator,
+            Component::DevicePlugin => &self.device_plugin,
+            Component::GpuFeatureDiscovery => &self.gfd,
+            Component::DcgmExporter => &self.dcgm_exporter,
+            Component::MigManager => &self.mig_manager,
+        }
+    }
+}
+
+/// Overall state of a policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyState {
+    /// Every GPU node is ready.
+    Ready,
+    /// Some GPU node is still moving through the stages, or stuck in one.
+    NotReady,
+    /// Another ClusterPolicy is the active one; this one does nothing.
+    Ignored,
+}
+
+/// What the controller observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClusterPolicyStatus {
+    /// ready, notReady or ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<PolicyState>,
+    /// The spec generation this status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The namespace the operands run in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// `Ready` and `Error`, with reasons.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// One entry per component.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<ComponentStatus>,
+    /// How many GPU nodes are in each stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<StageCounts>,
+    /// GPU nodes found.
+    pub gpu_nodes: i32,
+    /// GPU nodes in the ready stage.
+    pub ready_nodes: i32,
+}
+
+/// One component's state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ComponentStatus {
+    /// The spec field, e.g. `devicePlugin`.
+    pub name: String,
+    pub enabled: bool,
+    /// ready, notReady or disabled.
+    pub state: String,
+    /// Pods the DaemonSet wants.
+    pub desired: i32,
+    /// Pods ready.
+    pub ready: i32,
+}
+
+/// Node counts per stage.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct StageCounts {
+    pub toolkit: i32,
+    pub driver: i32,
+    pub driver_validation: i32,
+    pub device_plugin: i32,
+    pub plugin_validation: i32,
+    pub ready: i32,
+}
+
+impl StageCounts {
+    pub fn get(&self, stage: Stage) -> i32 {
+        match stage {
+            Stage::Toolkit => self.toolkit,
+            Stage::Driver => self.driver,
+            Stage::DriverValidation => self.driver_validation,
+            Stage::DevicePlugin => self.device_plugin,
+            Stage::PluginValidation => self.plugin_validation,
+            Stage::Ready => self.ready,
+        }
+    }
+
+    pub fn add(&mut self, stage: Stage, n: i32) {
+        let slot = match stage {
+            Stage::Toolkit => &mut self.toolkit,
+            Stage::Driver => &mut self.driver,
+            Stage::DriverValidation => &mut self.driver_validation,
+            Stage::DevicePlugin => &mut self.device_plugin,
+            Stage::PluginValidation => &mut self.plugin_validation,
+            Stage::Ready => &mut self.ready,
+        };
+        *slot += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_reference_joins_repository_image_and_version() {
+        assert_eq!(
+            image_reference("nvcr.io/nvidia", "driver", "580.95.05").as_deref(),
+            Some("nvcr.io/nvidia/driver:580.95.05")
+        );
+        assert_eq!(
+            image_reference("nvcr.io/nvidia/", "driver", "sha256:abc").as_deref(),
+            Some("nvcr.io/nvidia/driver@sha256:abc")
+        );
+    }
+
+    #[test]
+    fn full_image_references_keep_their_tag_or_digest() {
+        assert_eq!(
+            image_reference("ignored", "registry:5000/x/driver:1.0", "2.0").as_deref(),
+            Some("registry:5000/x/driver:1.0")
+        );
+        assert_eq!(
+            image_reference("", "registry:5000/x/driver", "2.0").as_deref(),
+            Some("registry:5000/x/driver:2.0"),
+            "a port in the registry is not a tag"
+        );
+        assert_eq!(
+            image_reference("r", "a/b@sha256:00", "").as_deref(),
+            Some("a/b@sha256:00")
+        );
+    }
+
+    #[test]
+    fn no_reference_without_image_or_version() {
+        assert_eq!(image_reference("r", "", "1"), None);
+        assert_eq!(image_reference("r", "driver", ""), None);
+    }
+
+    #[test]
+    fn empty_spec_deserializes_to_the_defaults() {
+        let spec: ClusterPolicySpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec, ClusterPolicySpec::default());
+        assert_eq!(spec.operator.runtime_class, "nvidia");
+        assert_eq!(spec.mig.strategy, MigStrategy::Single);
+        assert!(spec.driver.enabled && spec.toolkit.enabled);
+        assert_eq!(
+            spec.daemonsets.tolerations[0].key.as_deref(),
+            Some(GPU_TAINT_KEY)
+        );
+        let partial: ClusterPolicySpec =
+            serde_json::from_str(r#"{"driver": {"enabled": false}}"#).unwrap();
+        assert!(!partial.driver.enabled);
+        assert_eq!(partial.driver.version, DriverSpec::default().version);
+    }
+
+    #[test]
+    fn every_default_component_has_an_image() {
+        let spec = ClusterPolicySpec::default();
+        for c in Component::ALL {
+            let operand = spec.operand(c);
+            assert!(operand.image_reference().is_some(), "{c:?}");
+        }
+        assert_eq!(
+            spec.operand(Component::DevicePlugin)
+                .image_reference()
+                .unwrap(),
+            format!("ghcr.io/gpu-pilot/gpu-pilot-agent:v{VERSION}")
+        );
+    }
+}

@@ -1,0 +1,65 @@
+//! End-to-end tests against a real local control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, kwok). One cluster serves the whole run; it is torn
+//! down when the run ends, whatever the outcome.
+
+mod foundation;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use gpu_pilot_e2e::Cluster;
+use libtest_mimic::{Arguments, Failed, Trial};
+
+type TestFn = fn(Arc<Cluster>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Every end-to-end test, by name.
+fn tests() -> Vec<(&'static str, TestFn)> {
+    let mut all = Vec::new();
+    all.extend(foundation::tests());
+    all
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let wanted: Vec<(&str, TestFn)> = tests()
+        .into_iter()
+        .filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f)))
+        .collect();
+    if args.list || wanted.is_empty() {
+        // Nothing to run: do not start a cluster just to list names.
+        let trials = tests()
+            .into_iter()
+            .map(|(name, _)| Trial::test(name, || Ok(())))
+            .collect();
+        libtest_mimic::run(&args, trials).exit();
+    }
+
+    let cluster = match Cluster::start() {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("e2e: could not start the local control plane:\n{e:#}");
+            std::process::exit(101);
+        }
+    };
+    let trials = tests()
+        .into_iter()
+        .map(|(name, f)| {
+            let cluster = cluster.clone();
+            Trial::test(name, move || run_one(cluster, f))
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    // The trials (and their handles on the cluster) are gone; this stops the control plane.
+    drop(cluster);
+    conclusion.exit();
+}
+
+fn run_one(cluster: Arc<Cluster>, f: TestFn) -> Result<(), Failed> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::from(format!("tokio runtime: {e}")))?;
+    rt.block_on(f(cluster))
+        .map_err(|e| Failed::from(format!("{e:#}")))
+}

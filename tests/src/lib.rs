@@ -1,0 +1,294 @@
+//! The end-to-end test fixture: one real local control plane per test run.
+//!
+//! [`Cluster::start`] brings up `scripts/local-cluster` in a state directory of its own (on ports it
+//! checks are free), or reuses a running cluster named by `GPU_PILOT_E2E_KUBECONFIG`. Dropping the
+//! [`Cluster`] stops what it started, also when tests failed or panicked, and a SIGINT/SIGTERM
+//! stops it too. Each test gets a fresh [`kube::Client`] and its own namespace through [`TestEnv`].
+//!
+//! `GPU_PILOT_E2E_KUBECONFIG` is a variable of its own, not `KUBECONFIG`, so that the tests never
+//! write to whatever cluster the developer's shell happens to point at.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+/// Fake GPU and CPU nodes the fixture's own cluster gets.
+pub const GPU_NODES: usize = 4;
+pub const CPU_NODES: usize = 2;
+
+/// The repository's root (the tests crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A running control plane the tests talk to.
+pub struct Cluster {
+    kubeconfig: PathBuf,
+    tools: PathBuf,
+    /// Set when this process started the cluster and must stop it.
+    owned_dir: Option<PathBuf>,
+}
+
+static OWNED_DIR: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
+
+fn local_cluster(args: &[&str]) -> Command {
+    let mut cmd = Command::new(repo_root().join("scripts/local-cluster"));
+    cmd.args(args);
+    cmd
+}
+
+fn stop_cluster(dir: &Path) {
+    let dir = dir.to_string_lossy().into_owned();
+    match local_cluster(&["down", "--dir", &dir]).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("e2e: 'scripts/local-cluster down --dir {dir}' exited with {s}"),
+        Err(e) => eprintln!("e2e: could not run 'scripts/local-cluster down --dir {dir}': {e}"),
+    }
+}
+
+impl Cluster {
+    /// Starts a local control plane for this test run, or reuses the one named by
+    /// `GPU_PILOT_E2E_KUBECONFIG`. Fails (never skips) with what to install when a part is missing.
+    pub fn start() -> anyhow::Result<Cluster> {
+        let tools = build_tools()?;
+        if let Ok(path) = std::env::var("GPU_PILOT_E2E_KUBECONFIG") {
+            let kubeconfig = PathBuf::from(path);
+            if !kubeconfig.is_file() {
+                bail!(
+                    "GPU_PILOT_E2E_KUBECONFIG={} is not a file; unset it to let the tests start their own cluster",
+                    kubeconfig.display()
+                );
+            }
+            eprintln!("e2e: reusing the cluster of {}", kubeconfig.display());
+            return Ok(Cluster {
+                kubeconfig,
+                tools,
+                owned_dir: None,
+            });
+        }
+
+        // One state directory per checkout: a run killed before it could clean up is cleaned
+        // up by the next one.
+        let dir = std::env::temp_dir().join(format!(
+            "gpu-pilot-e2e-{:x}",
+            fnv1a(repo_root().to_string_lossy().as_bytes())
+        ));
+        if dir.exists() {
+            stop_cluster(&dir);
+        }
+        let port_base = free_port_block(17440, 6)?;
+        let dir_s = dir.to_string_lossy().into_owned();
+        let gpu = GPU_NODES.to_string();
+        let cpu = CPU_NODES.to_string();
+        let port = port_base.to_string();
+        // Registered before `up` so a signal during start-up also cleans up.
+        *OWNED_DIR.get_or_init(|| Mutex::new(None)).lock().unwrap() = Some(dir.clone());
+        install_signal_handler();
+        let started = Instant::now();
+        let out = local_cluster(&[
+            "up",
+            "--dir",
+            &dir_s,
+            "--port-base",
+            &port,
+            "--gpu-nodes",
+            &gpu,
+            "--cpu-nodes",
+            &cpu,
+        ])
+        .output()
+        .context("could not run scripts/local-cluster (is bash installed?)")?;
+        if !out.status.success() {
+            stop_cluster(&dir);
+            bail!(
+                "scripts/local-cluster up failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        eprintln!(
+            "e2e: local control plane up in {:.1}s ({GPU_NODES} GPU nodes, {CPU_NODES} CPU nodes, ports from {port_base})",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Cluster {
+            kubeconfig: dir.join("admin.kubeconfig"),
+            tools,
+            owned_dir: Some(dir),
+        })
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The real `kubectl` built to match the control plane, pointed at this cluster.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.tools.join("kubectl"));
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
+    }
+
+    /// A fresh client (each test runs on its own runtime, and a client belongs to one).
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)
+            .with_context(|| format!("reading {}", self.kubeconfig.display()))?;
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(dir) = self.owned_dir.take() {
+            stop_cluster(&dir);
+            if let Some(m) = OWNED_DIR.get() {
+                *m.lock().unwrap() = None;
+            }
+        }
+    }
+}
+
+fn install_signal_handler() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = ctrlc::set_handler(|| {
+            if let Some(m) = OWNED_DIR.get()
+                && let Some(dir) = m.lock().unwrap().take()
+            {
+                eprintln!("e2e: interrupted, stopping the local cluster");
+                stop_cluster(&dir);
+            }
+            std::process::exit(130);
+        });
+    });
+}
+
+/// Builds (or finds already built) etcd, the Kubernetes components, kubectl and kwok.
+pub fn build_tools() -> anyhow::Result<PathBuf> {
+    let out = Command::new(repo_root().join("scripts/build-tools"))
+        .output()
+        .context("could not run scripts/build-tools (is bash installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "scripts/build-tools failed, so the local control plane cannot run. It needs Go 1.26+ on PATH and the Go module proxy.\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = String::from_utf8(out.stdout)?.trim().to_string();
+    Ok(PathBuf::from(dir))
+}
+
+fn free_port_block(start: u16, len: u16) -> anyhow::Result<u16> {
+    let mut base = start;
+    while base < 60000 {
+        let free =
+            (base..base + len).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return Ok(base);
+        }
+        base += 10;
+    }
+    bail!("no block of {len} free loopback ports found from {start} up")
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// What one test gets: a client and a namespace of its own, deleted afterwards.
+pub struct TestEnv {
+    pub client: Client,
+    pub namespace: String,
+}
+
+impl TestEnv {
+    pub async fn new(cluster: &Cluster, test: &str) -> anyhow::Result<TestEnv> {
+        let client = cluster.client().await?;
+        let suffix = format!(
+            "{:x}",
+            fnv1a(format!("{test}{:?}", Instant::now()).as_bytes())
+        );
+        let mut name: String = format!("e2e-{test}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(50)
+            .collect();
+        name.push('-');
+        name.push_str(&suffix[..8]);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "gpupilot.io/e2e": "true" } }
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(TestEnv {
+            client,
+            namespace: name,
+        })
+    }
+
+    pub async fn cleanup(self) {
+        let _ = Api::<Namespace>::all(self.client)
+            .delete(&self.namespace, &DeleteParams::background())
+            .await;
+    }
+}
+
+/// Names of the nodes that carry (or do not carry) the NFD GPU label.
+pub async fn node_names(client: &Client, gpu: bool) -> anyhow::Result<Vec<String>> {
+    let selector = if gpu {
+        format!("{}=true", gpu_pilot_api::names::label::NFD_PCI_10DE)
+    } else {
+        format!("!{}", gpu_pilot_api::names::label::NFD_PCI_10DE)
+    };
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let mut names: Vec<String> = nodes
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Polls `check` until it returns `Ok(Some(v))`, or fails after `timeout` with the last reason.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Result<T, String>>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(why)) => why,
+            Err(e) => format!("error: {e:#}"),
+        };
+        if start.elapsed() > timeout {
+            bail!("{what}: still not true after {timeout:?}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
