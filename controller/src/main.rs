@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use gpu_pilot_controller::run::{Options, run};
+use gpu_pilot_controller::run::{Options, run, shutdown_signal};
 
 #[derive(Parser)]
 #[command(
@@ -125,7 +125,7 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(run(opts))
+                .block_on(run(opts, shutdown_signal()))
         }
     }
 }

@@ -28,12 +28,20 @@ use crate::status;
 /// Why a reconcile pass failed, grouped for metrics and Events.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("writing {what}: {source}")]
+    #[error("writing {what}: {}", api_message(source))]
     Write {
         what: String,
         #[source]
         source: kube::Error,
     },
+}
+
+/// The API server's own sentence, without the debug dump of the whole Status.
+fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} (HTTP {})", s.message, s.code),
+        other => other.to_string(),
+    }
 }
 
 impl Error {
@@ -213,12 +221,20 @@ fn decide(ctx: &Context) -> Plan {
     }
     let node_refs: Vec<(&str, &NodeState)> = states.iter().map(|(n, s)| (n.as_str(), s)).collect();
     let ds_counts = |c: Component| idx.daemonsets.get(&c.daemonset_name()).map(|f| f.counts);
+    let gated = |c: Component| {
+        let key = gpu_pilot_api::names::label::deploy_gate(c);
+        idx.nodes
+            .values()
+            .filter(|n| n.labels.get(&key).map(String::as_str) == Some("true"))
+            .count() as i32
+    };
     let st = status::active_status(
         &active.spec,
         active.metadata.generation,
         &ctx.namespace,
         &node_refs,
         &ds_counts,
+        &gated,
         active.status.as_ref(),
         &t,
     );
@@ -310,7 +326,7 @@ async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Er
         patch_status(ctx, &policies, &active, st).await?;
         *writes += 1;
     }
-    flush_events(ctx, &active, false).await;
+    flush_events(ctx, &active).await;
     Ok(())
 }
 
@@ -575,12 +591,11 @@ async fn publish_failure(ctx: &Context, node: &str, stage: Stage, reason: &str) 
 }
 
 /// Publishes one summary Event per stage for the nodes that reached it since the last flush.
-async fn flush_events(ctx: &Context, policy: &ClusterPolicy, force: bool) {
+async fn flush_events(ctx: &Context, policy: &ClusterPolicy) {
     let mut pending = ctx.pending_events.lock().await;
-    let due = force
-        || pending
-            .last_flush
-            .is_none_or(|t| t.elapsed() >= EVENT_INTERVAL);
+    let due = pending
+        .last_flush
+        .is_none_or(|t| t.elapsed() >= EVENT_INTERVAL);
     if !due || pending.reached.is_empty() {
         return;
     }
@@ -606,7 +621,9 @@ async fn flush_events(ctx: &Context, policy: &ClusterPolicy, force: bool) {
             type_: EventType::Normal,
             reason: "StageReached".into(),
             note: Some(note),
-            action: "Rollout".into(),
+            // One action per stage, so each stage keeps an Event of its own instead of all of
+            // them folding into one series.
+            action: format!("Reach-{stage}"),
             secondary: None,
         };
         if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
@@ -625,9 +642,16 @@ pub async fn run(
 ) {
     let debounce = Duration::from_millis(200);
     loop {
+        // Stage Events waiting for their summary are flushed by a pass within EVENT_INTERVAL.
+        let events_waiting = !ctx.pending_events.lock().await.reached.is_empty();
+        let idle = if events_waiting {
+            EVENT_INTERVAL
+        } else {
+            resync
+        };
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(resync) => {}
+            _ = tokio::time::sleep(idle) => {}
             _ = leader.changed() => {}
             _ = shutdown.changed() => {}
         }

@@ -415,15 +415,20 @@ pub fn render_daemonset(
         "volumeMounts": mounts,
     });
 
-    let update_strategy = if c == Component::Driver
-        || spec.daemonsets.update_strategy == UpdateStrategy::OnDelete
-    {
-        // The driver is replaced only when an admin (or the upgrade flow) deletes its pod:
-        // restarting it under running GPU workloads would kill them.
-        json!({"type": "OnDelete"})
-    } else {
-        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": spec.daemonsets.rolling_update.max_unavailable}})
-    };
+    let update_strategy =
+        if c == Component::Driver || spec.daemonsets.update_strategy == UpdateStrategy::OnDelete {
+            // The driver is replaced only when an admin (or the upgrade flow) deletes its pod:
+            // restarting it under running GPU workloads would kill them.
+            json!({"type": "OnDelete"})
+        } else {
+            // IntOrString: "1" must go out as the number 1; only "10%" stays a string.
+            let max = &spec.daemonsets.rolling_update.max_unavailable;
+            let max = max
+                .parse::<i64>()
+                .map(Value::from)
+                .unwrap_or_else(|_| Value::from(max.as_str()));
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max}})
+        };
     let service_account = if shape.agent_args.is_some() {
         AGENT_SERVICE_ACCOUNT
     } else {
@@ -524,6 +529,19 @@ mod tests {
             serde_json::to_value(dp.rolling_update.unwrap().max_unavailable).unwrap(),
             json!("10%")
         );
+    }
+
+    #[test]
+    fn a_plain_number_of_unavailable_nodes_is_an_integer() {
+        let d = render(&policy(json!({})), "ns");
+        let ru = ds_of(&d, Component::DevicePlugin)
+            .spec
+            .update_strategy
+            .clone()
+            .unwrap()
+            .rolling_update
+            .unwrap();
+        assert_eq!(serde_json::to_value(ru.max_unavailable).unwrap(), json!(1));
     }
 
     #[test]

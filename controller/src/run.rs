@@ -52,13 +52,28 @@ async fn client(opts: &Options) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-pub async fn run(opts: Options) -> anyhow::Result<()> {
+/// Runs until `shutdown` completes (SIGTERM/SIGINT in the binary), then stops cleanly: the last
+/// pass finishes, the Lease is released so another replica takes over at once.
+pub async fn run(
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let client = client(&opts).await?;
-    // Fail early and clearly when the CRD is missing or RBAC forbids reading policies.
-    Api::<ClusterPolicy>::all(client.clone())
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-        .context("cannot list ClusterPolicies: is the CRD installed (gpu-pilot-controller crd | kubectl apply -f -) and may this identity read them?")?;
+    // Say clearly when the CRD is missing or RBAC forbids reading policies, and wait for it
+    // (an install applies the CRD and the controller at the same time).
+    loop {
+        match Api::<ClusterPolicy>::all(client.clone())
+            .list(&kube::api::ListParams::default().limit(1))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot list ClusterPolicies: is the CRD installed (gpu-pilot-controller crd | kubectl apply --server-side -f -) and may this identity read them? Retrying in 5s"
+            ),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
@@ -175,7 +190,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.resync,
     ));
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = reconciler.await;
@@ -198,7 +213,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");

@@ -24,6 +24,7 @@ pub fn active_status(
     namespace: &str,
     nodes: &[(&str, &NodeState)],
     daemonsets: &dyn Fn(Component) -> Option<DaemonSetCounts>,
+    gated: &dyn Fn(Component) -> i32,
     previous: Option<&ClusterPolicyStatus>,
     now: &Time,
 ) -> ClusterPolicyStatus {
@@ -53,14 +54,16 @@ pub fn active_status(
     stuck.truncate(MAX_STUCK_LISTED);
     let ready_nodes = stages.get(Stage::Ready);
 
-    let components = Component::ALL
+    let components: Vec<ComponentStatus> = Component::ALL
         .into_iter()
         .map(|c| {
             let enabled = spec.operand(c).enabled();
             let counts = daemonsets(c).unwrap_or_default();
+            // A DaemonSet's status lags behind new gate labels: it is ready only once it wants a
+            // pod on every node gated for it and all of them are ready.
             let state = if !enabled {
                 "disabled"
-            } else if counts.ready == counts.desired {
+            } else if counts.ready == counts.desired && counts.desired >= gated(c) {
                 "ready"
             } else {
                 "notReady"
@@ -75,7 +78,11 @@ pub fn active_status(
         })
         .collect();
 
-    let all_ready = gpu_nodes > 0 && ready_nodes == gpu_nodes;
+    let all_ready = gpu_nodes > 0
+        && ready_nodes == gpu_nodes
+        && components
+            .iter()
+            .all(|c: &ComponentStatus| c.state != "notReady");
     let (ready_status, ready_reason, ready_message) = if gpu_nodes == 0 {
         (
             "False",
@@ -87,6 +94,20 @@ pub fn active_status(
             "True",
             "AllNodesReady",
             format!("all {gpu_nodes} GPU nodes are ready"),
+        )
+    } else if ready_nodes == gpu_nodes {
+        let waiting: Vec<&str> = components
+            .iter()
+            .filter(|c| c.state == "notReady")
+            .map(|c| c.name.as_str())
+            .collect();
+        (
+            "False",
+            "OperandsNotReady",
+            format!(
+                "all GPU nodes passed the stages; waiting for {} pods to be ready",
+                waiting.join(", ")
+            ),
         )
     } else {
         (
@@ -258,6 +279,48 @@ mod tests {
         assert_eq!(s.conditions[0].reason, "AllNodesReady");
         assert_eq!(s.conditions[1].status, "False");
         assert_eq!(s.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn operands_lagging_behind_their_gates_are_not_ready() {
+        let states = [gpu(Stage::Ready, false)];
+        let nodes: Vec<(&str, &NodeState)> = vec![("a", &states[0])];
+        // The DaemonSet says 0 of 0 while a node is already gated for it.
+        let counts = |_| {
+            Some(DaemonSetCounts {
+                desired: 0,
+                ready: 0,
+            })
+        };
+        let s = active_status(
+            &ClusterPolicySpec::default(),
+            None,
+            "ns",
+            &nodes,
+            &counts,
+            &|_| 1,
+            None,
+            &now(),
+        );
+        assert_eq!(s.state, Some(PolicyState::NotReady));
+        assert_eq!(s.conditions[0].reason, "OperandsNotReady");
+        let counts = |_| {
+            Some(DaemonSetCounts {
+                desired: 1,
+                ready: 1,
+            })
+        };
+        let s = active_status(
+            &ClusterPolicySpec::default(),
+            None,
+            "ns",
+            &nodes,
+            &counts,
+            &|_| 1,
+            None,
+            &now(),
+        );
+        assert_eq!(s.state, Some(PolicyState::Ready));
     }
 
     #[test]

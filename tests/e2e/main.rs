@@ -2,6 +2,7 @@
 //! kube-controller-manager, kube-scheduler, kwok). One cluster serves the whole run; it is torn
 //! down when the run ends, whatever the outcome.
 
+mod controller;
 mod foundation;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ type TestFn = fn(Arc<Cluster>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>
 fn tests() -> Vec<(&'static str, TestFn)> {
     let mut all = Vec::new();
     all.extend(foundation::tests());
+    all.extend(controller::tests());
     all
 }
 
@@ -50,7 +52,8 @@ fn main() {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    // The trials (and their handles on the cluster) are gone; this stops the control plane.
+    // The trials (and their handles on the clusters) are gone; this stops the control planes.
+    controller::shutdown();
     drop(cluster);
     conclusion.exit();
 }
