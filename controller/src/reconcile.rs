@@ -232,9 +232,11 @@ fn decide(ctx: &Context) -> Plan {
         &active.spec,
         active.metadata.generation,
         &ctx.namespace,
-        &node_refs,
-        &ds_counts,
-        &gated,
+        &status::Observed {
+            nodes: &node_refs,
+            daemonsets: &ds_counts,
+            gated: &gated,
+        },
         active.status.as_ref(),
         &t,
     );

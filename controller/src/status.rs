@@ -14,6 +14,16 @@ pub struct DaemonSetCounts {
     pub ready: i32,
 }
 
+/// What the controller observed, as the status needs it.
+pub struct Observed<'a> {
+    /// Every node and the decision for it.
+    pub nodes: &'a [(&'a str, &'a NodeState)],
+    /// Each operand DaemonSet's pod counts.
+    pub daemonsets: &'a dyn Fn(Component) -> Option<DaemonSetCounts>,
+    /// How many nodes carry each component's gate label.
+    pub gated: &'a dyn Fn(Component) -> i32,
+}
+
 /// How many stuck nodes the status lists by name.
 pub const MAX_STUCK_LISTED: usize = 20;
 
@@ -22,12 +32,15 @@ pub fn active_status(
     spec: &ClusterPolicySpec,
     generation: Option<i64>,
     namespace: &str,
-    nodes: &[(&str, &NodeState)],
-    daemonsets: &dyn Fn(Component) -> Option<DaemonSetCounts>,
-    gated: &dyn Fn(Component) -> i32,
+    observed: &Observed,
     previous: Option<&ClusterPolicyStatus>,
     now: &Time,
 ) -> ClusterPolicyStatus {
+    let &Observed {
+        nodes,
+        daemonsets,
+        gated,
+    } = observed;
     let mut stages = StageCounts::default();
     let mut stuck: Vec<StuckNode> = Vec::new();
     let mut gpu_nodes = 0;
@@ -243,6 +256,32 @@ fn condition(
 mod tests {
     use super::*;
 
+    /// The production signature, spelled out per argument for readable tests.
+    #[allow(clippy::too_many_arguments)]
+    fn active_status(
+        spec: &ClusterPolicySpec,
+        generation: Option<i64>,
+        namespace: &str,
+        nodes: &[(&str, &NodeState)],
+        daemonsets: &dyn Fn(Component) -> Option<DaemonSetCounts>,
+        gated: &dyn Fn(Component) -> i32,
+        previous: Option<&ClusterPolicyStatus>,
+        now: &Time,
+    ) -> ClusterPolicyStatus {
+        super::active_status(
+            spec,
+            generation,
+            namespace,
+            &Observed {
+                nodes,
+                daemonsets,
+                gated,
+            },
+            previous,
+            now,
+        )
+    }
+
     fn now() -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap())
     }
@@ -270,6 +309,7 @@ mod tests {
             "gpu-pilot",
             &nodes,
             &|_| None,
+            &|_| 0,
             None,
             &now(),
         );
@@ -333,6 +373,7 @@ mod tests {
             "ns",
             &nodes,
             &|_| None,
+            &|_| 0,
             None,
             &now(),
         );
@@ -360,6 +401,7 @@ mod tests {
             "ns",
             &[],
             &|_| None,
+            &|_| 0,
             None,
             &now(),
         );
@@ -378,6 +420,7 @@ mod tests {
             "ns",
             &nodes,
             &|_| None,
+            &|_| 0,
             None,
             &now(),
         );
@@ -388,6 +431,7 @@ mod tests {
             "ns",
             &nodes,
             &|_| None,
+            &|_| 0,
             Some(&first),
             &later,
         );
@@ -409,6 +453,7 @@ mod tests {
                     ready: 2,
                 })
             },
+            &|_| 0,
             None,
             &now(),
         );

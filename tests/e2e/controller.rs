@@ -174,14 +174,12 @@ async fn wait_policy(
     .await
 }
 
+/// Stage label values seen per node, in order.
+type StageLog = Arc<Mutex<HashMap<String, Vec<String>>>>;
+
 /// Records every value the stage label takes on every node, from a watch started now.
-fn record_stages(
-    client: &Client,
-) -> (
-    Arc<Mutex<HashMap<String, Vec<String>>>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let seen: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+fn record_stages(client: &Client) -> (StageLog, tokio::task::JoinHandle<()>) {
+    let seen: StageLog = Arc::default();
     let api: Api<Node> = Api::all(client.clone());
     let s = seen.clone();
     let task = tokio::spawn(async move {
