@@ -6,6 +6,7 @@
 
 pub mod index;
 pub mod metrics;
+pub mod rbac;
 pub mod reconcile;
 pub mod render;
 pub mod rollout;

@@ -60,6 +60,15 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
+    /// Print the controller's RBAC (ServiceAccount, ClusterRole, Role and bindings) as YAML.
+    #[command(
+        after_help = "Example:\n  gpu-pilot-controller rbac --namespace gpu-pilot | kubectl apply -f -"
+    )]
+    Rbac {
+        /// Namespace the controller runs in.
+        #[arg(short, long, default_value = gpu_pilot_api::names::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
     /// Print the ClusterPolicy CustomResourceDefinition generated from the Rust types.
     #[command(
         after_help = "Example:\n  gpu-pilot-controller crd > charts/gpu-pilot/crds/clusterpolicies.gpupilot.io.yaml\n  gpu-pilot-controller crd | kubectl apply --server-side -f -"
@@ -93,6 +102,10 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("could not write the CRD to {}", path.display()))?,
                 None => print!("{yaml}"),
             }
+            Ok(())
+        }
+        Command::Rbac { namespace } => {
+            print!("{}", gpu_pilot_controller::rbac::yaml(&namespace));
             Ok(())
         }
         Command::Run {

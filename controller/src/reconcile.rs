@@ -537,7 +537,13 @@ async fn cleanup(
 }
 
 async fn delete_helpers(ctx: &Context) -> Result<usize, Error> {
-    let lp = ListParams::default().labels(&managed_selector());
+    // Only what `render` made (the controller's own RBAC carries the same managed-by label).
+    let lp = ListParams::default().labels(&format!(
+        "{},{} in ({})",
+        managed_selector(),
+        gpu_pilot_api::names::label::COMPONENT,
+        render::HELPER_COMPONENTS.join(",")
+    ));
     let mut n = 0;
     macro_rules! delete_all {
         ($api:expr) => {{

@@ -19,6 +19,10 @@ pub const AGENT_SERVICE_ACCOUNT: &str = "gpu-pilot-agent";
 /// Service account of NVIDIA's operands, which need no API access.
 pub const OPERAND_SERVICE_ACCOUNT: &str = "gpu-pilot-operand";
 
+/// The `app.kubernetes.io/component` values of the helper objects `render` makes (service
+/// accounts, the agent's RBAC, the RuntimeClass), which the cleanup removes.
+pub const HELPER_COMPONENTS: [&str; 3] = ["operand", "agent", "runtime-class"];
+
 /// Everything the controller keeps in place for the active policy.
 #[derive(Debug, Clone)]
 pub struct Desired {

@@ -223,7 +223,9 @@ async fn daemonset_names(client: &Client, ns: &str) -> anyhow::Result<BTreeSet<S
 
 async fn rollout(env: Env) -> anyhow::Result<()> {
     let c = &env.client;
-    let ctrl = RunningController::start(env.cluster.kubeconfig(), &env.ns, "rollout", false);
+    // This scenario runs the controller as its own ServiceAccount with only its RBAC.
+    let kubeconfig = gpu_pilot_e2e::controller::restricted_kubeconfig(&env.cluster, &env.ns)?;
+    let ctrl = RunningController::start(&kubeconfig, &env.ns, "rollout", false);
     let (seen, watch) = record_stages(c);
     tokio::time::sleep(Duration::from_millis(500)).await;
     create_policy(c, "cluster-policy", json!({})).await?;

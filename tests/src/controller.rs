@@ -186,6 +186,60 @@ pub async fn reset_cluster(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs the controller's RBAC in `namespace` and writes a kubeconfig that authenticates as
+/// its ServiceAccount (a bound token), so a test runs the controller with exactly its rights.
+pub fn restricted_kubeconfig(
+    cluster: &crate::Cluster,
+    namespace: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    use std::io::Write;
+    let rbac = gpu_pilot_controller::rbac::yaml(namespace);
+    let mut apply = cluster
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    apply.stdin.take().unwrap().write_all(rbac.as_bytes())?;
+    anyhow::ensure!(
+        apply.wait()?.success(),
+        "kubectl apply of the controller's RBAC failed"
+    );
+    let out = cluster
+        .kubectl()
+        .args([
+            "create",
+            "token",
+            gpu_pilot_controller::rbac::SERVICE_ACCOUNT,
+            "-n",
+            namespace,
+            "--duration=1h",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl create token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(cluster.kubeconfig())?)?;
+    let cluster_entry = admin["clusters"][0]["cluster"].clone();
+    let kc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": serde_json::to_value(cluster_entry)?}],
+        "users": [{"name": "controller", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "controller"}}],
+        "current-context": "c",
+    });
+    let path = std::env::temp_dir().join(format!(
+        "gpu-pilot-e2e-controller-{namespace}-{}.kubeconfig",
+        std::process::id()
+    ));
+    std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
+    Ok(path)
+}
+
 /// Every gate label of every component.
 pub fn gate_labels() -> Vec<String> {
     Component::ALL.into_iter().map(label::deploy_gate).collect()
