@@ -56,6 +56,7 @@ pub struct Gpu {
 pub struct GpuModel {
     /// NVML's product name, e.g. `NVIDIA H100 80GB HBM3`.
     pub product: String,
+    #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,
     /// Architecture in GFD's spelling: `turing`, `ampere`, `hopper`, ...
     pub family: String,
@@ -92,6 +93,7 @@ pub struct MigProfile {
     /// Compute slices (of 7) and memory slices (of 8) one instance uses.
     pub compute_slices: u32,
     pub memory_slices: u32,
+    #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,
     #[serde(default)]
     pub multiprocessors: u32,
@@ -118,10 +120,11 @@ pub struct MigDevice {
 
 /// What NVML reads for dcgm-exporter's basic fields. Counters are totals since driver load.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Telemetry {
     pub gpu_util: u32,
     pub mem_copy_util: u32,
+    #[serde(rename = "fbUsedMiB")]
     pub fb_used_mib: u64,
     pub temperature_c: u32,
     pub power_w: f64,

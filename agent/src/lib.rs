@@ -11,3 +11,8 @@ pub mod health;
 pub mod inventory;
 pub mod mig;
 pub mod plugin;
+pub mod agent;
+pub mod labels;
+pub mod metrics;
+pub mod node;
+pub mod validate;
