@@ -36,7 +36,8 @@ pub struct Settings {
 /// The device-plugin config for this pass: file/folder, the node's label, then CLI overrides.
 fn plugin_config(s: &Settings, node_choice: Option<&str>) -> PluginConfig {
     let mut cfg = match &s.plugin_config {
-        Some(src) => match PluginConfig::load(src, node_choice, s.plugin_config_default.as_deref()) {
+        Some(src) => match PluginConfig::load(src, node_choice, s.plugin_config_default.as_deref())
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("{e}; using the default config");
@@ -59,7 +60,10 @@ fn plugin_config(s: &Settings, node_choice: Option<&str>) -> PluginConfig {
 
 pub async fn run(backend: Arc<dyn GpuBackend>, s: Settings) -> anyhow::Result<()> {
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
-    let (list_tx, list_rx) = watch::channel(DeviceListing { envvar: true, cdi: false });
+    let (list_tx, list_rx) = watch::channel(DeviceListing {
+        envvar: true,
+        cdi: false,
+    });
     let (inv_tx, inv_rx) = watch::channel::<Option<Arc<Inventory>>>(None);
 
     if let Some(dir) = s.device_plugin_dir.clone() {

@@ -280,7 +280,11 @@ mod tests {
         let n = uuids.len();
         uuids.sort();
         uuids.dedup();
-        assert_eq!(uuids.len(), n, "GPU UUIDs must be unique across inventories");
+        assert_eq!(
+            uuids.len(),
+            n,
+            "GPU UUIDs must be unique across inventories"
+        );
     }
 
     #[test]
@@ -293,9 +297,6 @@ mod tests {
     #[test]
     fn driver_version_splits_like_gfd() {
         let inv = Inventory::from_yaml(built_in("dgx-h100").unwrap()).unwrap();
-        assert_eq!(
-            inv.driver_parts(),
-            ("550".into(), "54".into(), "15".into())
-        );
+        assert_eq!(inv.driver_parts(), ("550".into(), "54".into(), "15".into()));
     }
 }

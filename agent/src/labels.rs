@@ -65,7 +65,11 @@ pub fn labels(inv: &Inventory, cfg: &PluginConfig) -> Labels {
     let shared = ts.resources.iter().find(|r| r.name == resource::GPU);
     let replicas = shared.map(|r| r.replicas).unwrap_or(1);
     let renamed = shared.is_some_and(|r| r.rename.is_some() || ts.rename_by_default);
-    let suffix = if replicas > 1 && !renamed { "-SHARED" } else { "" };
+    let suffix = if replicas > 1 && !renamed {
+        "-SHARED"
+    } else {
+        ""
+    };
     put(label::GPU_REPLICAS, replicas.to_string());
     put(
         label::GPU_SHARING_STRATEGY,
@@ -79,7 +83,11 @@ pub fn labels(inv: &Inventory, cfg: &PluginConfig) -> Labels {
             let count: usize = mig_gpus.iter().map(|g| g.mig_devices.len()).sum();
             let profile = mig_gpus
                 .iter()
-                .flat_map(|g| g.mig_devices.first().and_then(|d| g.model.mig_profile(&d.profile)))
+                .flat_map(|g| {
+                    g.mig_devices
+                        .first()
+                        .and_then(|d| g.model.mig_profile(&d.profile))
+                })
                 .next();
             put(label::GPU_COUNT, count.to_string());
             match profile {
@@ -92,19 +100,32 @@ pub fn labels(inv: &Inventory, cfg: &PluginConfig) -> Labels {
                     profile_labels(&mut l, label::GPU_PREFIX, p);
                 }
                 None => {
-                    put(label::GPU_PRODUCT, format!("{}{suffix}", product_label(&model.product)));
+                    put(
+                        label::GPU_PRODUCT,
+                        format!("{}{suffix}", product_label(&model.product)),
+                    );
                     put(label::GPU_MEMORY, "0".into());
                 }
             }
         }
         _ => {
             let whole = inv.gpus.iter().filter(|g| !g.mig_enabled).count();
-            let count = if strategy == MigStrategy::Mixed { whole } else { inv.gpus.len() };
+            let count = if strategy == MigStrategy::Mixed {
+                whole
+            } else {
+                inv.gpus.len()
+            };
             put(label::GPU_COUNT, count.to_string());
-            put(label::GPU_PRODUCT, format!("{}{suffix}", product_label(&model.product)));
+            put(
+                label::GPU_PRODUCT,
+                format!("{}{suffix}", product_label(&model.product)),
+            );
             put(label::GPU_MEMORY, model.memory_mib.to_string());
             if model.multiprocessors > 0 {
-                put(label::GPU_MULTIPROCESSORS, model.multiprocessors.to_string());
+                put(
+                    label::GPU_MULTIPROCESSORS,
+                    model.multiprocessors.to_string(),
+                );
             }
         }
     }
@@ -193,7 +214,10 @@ mod tests {
         for g in a.gpus.iter_mut().take(2) {
             g.mig_enabled = true;
             g.mig_devices = (0..7)
-                .map(|i| MigDevice { uuid: format!("MIG-{}-{i}", g.index), profile: "1g.5gb".into() })
+                .map(|i| MigDevice {
+                    uuid: format!("MIG-{}-{i}", g.index),
+                    profile: "1g.5gb".into(),
+                })
                 .collect();
         }
         let mixed = PluginConfig::parse("version: v1\nflags: {migStrategy: mixed}\n", "m").unwrap();
@@ -202,9 +226,13 @@ mod tests {
         assert_eq!(l["nvidia.com/mig-1g.5gb.count"], "14");
         assert_eq!(l["nvidia.com/mig-1g.5gb.memory"], "4864");
         assert_eq!(l["nvidia.com/mig-1g.5gb.slices.gi"], "1");
-        let single = PluginConfig::parse("version: v1\nflags: {migStrategy: single}\n", "s").unwrap();
+        let single =
+            PluginConfig::parse("version: v1\nflags: {migStrategy: single}\n", "s").unwrap();
         let l = labels(&a, &single);
-        assert_eq!(l["nvidia.com/gpu.product"], "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb");
+        assert_eq!(
+            l["nvidia.com/gpu.product"],
+            "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"
+        );
         assert_eq!(l["nvidia.com/gpu.count"], "14");
         assert_eq!(l["nvidia.com/gpu.memory"], "4864");
     }

@@ -6,13 +6,13 @@
 //! - [`node`]: the agent's own Node (labels, MIG manager); [`metrics`]: dcgm-exporter's metrics.
 //! - [`validate`]: the checks the validator pods run.
 
+pub mod agent;
 pub mod backend;
 pub mod health;
 pub mod inventory;
-pub mod mig;
-pub mod plugin;
-pub mod agent;
 pub mod labels;
 pub mod metrics;
+pub mod mig;
 pub mod node;
+pub mod plugin;
 pub mod validate;

@@ -109,20 +109,27 @@ struct RunArgs {
 }
 
 fn parse_strategy(s: &str) -> Result<MigStrategy, String> {
-    MigStrategy::parse(s).ok_or_else(|| format!("'{s}' is not a MIG strategy: use none, single or mixed"))
+    MigStrategy::parse(s)
+        .ok_or_else(|| format!("'{s}' is not a MIG strategy: use none, single or mixed"))
 }
 
 fn open_backend(args: &BackendArgs) -> anyhow::Result<Arc<dyn GpuBackend>> {
     Ok(match &args.simulate {
         Some(name) => Arc::new(SimulatedBackend::open(name)?),
-        None => Arc::new(NvmlBackend::open(Duration::from_secs(args.xid_hold_seconds))?),
+        None => Arc::new(NvmlBackend::open(Duration::from_secs(
+            args.xid_hold_seconds,
+        ))?),
     })
 }
 
 fn hostname() -> String {
     std::env::var("NODE_NAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
@@ -138,10 +145,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut backend_args = args.backend.clone();
     if args.simulate_from_node {
-        let nc = node.as_ref().context("--simulate-from-node needs --node-name")?;
+        let nc = node
+            .as_ref()
+            .context("--simulate-from-node needs --node-name")?;
         let n = nc.get().await?;
         let inv = node::label_of(&n, gpu_pilot_api::names::label::SIMULATED_INVENTORY)
-            .with_context(|| format!("Node {} has no label {}", nc.name, gpu_pilot_api::names::label::SIMULATED_INVENTORY))?;
+            .with_context(|| {
+                format!(
+                    "Node {} has no label {}",
+                    nc.name,
+                    gpu_pilot_api::names::label::SIMULATED_INVENTORY
+                )
+            })?;
         backend_args.simulate = Some(inv.to_string());
     }
     let backend = match open_backend(&backend_args) {
@@ -160,7 +175,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("GPU facts from {}", backend.name());
     let metrics_addr = match args.metrics_addr.as_str() {
         "off" => None,
-        a => Some(a.parse::<SocketAddr>().with_context(|| format!("--metrics-addr '{a}' is not host:port"))?),
+        a => Some(
+            a.parse::<SocketAddr>()
+                .with_context(|| format!("--metrics-addr '{a}' is not host:port"))?,
+        ),
     };
     let settings = agent::Settings {
         device_plugin_dir: (!args.no_device_plugin).then_some(args.device_plugin_dir),
@@ -219,9 +237,9 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string())
                     .and_then(|rt| {
                         rt.block_on(async {
-                            let client = kube::Client::try_default().await.map_err(|e| {
-                                format!("connecting to the Kubernetes API: {e}")
-                            })?;
+                            let client = kube::Client::try_default()
+                                .await
+                                .map_err(|e| format!("connecting to the Kubernetes API: {e}"))?;
                             let n = node::NodeClient::new(client, &node_name)
                                 .get()
                                 .await

@@ -18,27 +18,83 @@ type Field = (&'static str, &'static str, &'static str, fn(&Gpu) -> String);
 
 /// dcgm-exporter's field names, their type and help, and how to read them from a GPU.
 const FIELDS: [Field; 11] = [
-    ("DCGM_FI_DEV_GPU_UTIL", "gauge", "GPU utilization (in %).", |g| g.telemetry.gpu_util.to_string()),
-    ("DCGM_FI_DEV_MEM_COPY_UTIL", "gauge", "Memory utilization (in %).", |g| g.telemetry.mem_copy_util.to_string()),
-    ("DCGM_FI_DEV_FB_USED", "gauge", "Framebuffer memory used (in MiB).", |g| g.telemetry.fb_used_mib.to_string()),
-    ("DCGM_FI_DEV_FB_FREE", "gauge", "Framebuffer memory free (in MiB).", |g| {
-        g.model.memory_mib.saturating_sub(g.telemetry.fb_used_mib).to_string()
-    }),
-    ("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C).", |g| g.telemetry.temperature_c.to_string()),
-    ("DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W).", |g| format!("{:.3}", g.telemetry.power_w)),
-    ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "counter", "Total energy consumption since boot (in mJ).", |g| {
-        g.telemetry.energy_milli_joules.to_string()
-    }),
-    ("DCGM_FI_DEV_SM_CLOCK", "gauge", "SM clock frequency (in MHz).", |g| g.telemetry.sm_clock_mhz.to_string()),
-    ("DCGM_FI_DEV_MEM_CLOCK", "gauge", "Memory clock frequency (in MHz).", |g| g.telemetry.mem_clock_mhz.to_string()),
-    ("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered.", |g| {
-        g.xids.last().copied().unwrap_or(0).to_string()
-    }),
-    ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "counter", "Total number of PCIe retries.", |g| g.telemetry.pcie_replays.to_string()),
+    (
+        "DCGM_FI_DEV_GPU_UTIL",
+        "gauge",
+        "GPU utilization (in %).",
+        |g| g.telemetry.gpu_util.to_string(),
+    ),
+    (
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+        "gauge",
+        "Memory utilization (in %).",
+        |g| g.telemetry.mem_copy_util.to_string(),
+    ),
+    (
+        "DCGM_FI_DEV_FB_USED",
+        "gauge",
+        "Framebuffer memory used (in MiB).",
+        |g| g.telemetry.fb_used_mib.to_string(),
+    ),
+    (
+        "DCGM_FI_DEV_FB_FREE",
+        "gauge",
+        "Framebuffer memory free (in MiB).",
+        |g| {
+            g.model
+                .memory_mib
+                .saturating_sub(g.telemetry.fb_used_mib)
+                .to_string()
+        },
+    ),
+    (
+        "DCGM_FI_DEV_GPU_TEMP",
+        "gauge",
+        "GPU temperature (in C).",
+        |g| g.telemetry.temperature_c.to_string(),
+    ),
+    (
+        "DCGM_FI_DEV_POWER_USAGE",
+        "gauge",
+        "Power draw (in W).",
+        |g| format!("{:.3}", g.telemetry.power_w),
+    ),
+    (
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "counter",
+        "Total energy consumption since boot (in mJ).",
+        |g| g.telemetry.energy_milli_joules.to_string(),
+    ),
+    (
+        "DCGM_FI_DEV_SM_CLOCK",
+        "gauge",
+        "SM clock frequency (in MHz).",
+        |g| g.telemetry.sm_clock_mhz.to_string(),
+    ),
+    (
+        "DCGM_FI_DEV_MEM_CLOCK",
+        "gauge",
+        "Memory clock frequency (in MHz).",
+        |g| g.telemetry.mem_clock_mhz.to_string(),
+    ),
+    (
+        "DCGM_FI_DEV_XID_ERRORS",
+        "gauge",
+        "Value of the last XID error encountered.",
+        |g| g.xids.last().copied().unwrap_or(0).to_string(),
+    ),
+    (
+        "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+        "counter",
+        "Total number of PCIe retries.",
+        |g| g.telemetry.pcie_replays.to_string(),
+    ),
 ];
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The exposition text for one scrape.
@@ -110,9 +166,16 @@ mod tests {
     fn renders_every_gpu_with_dcgm_names_and_labels() {
         let inv = Inventory::from_yaml(built_in("dgx-h100").unwrap()).unwrap();
         let text = render(&inv, "node-a");
-        let util: Vec<_> = text.lines().filter(|l| l.starts_with("DCGM_FI_DEV_GPU_UTIL{")).collect();
+        let util: Vec<_> = text
+            .lines()
+            .filter(|l| l.starts_with("DCGM_FI_DEV_GPU_UTIL{"))
+            .collect();
         assert_eq!(util.len(), 8);
-        assert!(util[0].contains("modelName=\"NVIDIA H100 80GB HBM3\""), "{}", util[0]);
+        assert!(
+            util[0].contains("modelName=\"NVIDIA H100 80GB HBM3\""),
+            "{}",
+            util[0]
+        );
         assert!(util[0].contains("Hostname=\"node-a\""));
         assert!(text.contains("# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter"));
     }

@@ -59,7 +59,9 @@ pub enum MigConfigError {
     Parse(String),
     #[error("the MIG config file has version '{0}'; only 'v1' is understood")]
     Version(String),
-    #[error("the node asks for MIG config '{wanted}', which the config file does not have (it has: {have})")]
+    #[error(
+        "the node asks for MIG config '{wanted}', which the config file does not have (it has: {have})"
+    )]
     UnknownConfig { wanted: String, have: String },
     #[error("MIG config '{config}': {message}")]
     Impossible { config: String, message: String },
@@ -83,7 +85,12 @@ impl MigConfigFile {
             .get(name)
             .ok_or_else(|| MigConfigError::UnknownConfig {
                 wanted: name.to_string(),
-                have: self.mig_configs.keys().cloned().collect::<Vec<_>>().join(", "),
+                have: self
+                    .mig_configs
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })?;
         let impossible = |message: String| MigConfigError::Impossible {
             config: name.to_string(),
@@ -99,7 +106,9 @@ impl MigConfigFile {
                 ));
             }
             let indices: Vec<u32> = match &entry.devices {
-                DeviceSelector::Keyword(k) if k == "all" => inv.gpus.iter().map(|g| g.index).collect(),
+                DeviceSelector::Keyword(k) if k == "all" => {
+                    inv.gpus.iter().map(|g| g.index).collect()
+                }
                 DeviceSelector::Keyword(k) => {
                     return Err(impossible(format!(
                         "`devices: {k}` is not understood; use `all` or a list of GPU indices"
@@ -128,8 +137,12 @@ impl MigConfigFile {
                 let (mut compute, mut memory) = (0, 0);
                 for (profile, count) in &entry.mig_devices {
                     let p = gpu.model.mig_profile(profile).ok_or_else(|| {
-                        let have: Vec<_> =
-                            gpu.model.mig_profiles.iter().map(|p| p.name.as_str()).collect();
+                        let have: Vec<_> = gpu
+                            .model
+                            .mig_profiles
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect();
                         impossible(format!(
                             "GPU {index} ({}) has no MIG profile '{profile}' (it has: {})",
                             gpu.model.product,

@@ -25,7 +25,9 @@ pub enum NodeError {
         "reading Node {node}: {source}. The agent needs get/watch/patch on its own Node (agent/deploy/rbac.yaml)"
     )]
     Get { node: String, source: kube::Error },
-    #[error("patching Node {node}: {source}. The agent needs patch on its own Node (agent/deploy/rbac.yaml)")]
+    #[error(
+        "patching Node {node}: {source}. The agent needs patch on its own Node (agent/deploy/rbac.yaml)"
+    )]
     Patch { node: String, source: kube::Error },
 }
 
@@ -73,7 +75,12 @@ pub fn paused_gates(node: &Node) -> Vec<String> {
         .annotations
         .as_ref()
         .and_then(|a| a.get(annotation::MIG_PAUSED_GATES))
-        .map(|s| s.split(',').filter(|k| !k.is_empty()).map(str::to_string).collect())
+        .map(|s| {
+            s.split(',')
+                .filter(|k| !k.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -85,9 +92,17 @@ pub fn label_of<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 pub fn pause_patch(gates: &[String]) -> Value {
     let mut labels: BTreeMap<String, Value> = gates
         .iter()
-        .map(|g| (g.clone(), Value::String(gate_value::PAUSED_FOR_MIG_CHANGE.into())))
+        .map(|g| {
+            (
+                g.clone(),
+                Value::String(gate_value::PAUSED_FOR_MIG_CHANGE.into()),
+            )
+        })
         .collect();
-    labels.insert(label::MIG_CONFIG_STATE.into(), mig_config_state::PENDING.into());
+    labels.insert(
+        label::MIG_CONFIG_STATE.into(),
+        mig_config_state::PENDING.into(),
+    );
     json!({"metadata": {"labels": labels, "annotations": {annotation::MIG_PAUSED_GATES: gates.join(",")}}})
 }
 
@@ -119,19 +134,18 @@ impl NodeClient {
     }
 
     pub async fn get(&self) -> Result<Node, NodeError> {
-        self.api.get(&self.name).await.map_err(|source| NodeError::Get {
-            node: self.name.clone(),
-            source,
-        })
+        self.api
+            .get(&self.name)
+            .await
+            .map_err(|source| NodeError::Get {
+                node: self.name.clone(),
+                source,
+            })
     }
 
     pub async fn patch(&self, patch: &Value) -> Result<Node, NodeError> {
         self.api
-            .patch(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
             .await
             .map_err(|source| NodeError::Patch {
                 node: self.name.clone(),
@@ -148,8 +162,18 @@ mod tests {
     fn node(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Node {
         Node {
             metadata: ObjectMeta {
-                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-                annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
                 ..Default::default()
             },
             ..Default::default()
@@ -159,30 +183,61 @@ mod tests {
     #[test]
     fn writes_changes_and_removes_only_its_own_stale_labels() {
         let n = node(
-            &[("nvidia.com/gpu.count", "4"), ("nvidia.com/mig-1g.5gb.count", "7"), ("team", "a")],
-            &[(annotation::AGENT_LABELS, "nvidia.com/gpu.count,nvidia.com/mig-1g.5gb.count")],
+            &[
+                ("nvidia.com/gpu.count", "4"),
+                ("nvidia.com/mig-1g.5gb.count", "7"),
+                ("team", "a"),
+            ],
+            &[(
+                annotation::AGENT_LABELS,
+                "nvidia.com/gpu.count,nvidia.com/mig-1g.5gb.count",
+            )],
         );
         let want: Labels = [("nvidia.com/gpu.count".to_string(), "8".to_string())].into();
         let p = label_patch(&n, &want).unwrap();
         assert_eq!(p["metadata"]["labels"]["nvidia.com/gpu.count"], "8");
-        assert_eq!(p["metadata"]["labels"]["nvidia.com/mig-1g.5gb.count"], Value::Null);
+        assert_eq!(
+            p["metadata"]["labels"]["nvidia.com/mig-1g.5gb.count"],
+            Value::Null
+        );
         assert!(p["metadata"]["labels"].get("team").is_none());
-        let done = node(&[("nvidia.com/gpu.count", "8")], &[(annotation::AGENT_LABELS, "nvidia.com/gpu.count")]);
+        let done = node(
+            &[("nvidia.com/gpu.count", "8")],
+            &[(annotation::AGENT_LABELS, "nvidia.com/gpu.count")],
+        );
         assert_eq!(label_patch(&done, &want), None);
     }
 
     #[test]
     fn pauses_only_enabled_gates() {
         let n = node(
-            &[("nvidia.com/gpu.deploy.device-plugin", "true"), ("nvidia.com/gpu.deploy.dcgm-exporter", "false")],
+            &[
+                ("nvidia.com/gpu.deploy.device-plugin", "true"),
+                ("nvidia.com/gpu.deploy.dcgm-exporter", "false"),
+            ],
             &[],
         );
-        assert_eq!(gates_to_pause(&n), vec!["nvidia.com/gpu.deploy.device-plugin".to_string()]);
+        assert_eq!(
+            gates_to_pause(&n),
+            vec!["nvidia.com/gpu.deploy.device-plugin".to_string()]
+        );
         let p = pause_patch(&gates_to_pause(&n));
-        assert_eq!(p["metadata"]["labels"]["nvidia.com/gpu.deploy.device-plugin"], "paused-for-mig-change");
-        assert_eq!(p["metadata"]["labels"]["nvidia.com/mig.config.state"], "pending");
+        assert_eq!(
+            p["metadata"]["labels"]["nvidia.com/gpu.deploy.device-plugin"],
+            "paused-for-mig-change"
+        );
+        assert_eq!(
+            p["metadata"]["labels"]["nvidia.com/mig.config.state"],
+            "pending"
+        );
         let r = restore_patch(&gates_to_pause(&n), Some("failed"));
-        assert_eq!(r["metadata"]["labels"]["nvidia.com/gpu.deploy.device-plugin"], "true");
-        assert_eq!(r["metadata"]["labels"]["nvidia.com/mig.config.state"], "failed");
+        assert_eq!(
+            r["metadata"]["labels"]["nvidia.com/gpu.deploy.device-plugin"],
+            "true"
+        );
+        assert_eq!(
+            r["metadata"]["labels"]["nvidia.com/mig.config.state"],
+            "failed"
+        );
     }
 }

@@ -38,7 +38,12 @@ pub fn toolkit(host_root: &Path) -> Result<String, String> {
         "usr/bin/nvidia-ctk",
         "usr/local/nvidia/toolkit/nvidia-ctk",
     ];
-    let cdi = ["etc/cdi/nvidia.yaml", "var/run/cdi/nvidia.yaml", "etc/cdi/nvidia.json", "var/run/cdi/nvidia.json"];
+    let cdi = [
+        "etc/cdi/nvidia.yaml",
+        "var/run/cdi/nvidia.yaml",
+        "etc/cdi/nvidia.json",
+        "var/run/cdi/nvidia.json",
+    ];
     let found: Vec<_> = runtimes
         .iter()
         .chain(cdi.iter())
@@ -55,7 +60,11 @@ pub fn toolkit(host_root: &Path) -> Result<String, String> {
     }
     Ok(format!(
         "container toolkit found: {}",
-        found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        found
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
 }
 
@@ -108,8 +117,14 @@ mod tests {
         let mut n = Node::default();
         assert!(plugin(&n).is_err());
         let mut alloc = std::collections::BTreeMap::new();
-        alloc.insert("nvidia.com/gpu".to_string(), k8s_openapi::apimachinery::pkg::api::resource::Quantity("8".into()));
-        n.status = Some(k8s_openapi::api::core::v1::NodeStatus { allocatable: Some(alloc), ..Default::default() });
+        alloc.insert(
+            "nvidia.com/gpu".to_string(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("8".into()),
+        );
+        n.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            allocatable: Some(alloc),
+            ..Default::default()
+        });
         assert!(plugin(&n).unwrap().contains("nvidia.com/gpu=8"));
     }
 }

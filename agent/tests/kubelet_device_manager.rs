@@ -9,9 +9,12 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use serde_json::Value;
 
 fn harness_path() -> PathBuf {
-    let dir = std::env::var_os("GPU_PILOT_TOOLS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/gpu-pilot/tools/bin")
-    });
+    let dir = std::env::var_os("GPU_PILOT_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME is set"))
+                .join(".cache/gpu-pilot/tools/bin")
+        });
     let p = dir.join("devicemanager-harness");
     assert!(
         p.is_file(),
@@ -40,7 +43,11 @@ impl Kubelet {
             .expect("starting devicemanager-harness");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut k = Kubelet { child, stdin, stdout };
+        let mut k = Kubelet {
+            child,
+            stdin,
+            stdout,
+        };
         let ready = k.read();
         assert_eq!(ready["ok"], true, "harness did not start: {ready}");
         k
@@ -48,7 +55,9 @@ impl Kubelet {
 
     fn read(&mut self) -> Value {
         let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("reading the harness");
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading the harness");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("harness said {line:?}: {e}"))
     }
 
@@ -81,7 +90,14 @@ struct Agent(Child);
 impl Agent {
     fn start(dir: &Path, inventory: &Path, extra: &[&str]) -> Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_gpu-pilot-agent"))
-            .args(["run", "--metrics-addr", "off", "--poll-ms", "100", "--simulate"])
+            .args([
+                "run",
+                "--metrics-addr",
+                "off",
+                "--poll-ms",
+                "100",
+                "--simulate",
+            ])
             .arg(inventory)
             .arg("--device-plugin-dir")
             .arg(dir)
@@ -117,7 +133,11 @@ fn uuids(inv: &Path) -> Vec<String> {
 }
 
 fn strings(v: &Value) -> Vec<String> {
-    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -133,9 +153,16 @@ fn registers_allocates_recovers_and_reregisters() {
     let seen = kubelet.wait("nvidia.com/gpu", 4, 4);
     let healthy = &seen["healthy"]["nvidia.com/gpu"];
     for id in &ids {
-        assert!(healthy.get(id).is_some(), "kubelet does not see {id}: {seen}");
+        assert!(
+            healthy.get(id).is_some(),
+            "kubelet does not see {id}: {seen}"
+        );
     }
-    assert_eq!(healthy[&ids[2]], serde_json::json!([1]), "GPU 2 sits on NUMA node 1");
+    assert_eq!(
+        healthy[&ids[2]],
+        serde_json::json!([1]),
+        "GPU 2 sits on NUMA node 1"
+    );
 
     // Two GPUs: the kubelet asks GetPreferredAllocation, and the NVLinked pair wins.
     let a = kubelet.call("allocate p1 nvidia.com/gpu 2").unwrap();
@@ -145,7 +172,10 @@ fn registers_allocates_recovers_and_reregisters() {
     pair23.sort();
     let mut sorted01 = pair01.clone();
     sorted01.sort();
-    assert!(got == sorted01 || got == pair23, "not an NVLinked pair: {got:?}");
+    assert!(
+        got == sorted01 || got == pair23,
+        "not an NVLinked pair: {got:?}"
+    );
     let visible = a["envs"]["NVIDIA_VISIBLE_DEVICES"].as_str().unwrap();
     let mut v: Vec<_> = visible.split(',').map(str::to_string).collect();
     v.sort();
@@ -154,7 +184,10 @@ fn registers_allocates_recovers_and_reregisters() {
     let b = kubelet.call("allocate p2 nvidia.com/gpu 2").unwrap();
     let got_b = strings(&b["devices"]);
     assert!(got_b.iter().all(|d| !got.contains(d)));
-    assert!(kubelet.call("allocate p3 nvidia.com/gpu 1").is_err(), "all 4 GPUs are taken");
+    assert!(
+        kubelet.call("allocate p3 nvidia.com/gpu 1").is_err(),
+        "all 4 GPUs are taken"
+    );
     kubelet.call("free p1").unwrap();
     kubelet.call("free p2").unwrap();
 
@@ -187,7 +220,12 @@ fn registers_allocates_recovers_and_reregisters() {
     // An ignored XID (13) does not count.
     std::fs::write(&inv, out.replace("xids: [79]", "xids: [13]")).unwrap();
     kubelet.wait("nvidia.com/gpu", 4, 4);
-    std::fs::write(&inv, out.replace("xids: [79]", "xids: [79]\n").replace("xids: [79]\n\n", "xids: [79]\n")).unwrap();
+    std::fs::write(
+        &inv,
+        out.replace("xids: [79]", "xids: [79]\n")
+            .replace("xids: [79]\n\n", "xids: [79]\n"),
+    )
+    .unwrap();
     kubelet.wait("nvidia.com/gpu", 3, 4);
     std::fs::write(&inv, &text).unwrap();
     kubelet.wait("nvidia.com/gpu", 4, 4);
@@ -215,7 +253,9 @@ fn mig_mixed_single_and_time_slicing_as_the_kubelet_sees_them() {
             if line.starts_with("    uuid: ") && gpu < 2 {
                 out.push_str("    migEnabled: true\n    migDevices:\n");
                 for i in 0..7 {
-                    out.push_str(&format!("      - {{uuid: MIG-{gpu}-{i}, profile: 1g.5gb}}\n"));
+                    out.push_str(&format!(
+                        "      - {{uuid: MIG-{gpu}-{i}, profile: 1g.5gb}}\n"
+                    ));
                 }
             }
         }
@@ -232,7 +272,10 @@ fn mig_mixed_single_and_time_slicing_as_the_kubelet_sees_them() {
     let dev = strings(&a["devices"]).remove(0);
     assert!(dev.starts_with("MIG-"), "{dev}");
     assert_eq!(a["envs"]["NVIDIA_VISIBLE_DEVICES"], dev);
-    assert_eq!(strings(&a["cdiDevices"]), vec![format!("nvidia.com/gpu={dev}")]);
+    assert_eq!(
+        strings(&a["cdiDevices"]),
+        vec![format!("nvidia.com/gpu={dev}")]
+    );
     drop(agent);
     drop(kubelet);
 
@@ -276,7 +319,9 @@ fn mig_single_offers_every_mig_device_as_nvidia_gpu() {
             if line.starts_with("    uuid: ") {
                 out.push_str("    migEnabled: true\n    migDevices:\n");
                 for i in 0..2 {
-                    out.push_str(&format!("      - {{uuid: MIG-{gpu}-{i}, profile: 3g.20gb}}\n"));
+                    out.push_str(&format!(
+                        "      - {{uuid: MIG-{gpu}-{i}, profile: 3g.20gb}}\n"
+                    ));
                 }
             }
         }
@@ -287,7 +332,10 @@ fn mig_single_offers_every_mig_device_as_nvidia_gpu() {
     let mut kubelet = Kubelet::start(&sock);
     let _agent = Agent::start(&sock, &inv, &["--mig-strategy", "single"]);
     let seen = kubelet.wait("nvidia.com/gpu", 8, 8);
-    assert!(seen["capacity"].get("nvidia.com/mig-3g.20gb").is_none(), "{seen}");
+    assert!(
+        seen["capacity"].get("nvidia.com/mig-3g.20gb").is_none(),
+        "{seen}"
+    );
     let a = kubelet.call("allocate x nvidia.com/gpu 1").unwrap();
     assert!(strings(&a["devices"])[0].starts_with("MIG-"));
 }

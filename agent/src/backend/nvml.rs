@@ -64,7 +64,9 @@ impl NvmlBackend {
             .name("nvml-xid-events".into())
             .spawn(move || {
                 let Ok(mut set) = nvml.create_event_set() else {
-                    tracing::warn!("NVML event sets are not supported here; XIDs will not mark GPUs unhealthy");
+                    tracing::warn!(
+                        "NVML event sets are not supported here; XIDs will not mark GPUs unhealthy"
+                    );
                     return;
                 };
                 let count = nvml.device_count().unwrap_or(0);
@@ -72,7 +74,9 @@ impl NvmlBackend {
                 // A failed registration consumes the set: rebuild it from the GPUs that worked.
                 let mut registered = Vec::new();
                 for i in 0..count {
-                    let Ok(dev) = nvml.device_by_index(i) else { continue };
+                    let Ok(dev) = nvml.device_by_index(i) else {
+                        continue;
+                    };
                     match dev.register_events(events, set) {
                         Ok(s) => {
                             set = s;
@@ -80,7 +84,9 @@ impl NvmlBackend {
                         }
                         Err(e) => {
                             tracing::warn!("GPU {i} cannot report XID events: {}", e.error);
-                            let Ok(fresh) = nvml.create_event_set() else { return };
+                            let Ok(fresh) = nvml.create_event_set() else {
+                                return;
+                            };
                             set = fresh;
                             for &j in &registered {
                                 if let Ok(d) = nvml.device_by_index(j) {
@@ -118,7 +124,12 @@ impl NvmlBackend {
             .expect("spawning the XID event thread");
     }
 
-    fn gpu(&self, dev: &Device<'_>, index: u32, bus_ids: &BTreeMap<String, u32>) -> Result<Gpu, BackendError> {
+    fn gpu(
+        &self,
+        dev: &Device<'_>,
+        index: u32,
+        bus_ids: &BTreeMap<String, u32>,
+    ) -> Result<Gpu, BackendError> {
         let uuid = dev.uuid().map_err(err("nvmlDeviceGetUUID"))?;
         let pci = dev.pci_info().map_err(err("nvmlDeviceGetPciInfo"))?;
         let mem = dev.memory_info().map_err(err("nvmlDeviceGetMemoryInfo"))?;
@@ -166,7 +177,10 @@ impl NvmlBackend {
             mem_copy_util: utilization.as_ref().map(|u| u.memory).unwrap_or(0),
             fb_used_mib: mem.used / (1024 * 1024),
             temperature_c: dev.temperature(TemperatureSensor::Gpu).unwrap_or(0),
-            power_w: dev.power_usage().map(|mw| mw as f64 / 1000.0).unwrap_or(0.0),
+            power_w: dev
+                .power_usage()
+                .map(|mw| mw as f64 / 1000.0)
+                .unwrap_or(0.0),
             energy_milli_joules: dev.total_energy_consumption().unwrap_or(0),
             sm_clock_mhz: dev.clock_info(Clock::SM).unwrap_or(0),
             mem_clock_mhz: dev.clock_info(Clock::Memory).unwrap_or(0),
@@ -204,7 +218,11 @@ fn normalise_bus_id(id: &str) -> String {
 fn numa_node_of(bus_id: &str) -> Option<i64> {
     let lower = bus_id.to_ascii_lowercase();
     // Drop the upper half of NVML's 8-digit domain.
-    let sysfs = if lower.len() > 12 { &lower[4..] } else { &lower[..] };
+    let sysfs = if lower.len() > 12 {
+        &lower[4..]
+    } else {
+        &lower[..]
+    };
     let text = std::fs::read_to_string(format!("/sys/bus/pci/devices/{sysfs}/numa_node")).ok()?;
     let n: i64 = text.trim().parse().ok()?;
     (n >= 0).then_some(n)

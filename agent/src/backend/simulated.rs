@@ -37,7 +37,8 @@ impl SimulatedBackend {
             None => {
                 let path = PathBuf::from(name_or_path);
                 if !path.is_file() {
-                    let names: Vec<_> = crate::inventory::BUILT_IN.iter().map(|(n, _)| *n).collect();
+                    let names: Vec<_> =
+                        crate::inventory::BUILT_IN.iter().map(|(n, _)| *n).collect();
                     return Err(BackendError::Inventory {
                         path: name_or_path.to_string(),
                         message: format!(
@@ -172,7 +173,10 @@ mod tests {
 
     #[test]
     fn unknown_inventory_names_the_shipped_ones() {
-        let err = SimulatedBackend::open("no-such-inventory").err().unwrap().to_string();
+        let err = SimulatedBackend::open("no-such-inventory")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("dgx-h100, a100-40gb, t4"), "{err}");
     }
 }

@@ -132,7 +132,10 @@ impl PluginConfig {
             if r.replicas < 1 {
                 return Err(ConfigError::Parse {
                     path: path.into(),
-                    message: format!("resource {} has {} replicas; use 1 or more", r.name, r.replicas),
+                    message: format!(
+                        "resource {} has {} replicas; use 1 or more",
+                        r.name, r.replicas
+                    ),
                 });
             }
         }
@@ -171,15 +174,19 @@ impl PluginConfig {
         let Some(wanted) = wanted else {
             return Ok(PluginConfig::default());
         };
-        let path = [wanted.clone(), format!("{wanted}.yaml"), format!("{wanted}.yml")]
-            .into_iter()
-            .map(|n| source.join(n))
-            .find(|p| p.is_file())
-            .ok_or_else(|| ConfigError::UnknownName {
-                wanted: wanted.clone(),
-                dir: source.display().to_string(),
-                have: have.iter().cloned().collect::<Vec<_>>().join(", "),
-            })?;
+        let path = [
+            wanted.clone(),
+            format!("{wanted}.yaml"),
+            format!("{wanted}.yml"),
+        ]
+        .into_iter()
+        .map(|n| source.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ConfigError::UnknownName {
+            wanted: wanted.clone(),
+            dir: source.display().to_string(),
+            have: have.iter().cloned().collect::<Vec<_>>().join(", "),
+        })?;
         PluginConfig::parse(&read(&path)?, &path.display().to_string())
     }
 
@@ -232,13 +239,23 @@ sharing:
     #[test]
     fn picks_the_labelled_config_from_a_folder() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a"), "version: v1\nflags: {migStrategy: single}\n").unwrap();
-        std::fs::write(dir.path().join("b"), "version: v1\nflags: {migStrategy: mixed}\n").unwrap();
+        std::fs::write(
+            dir.path().join("a"),
+            "version: v1\nflags: {migStrategy: single}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("b"),
+            "version: v1\nflags: {migStrategy: mixed}\n",
+        )
+        .unwrap();
         let b = PluginConfig::load(dir.path(), Some("b"), Some("a")).unwrap();
         assert_eq!(b.mig_strategy(), MigStrategy::Mixed);
         let a = PluginConfig::load(dir.path(), None, Some("a")).unwrap();
         assert_eq!(a.mig_strategy(), MigStrategy::Single);
-        let e = PluginConfig::load(dir.path(), Some("c"), None).unwrap_err().to_string();
+        let e = PluginConfig::load(dir.path(), Some("c"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("has only: a, b"), "{e}");
     }
 

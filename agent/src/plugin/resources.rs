@@ -41,7 +41,11 @@ pub enum PlanError {
 }
 
 /// The resources to serve. Sorted by name; a resource with no devices is left out.
-pub fn plan(inv: &Inventory, cfg: &PluginConfig, health: &HealthRules) -> Result<Vec<Resource>, PlanError> {
+pub fn plan(
+    inv: &Inventory,
+    cfg: &PluginConfig,
+    health: &HealthRules,
+) -> Result<Vec<Resource>, PlanError> {
     let mut by_name: BTreeMap<String, Vec<PluginDevice>> = BTreeMap::new();
     let strategy = cfg.mig_strategy();
     if strategy == MigStrategy::Single {
@@ -222,7 +226,11 @@ pub fn preferred(
     pool.sort_by(|a, b| (a.gpu_index, &a.id).cmp(&(b.gpu_index, &b.id)));
     let need = size.saturating_sub(chosen.len());
     if need == 0 || pool.is_empty() {
-        return chosen.into_iter().take(size).map(|d| d.id.clone()).collect();
+        return chosen
+            .into_iter()
+            .take(size)
+            .map(|d| d.id.clone())
+            .collect();
     }
     if res.replicas > 1 {
         for _ in 0..need {
@@ -348,7 +356,12 @@ mod tests {
 
     #[test]
     fn whole_gpus_by_uuid() {
-        let r = plan(&inv("dgx-h100"), &PluginConfig::default(), &HealthRules::default()).unwrap();
+        let r = plan(
+            &inv("dgx-h100"),
+            &PluginConfig::default(),
+            &HealthRules::default(),
+        )
+        .unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].name, "nvidia.com/gpu");
         assert_eq!(r[0].devices.len(), 8);
@@ -358,48 +371,100 @@ mod tests {
     #[test]
     fn mig_mixed_and_single_names() {
         let a100 = with_mig(inv("a100-40gb"), &[(0, "1g.5gb", 7), (1, "3g.20gb", 2)]);
-        let mixed = plan(&a100, &cfg("version: v1\nflags: {migStrategy: mixed}\n"), &HealthRules::default()).unwrap();
-        let counts: Vec<_> = mixed.iter().map(|r| (r.name.as_str(), r.devices.len())).collect();
+        let mixed = plan(
+            &a100,
+            &cfg("version: v1\nflags: {migStrategy: mixed}\n"),
+            &HealthRules::default(),
+        )
+        .unwrap();
+        let counts: Vec<_> = mixed
+            .iter()
+            .map(|r| (r.name.as_str(), r.devices.len()))
+            .collect();
         assert_eq!(
             counts,
-            vec![("nvidia.com/gpu", 2), ("nvidia.com/mig-1g.5gb", 7), ("nvidia.com/mig-3g.20gb", 2)]
+            vec![
+                ("nvidia.com/gpu", 2),
+                ("nvidia.com/mig-1g.5gb", 7),
+                ("nvidia.com/mig-3g.20gb", 2)
+            ]
         );
         let single = cfg("version: v1\nflags: {migStrategy: single}\n");
         let e = plan(&a100, &single, &HealthRules::default()).unwrap_err();
         assert!(e.to_string().contains("only 2 of 4 GPUs"), "{e}");
-        let uniform = with_mig(inv("a100-40gb"), &[(0, "1g.5gb", 7), (1, "1g.5gb", 7), (2, "1g.5gb", 7), (3, "1g.5gb", 7)]);
+        let uniform = with_mig(
+            inv("a100-40gb"),
+            &[
+                (0, "1g.5gb", 7),
+                (1, "1g.5gb", 7),
+                (2, "1g.5gb", 7),
+                (3, "1g.5gb", 7),
+            ],
+        );
         let r = plan(&uniform, &single, &HealthRules::default()).unwrap();
-        assert_eq!((r[0].name.as_str(), r[0].devices.len()), ("nvidia.com/gpu", 28));
+        assert_eq!(
+            (r[0].name.as_str(), r[0].devices.len()),
+            ("nvidia.com/gpu", 28)
+        );
     }
 
     #[test]
     fn time_slicing_replicas_and_rename() {
-        let c = cfg("version: v1\nsharing:\n  timeSlicing:\n    renameByDefault: true\n    resources:\n    - {name: nvidia.com/gpu, replicas: 4}\n");
+        let c = cfg(
+            "version: v1\nsharing:\n  timeSlicing:\n    renameByDefault: true\n    resources:\n    - {name: nvidia.com/gpu, replicas: 4}\n",
+        );
         let r = plan(&inv("t4"), &c, &HealthRules::default()).unwrap();
         assert_eq!(r[0].name, "nvidia.com/gpu.shared");
         assert_eq!(r[0].devices.len(), 4);
-        let a = allocate(&r[0], &[r[0].devices[1].id.clone(), r[0].devices[2].id.clone()], true, false).unwrap();
+        let a = allocate(
+            &r[0],
+            &[r[0].devices[1].id.clone(), r[0].devices[2].id.clone()],
+            true,
+            false,
+        )
+        .unwrap();
         // Two replicas of the same GPU are one GPU to the runtime.
         assert_eq!(a.envs[VISIBLE_DEVICES], r[0].devices[0].uuid);
     }
 
     #[test]
     fn fail_requests_greater_than_one() {
-        let c = cfg("version: v1\nsharing:\n  timeSlicing:\n    failRequestsGreaterThanOne: true\n    resources:\n    - {name: nvidia.com/gpu, replicas: 2}\n");
+        let c = cfg(
+            "version: v1\nsharing:\n  timeSlicing:\n    failRequestsGreaterThanOne: true\n    resources:\n    - {name: nvidia.com/gpu, replicas: 2}\n",
+        );
         let r = plan(&inv("t4"), &c, &HealthRules::default()).unwrap();
         let ids: Vec<_> = r[0].devices.iter().map(|d| d.id.clone()).collect();
-        assert!(matches!(allocate(&r[0], &ids, true, false), Err(AllocateError::MoreThanOne { .. })));
+        assert!(matches!(
+            allocate(&r[0], &ids, true, false),
+            Err(AllocateError::MoreThanOne { .. })
+        ));
     }
 
     #[test]
     fn allocate_envvar_cdi_and_unknown() {
-        let r = &plan(&inv("a100-40gb"), &PluginConfig::default(), &HealthRules::default()).unwrap()[0];
+        let r = &plan(
+            &inv("a100-40gb"),
+            &PluginConfig::default(),
+            &HealthRules::default(),
+        )
+        .unwrap()[0];
         let ids = vec![r.devices[0].id.clone(), r.devices[3].id.clone()];
         let a = allocate(r, &ids, true, true).unwrap();
         assert_eq!(a.envs[VISIBLE_DEVICES], format!("{},{}", ids[0], ids[1]));
-        assert_eq!(a.cdi_devices, vec![format!("nvidia.com/gpu={}", ids[0]), format!("nvidia.com/gpu={}", ids[1])]);
-        let e = allocate(r, &["GPU-nope".into()], true, false).unwrap_err().to_string();
-        assert!(e.contains("unknown device ID(s) GPU-nope for resource nvidia.com/gpu"), "{e}");
+        assert_eq!(
+            a.cdi_devices,
+            vec![
+                format!("nvidia.com/gpu={}", ids[0]),
+                format!("nvidia.com/gpu={}", ids[1])
+            ]
+        );
+        let e = allocate(r, &["GPU-nope".into()], true, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown device ID(s) GPU-nope for resource nvidia.com/gpu"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -422,18 +487,26 @@ mod tests {
         let r = &plan(&dgx, &PluginConfig::default(), &HealthRules::default()).unwrap()[0];
         let all: Vec<_> = r.devices.iter().map(|d| d.id.clone()).collect();
         let got = preferred(r, &dgx, &all, &[all[5].clone()], 4);
-        let gpus: BTreeSet<_> = got.iter().map(|id| r.devices.iter().find(|d| &d.id == id).unwrap().gpu_index).collect();
+        let gpus: BTreeSet<_> = got
+            .iter()
+            .map(|id| r.devices.iter().find(|d| &d.id == id).unwrap().gpu_index)
+            .collect();
         assert!(gpus.iter().all(|g| *g >= 4), "{gpus:?}");
     }
 
     #[test]
     fn preferred_spreads_replicas() {
-        let c = cfg("version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - {name: nvidia.com/gpu, replicas: 3}\n");
+        let c = cfg(
+            "version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - {name: nvidia.com/gpu, replicas: 3}\n",
+        );
         let a100 = inv("a100-40gb");
         let r = &plan(&a100, &c, &HealthRules::default()).unwrap()[0];
         let all: Vec<_> = r.devices.iter().map(|d| d.id.clone()).collect();
         let got = preferred(r, &a100, &all, &[], 3);
-        let gpus: BTreeSet<_> = got.iter().map(|id| r.devices.iter().find(|d| &d.id == id).unwrap().gpu_index).collect();
+        let gpus: BTreeSet<_> = got
+            .iter()
+            .map(|id| r.devices.iter().find(|d| &d.id == id).unwrap().gpu_index)
+            .collect();
         assert_eq!(gpus.len(), 3);
     }
 

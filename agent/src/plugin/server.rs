@@ -53,7 +53,12 @@ fn devices_of(s: &Snapshot, name: &str) -> Vec<api::Device> {
                 .iter()
                 .map(|d| api::Device {
                     id: d.id.clone(),
-                    health: if d.healthy { api::HEALTHY } else { api::UNHEALTHY }.into(),
+                    health: if d.healthy {
+                        api::HEALTHY
+                    } else {
+                        api::UNHEALTHY
+                    }
+                    .into(),
                     topology: d.numa_node.map(|n| api::TopologyInfo {
                         nodes: vec![api::NumaNode { id: n }],
                     }),
@@ -111,7 +116,11 @@ impl DevicePlugin for Service {
         let res = snap
             .resource(&self.resource)
             .ok_or_else(|| gone(&self.resource))?;
-        let inv = snap.inventory.as_ref().as_ref().ok_or_else(|| gone(&self.resource))?;
+        let inv = snap
+            .inventory
+            .as_ref()
+            .as_ref()
+            .ok_or_else(|| gone(&self.resource))?;
         let container_responses = req
             .into_inner()
             .container_requests
@@ -199,12 +208,16 @@ pub fn socket_name(resource: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("listening on {path}: {source}. Check that the directory exists and is writable (it is the kubelet's device-plugins directory, usually mounted from the host)")]
+    #[error(
+        "listening on {path}: {source}. Check that the directory exists and is writable (it is the kubelet's device-plugins directory, usually mounted from the host)"
+    )]
     Listen {
         path: String,
         source: std::io::Error,
     },
-    #[error("connecting to the kubelet at {path}: {message}. Is the kubelet running, and is its device-plugins directory mounted into this pod?")]
+    #[error(
+        "connecting to the kubelet at {path}: {message}. Is the kubelet running, and is its device-plugins directory mounted into this pod?"
+    )]
     Connect { path: String, message: String },
     #[error("the kubelet refused to register {resource}: {message}")]
     Register { resource: String, message: String },
@@ -303,9 +316,7 @@ pub async fn run(
             .map(|r| r.name.clone())
             .collect();
         let kubelet_now = socket_identity(&kubelet);
-        let sockets_ok = running
-            .keys()
-            .all(|r| dir.join(socket_name(r)).exists());
+        let sockets_ok = running.keys().all(|r| dir.join(socket_name(r)).exists());
         let same = running.keys().eq(wanted.iter()) && kubelet_now == registered_with && sockets_ok;
         if !same {
             for (_, r) in std::mem::take(&mut running) {
