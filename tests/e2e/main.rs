@@ -2,6 +2,7 @@
 //! kube-controller-manager, kube-scheduler, kwok). One cluster serves the whole run; it is torn
 //! down when the run ends, whatever the outcome.
 
+mod agent;
 mod foundation;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ type TestFn = fn(Arc<Cluster>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>
 fn tests() -> Vec<(&'static str, TestFn)> {
     let mut all = Vec::new();
     all.extend(foundation::tests());
+    all.extend(agent::tests());
     all
 }
 
