@@ -30,6 +30,8 @@ pub struct Settings {
     pub node: Option<NodeClient>,
     pub mig_config: Option<PathBuf>,
     pub poll: Duration,
+    /// How often the Node is read (a GET of one object: no list/watch permission needed).
+    pub node_poll: Duration,
     pub hostname: String,
 }
 
@@ -82,17 +84,26 @@ pub async fn run(backend: Arc<dyn GpuBackend>, s: Settings) -> anyhow::Result<()
     let mut no_driver_reported = false;
     let mut applied_mig: Option<String> = None;
     let mut restored_after_crash = false;
+    let mut node_read_at: Option<std::time::Instant> = None;
+    let mut node_obj = None;
     loop {
-        let node_obj = match &s.node {
-            Some(n) => match n.get().await {
+        let node_due = node_read_at.is_none_or(|t| t.elapsed() >= s.node_poll);
+        let fresh_node = match &s.node {
+            Some(n) if node_due => match n.get().await {
                 Ok(obj) => Some(obj),
                 Err(e) => {
                     tracing::warn!("{e}");
                     None
                 }
             },
-            None => None,
+            _ => None,
         };
+        // Labels and MIG changes are decided on a freshly read Node only.
+        let node_fresh = fresh_node.is_some();
+        if node_fresh {
+            node_read_at = Some(std::time::Instant::now());
+            node_obj = fresh_node;
+        }
         let choice = node_obj
             .as_ref()
             .and_then(|n| node::label_of(n, label::DEVICE_PLUGIN_CONFIG))
@@ -129,7 +140,7 @@ pub async fn run(backend: Arc<dyn GpuBackend>, s: Settings) -> anyhow::Result<()
                 });
                 inv_tx.send_replace(Some(Arc::clone(&inv)));
 
-                if let (Some(nc), Some(obj)) = (&s.node, &node_obj) {
+                if let (Some(nc), Some(obj), true) = (&s.node, &node_obj, node_fresh) {
                     if !restored_after_crash {
                         let left = node::paused_gates(obj);
                         if !left.is_empty() {
@@ -148,13 +159,15 @@ pub async fn run(backend: Arc<dyn GpuBackend>, s: Settings) -> anyhow::Result<()
                         if ok.is_some() {
                             applied_mig = Some(wanted);
                         }
-                        continue; // re-read the GPUs before labelling
+                        node_read_at = None;
+                        continue; // re-read the GPUs and the Node before labelling
                     }
                     let want = labels::labels(&inv, &cfg);
-                    if let Some(p) = node::label_patch(obj, &want)
-                        && let Err(e) = nc.patch(&p).await
-                    {
-                        tracing::warn!("{e}");
+                    if let Some(p) = node::label_patch(obj, &want) {
+                        match nc.patch(&p).await {
+                            Ok(updated) => node_obj = Some(updated),
+                            Err(e) => tracing::warn!("{e}"),
+                        }
                     }
                 }
             }

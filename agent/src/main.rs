@@ -106,6 +106,9 @@ struct RunArgs {
     /// How often GPU facts are read again, in milliseconds.
     #[arg(long, default_value = "1000")]
     poll_ms: u64,
+    /// How often the agent's Node is read again, in milliseconds (one GET; MIG and config label changes take up to this long to be seen).
+    #[arg(long, default_value = "5000")]
+    node_poll_ms: u64,
 }
 
 fn parse_strategy(s: &str) -> Result<MigStrategy, String> {
@@ -191,6 +194,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node,
         mig_config: args.mig_config,
         poll: Duration::from_millis(args.poll_ms),
+        node_poll: Duration::from_millis(args.node_poll_ms),
         hostname: args.node_name.clone().unwrap_or_else(hostname),
     };
     agent::run(backend, settings).await

@@ -179,4 +179,40 @@ mod tests {
         assert!(util[0].contains("Hostname=\"node-a\""));
         assert!(text.contains("# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter"));
     }
+
+    #[tokio::test]
+    async fn metrics_endpoint_parses_as_prometheus_text() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use tower::ServiceExt;
+
+        let inv = Inventory::from_yaml(built_in("a100-40gb").unwrap()).unwrap();
+        let (_tx, rx) = watch::channel(Some(Arc::new(inv)));
+        let resp = router(rx, "node-b")
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        for (name, _, _, _) in FIELDS {
+            let samples: Vec<_> = scrape.samples.iter().filter(|s| s.metric == name).collect();
+            assert_eq!(samples.len(), 4, "{name}");
+            assert_eq!(
+                samples[0].labels.get("modelName"),
+                Some("NVIDIA A100-SXM4-40GB")
+            );
+            assert!(samples[0].labels.get("UUID").unwrap().starts_with("GPU-"));
+        }
+        let fb_free = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "DCGM_FI_DEV_FB_FREE" && s.labels.get("gpu") == Some("0"))
+            .unwrap();
+        assert!(matches!(fb_free.value, prometheus_parse::Value::Gauge(v) if v == 40960.0 - 512.0));
+    }
 }

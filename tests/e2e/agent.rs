@@ -81,6 +81,7 @@ fn settings(
         node: Some(NodeClient::new(client.clone(), node)),
         mig_config,
         poll: Duration::from_millis(1500),
+        node_poll: Duration::from_millis(1500),
         hostname: node.to_string(),
     }
 }
