@@ -1,6 +1,18 @@
 //! `gpu-pilot-agent`: the one gpu-pilot process on each GPU node.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use gpu_pilot_agent::backend::{GpuBackend, NvmlBackend, SimulatedBackend};
+use gpu_pilot_agent::health::HealthRules;
+use gpu_pilot_agent::plugin::api::DEVICE_PLUGIN_PATH;
+use gpu_pilot_agent::plugin::config::{MigStrategy, PluginConfig};
+use gpu_pilot_agent::{agent, labels, metrics, node, validate};
 
 #[derive(Parser)]
 #[command(
@@ -9,8 +21,284 @@ use clap::Parser;
     about = "Node agent: kubelet device plugin, GPU feature labels, MIG manager, metrics and validation",
     arg_required_else_help = true
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: device plugin, labels and MIG manager (with --node-name), metrics.
+    Run(RunArgs),
+    /// Print the GPUs, the labels and one metrics scrape as JSON; changes nothing.
+    Discover(BackendArgs),
+    /// Run one validation step and exit non-zero with what to fix when it fails.
+    Validate {
+        /// After a pass, keep running until stopped (the validator pod's main container, whose
+        /// readiness tells the controller the step passed).
+        #[arg(long, global = true)]
+        hold: bool,
+        #[command(subcommand)]
+        step: Step,
+    },
+}
+
+#[derive(Subcommand)]
+enum Step {
+    /// The driver is loaded and sees GPUs.
+    Driver(BackendArgs),
+    /// The NVIDIA container toolkit or a CDI spec is on the host.
+    Toolkit {
+        /// Where the host's root is mounted.
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+    },
+    /// The kubelet advertises the device plugin's resources on this Node.
+    Plugin {
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct BackendArgs {
+    /// Use a simulated inventory (dgx-h100, a100-40gb, t4, or a file) instead of NVML.
+    #[arg(long, env = "GPU_PILOT_SIMULATE")]
+    simulate: Option<String>,
+    /// How long a reported XID keeps a GPU unhealthy after it was last seen (NVML only).
+    #[arg(long, default_value = "300")]
+    xid_hold_seconds: u64,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// The Node this agent runs on; enables labels and the MIG manager.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Take the simulated inventory from the node's gpupilot.io/simulated-inventory label.
+    #[arg(long)]
+    simulate_from_node: bool,
+    /// The kubelet's device-plugin directory (kubelet.sock lives there).
+    #[arg(long, default_value = DEVICE_PLUGIN_PATH)]
+    device_plugin_dir: PathBuf,
+    /// Do not serve the kubelet device plugin.
+    #[arg(long)]
+    no_device_plugin: bool,
+    /// Do not write GPU feature labels on the Node (another DaemonSet does).
+    #[arg(long)]
+    no_labels: bool,
+    /// Do not act on nvidia.com/mig.config (another DaemonSet does).
+    #[arg(long)]
+    no_mig_manager: bool,
+    /// NVIDIA device-plugin config (`version: v1`): a file, or a folder with one file per config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The config to use from --config's folder when the node has no nvidia.com/device-plugin.config label.
+    #[arg(long)]
+    config_default: Option<String>,
+    /// Override the config's MIG strategy: none, single or mixed.
+    #[arg(long, value_parser = parse_strategy)]
+    mig_strategy: Option<MigStrategy>,
+    /// Hand devices to containers as CDI names too (CDI on in the policy).
+    #[arg(long)]
+    cdi: bool,
+    /// XIDs to ignore on top of NVIDIA's defaults (13,31,43,45,68,109); `all` turns health checks off.
+    #[arg(long, default_value = "")]
+    ignore_xids: String,
+    /// mig-parted `version: v1` config; without it every `all-<profile>` layout is offered.
+    #[arg(long)]
+    mig_config: Option<PathBuf>,
+    /// Where to serve /metrics; `off` to disable.
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    metrics_addr: String,
+    /// How often GPU facts are read again, in milliseconds.
+    #[arg(long, default_value = "1000")]
+    poll_ms: u64,
+    /// How often the agent's Node is read again, in milliseconds (one GET; MIG and config label changes take up to this long to be seen).
+    #[arg(long, default_value = "5000")]
+    node_poll_ms: u64,
+}
+
+fn parse_strategy(s: &str) -> Result<MigStrategy, String> {
+    MigStrategy::parse(s)
+        .ok_or_else(|| format!("'{s}' is not a MIG strategy: use none, single or mixed"))
+}
+
+fn open_backend(args: &BackendArgs) -> anyhow::Result<Arc<dyn GpuBackend>> {
+    Ok(match &args.simulate {
+        Some(name) => Arc::new(SimulatedBackend::open(name)?),
+        None => Arc::new(NvmlBackend::open(Duration::from_secs(
+            args.xid_hold_seconds,
+        ))?),
+    })
+}
+
+fn hostname() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node = match &args.node_name {
+        Some(name) => {
+            let client = kube::Client::try_default().await.context(
+                "connecting to the Kubernetes API (in a pod: the service account; outside: KUBECONFIG)",
+            )?;
+            Some(node::NodeClient::new(client, name))
+        }
+        None => None,
+    };
+    let mut backend_args = args.backend.clone();
+    if args.simulate_from_node {
+        let nc = node
+            .as_ref()
+            .context("--simulate-from-node needs --node-name")?;
+        let n = nc.get().await?;
+        let inv = node::label_of(&n, gpu_pilot_api::names::label::SIMULATED_INVENTORY)
+            .with_context(|| {
+                format!(
+                    "Node {} has no label {}",
+                    nc.name,
+                    gpu_pilot_api::names::label::SIMULATED_INVENTORY
+                )
+            })?;
+        backend_args.simulate = Some(inv.to_string());
+    }
+    let backend = match open_backend(&backend_args) {
+        Ok(b) => b,
+        Err(e) => {
+            // No driver is a state to report, not a crash: keep serving metrics (empty) and wait.
+            tracing::error!("{e}");
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                if let Ok(b) = open_backend(&backend_args) {
+                    break b;
+                }
+            }
+        }
+    };
+    tracing::info!("GPU facts from {}", backend.name());
+    let metrics_addr = match args.metrics_addr.as_str() {
+        "off" => None,
+        a => Some(
+            a.parse::<SocketAddr>()
+                .with_context(|| format!("--metrics-addr '{a}' is not host:port"))?,
+        ),
+    };
+    let settings = agent::Settings {
+        device_plugin_dir: (!args.no_device_plugin).then_some(args.device_plugin_dir),
+        plugin_config: args.config,
+        plugin_config_default: args.config_default,
+        mig_strategy: args.mig_strategy,
+        cdi: args.cdi,
+        health: HealthRules::with_extra(&args.ignore_xids).map_err(anyhow::Error::msg)?,
+        metrics_addr,
+        node,
+        labels: !args.no_labels,
+        mig_manager: !args.no_mig_manager,
+        mig_config: args.mig_config,
+        poll: Duration::from_millis(args.poll_ms),
+        node_poll: Duration::from_millis(args.node_poll_ms),
+        hostname: args.node_name.clone().unwrap_or_else(hostname),
+    };
+    agent::run(backend, settings).await
+}
+
+fn discover(args: &BackendArgs) -> anyhow::Result<()> {
+    let backend = open_backend(args)?;
+    let inv = backend.inventory()?;
+    let out = serde_json::json!({
+        "backend": backend.name(),
+        "inventory": inv,
+        "labels": labels::labels(&inv, &PluginConfig::default()),
+        "metrics": metrics::render(&inv, &hostname()),
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// Sleeps until SIGTERM or SIGINT.
+fn hold_until_signal() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    if let Ok(rt) = rt {
+        rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        });
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run(args))),
+        Command::Discover(args) => discover(&args),
+        Command::Validate { hold, step } => {
+            let r = match step {
+                Step::Driver(b) => open_backend(&b)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| validate::driver(b.as_ref())),
+                Step::Toolkit { host_root } => validate::toolkit(&host_root),
+                Step::Plugin { node_name } => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|rt| {
+                        rt.block_on(async {
+                            let client = kube::Client::try_default()
+                                .await
+                                .map_err(|e| format!("connecting to the Kubernetes API: {e}"))?;
+                            let n = node::NodeClient::new(client, &node_name)
+                                .get()
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            validate::plugin(&n)
+                        })
+                    }),
+            };
+            match r {
+                Ok(msg) => {
+                    println!("{msg}");
+                    if hold {
+                        hold_until_signal();
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(anyhow::Error::msg(e)),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpu-pilot-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -67,6 +67,21 @@ pub mod label {
     pub const CUDA_RUNTIME_MAJOR: &str = "nvidia.com/cuda.runtime-version.major";
     pub const CUDA_RUNTIME_MINOR: &str = "nvidia.com/cuda.runtime-version.minor";
     pub const CUDA_RUNTIME_FULL: &str = "nvidia.com/cuda.runtime-version.full";
+    /// GFD's deprecated spellings, still written because selectors in the wild use them.
+    pub const CUDA_DRIVER_MAJOR_OLD: &str = "nvidia.com/cuda.driver.major";
+    pub const CUDA_DRIVER_MINOR_OLD: &str = "nvidia.com/cuda.driver.minor";
+    pub const CUDA_DRIVER_REV_OLD: &str = "nvidia.com/cuda.driver.rev";
+    pub const CUDA_RUNTIME_MAJOR_OLD: &str = "nvidia.com/cuda.runtime.major";
+    pub const CUDA_RUNTIME_MINOR_OLD: &str = "nvidia.com/cuda.runtime.minor";
+    /// The system's product name (DMI), e.g. `DGX-H100`.
+    pub const GPU_MACHINE: &str = "nvidia.com/gpu.machine";
+    pub const GPU_MULTIPROCESSORS: &str = "nvidia.com/gpu.multiprocessors";
+    /// Prefix of GFD's per-MIG-profile labels under the `mixed` strategy:
+    /// `nvidia.com/mig-<profile>.count|memory|multiprocessors|slices.gi|slices.ci|engines.*`.
+    pub const MIG_PROFILE_PREFIX: &str = "nvidia.com/mig-";
+    /// Prefix of the labels GFD derives from the single-strategy MIG profile:
+    /// `nvidia.com/gpu.slices.gi`, `nvidia.com/gpu.engines.copy`, ...
+    pub const GPU_PREFIX: &str = "nvidia.com/gpu.";
     pub const GPU_DRIVER_MAJOR: &str = "nvidia.com/gpu.driver.major";
     pub const GPU_DRIVER_MINOR: &str = "nvidia.com/gpu.driver.minor";
     pub const GPU_DRIVER_REV: &str = "nvidia.com/gpu.driver.rev";
@@ -110,6 +125,10 @@ pub mod annotation {
     pub const GPU_MEMORY: &str = "gpupilot.io/gpu-memory";
     /// Lets the policy be deleted while GPU pods run (`true`).
     pub const FORCE_DELETE: &str = "gpupilot.io/force-delete";
+    /// The label keys the agent wrote last time, comma-separated, so it removes only its own.
+    pub const AGENT_LABELS: &str = "gpupilot.io/agent-labels";
+    /// Gate labels the MIG manager paused, comma-separated, so they are restored after a crash.
+    pub const MIG_PAUSED_GATES: &str = "gpupilot.io/mig-paused-gates";
     /// Human-readable GPU description on simulated nodes, e.g. `8x NVIDIA-H100-80GB-HBM3`.
     pub const SIMULATED_GPUS: &str = "gpupilot.io/simulated-gpus";
     /// Why a node is held in its stage, written by the controller.

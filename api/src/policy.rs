@@ -27,6 +27,8 @@ pub const GPU_PILOT_REPOSITORY: &str = "ghcr.io/gpu-pilot";
 pub const AGENT_IMAGE: &str = "gpu-pilot-agent";
 
 /// Desired state of the GPU stack on every GPU node of the cluster.
+// Each `printcolumn(...)` repeats `type_`; clippy reads that as one attribute given twice.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "gpupilot.io",

@@ -221,11 +221,12 @@ fn shape(spec: &ClusterPolicySpec, c: Component) -> Shape {
             gpu_runtime: false,
         },
         Component::OperatorValidator => Shape {
-            agent_args: Some(&["validate", "all", "--hold"]),
+            agent_args: Some(&["validate", "--hold", "driver"]),
             privileged: true,
             host_pid: false,
             mounts: vec![
                 ("driver-root", driver_root, "/run/nvidia/driver", true),
+                ("host-root", spec.host_paths.root_fs.clone(), "/host", true),
                 (
                     "validations",
                     "/run/nvidia/validations".into(),
@@ -242,7 +243,13 @@ fn shape(spec: &ClusterPolicySpec, c: Component) -> Shape {
             gpu_runtime: true,
         },
         Component::DevicePlugin => Shape {
-            agent_args: Some(&["device-plugin"]),
+            agent_args: Some(&[
+                "run",
+                "--no-labels",
+                "--no-mig-manager",
+                "--metrics-addr",
+                "off",
+            ]),
             privileged: true,
             host_pid: false,
             mounts: vec![
@@ -258,7 +265,13 @@ fn shape(spec: &ClusterPolicySpec, c: Component) -> Shape {
             gpu_runtime: true,
         },
         Component::GpuFeatureDiscovery => Shape {
-            agent_args: Some(&["feature-labels"]),
+            agent_args: Some(&[
+                "run",
+                "--no-device-plugin",
+                "--no-mig-manager",
+                "--metrics-addr",
+                "off",
+            ]),
             privileged: false,
             host_pid: false,
             mounts: vec![("driver-root", driver_root, "/run/nvidia/driver", true)],
@@ -277,7 +290,13 @@ fn shape(spec: &ClusterPolicySpec, c: Component) -> Shape {
             gpu_runtime: true,
         },
         Component::MigManager => Shape {
-            agent_args: Some(&["mig-manager"]),
+            agent_args: Some(&[
+                "run",
+                "--no-device-plugin",
+                "--no-labels",
+                "--metrics-addr",
+                "off",
+            ]),
             privileged: true,
             host_pid: true,
             mounts: vec![
@@ -374,6 +393,36 @@ pub fn render_daemonset(
         .agent_args
         .map(|a| a.iter().map(|s| s.to_string()).collect())
         .unwrap_or_default();
+    // The agent's flags that follow the policy.
+    let strategy = [
+        "--mig-strategy".to_string(),
+        spec.mig.strategy.as_str().to_string(),
+    ];
+    match c {
+        Component::DevicePlugin => {
+            args.extend(strategy);
+            if !spec.device_plugin.config.name.is_empty() {
+                args.extend(["--config".into(), "/config".into()]);
+                if !spec.device_plugin.config.default.is_empty() {
+                    args.extend([
+                        "--config-default".into(),
+                        spec.device_plugin.config.default.clone(),
+                    ]);
+                }
+            }
+            if spec.cdi.enabled {
+                args.push("--cdi".into());
+            }
+        }
+        Component::GpuFeatureDiscovery => args.extend(strategy),
+        Component::MigManager if !spec.mig_manager.config.name.is_empty() => {
+            args.extend([
+                "--mig-config".into(),
+                "/mig-parted-config/config.yaml".into(),
+            ]);
+        }
+        _ => {}
+    }
     args.extend(operand.args().iter().cloned());
 
     let mut volumes: Vec<Value> = shape
@@ -419,6 +468,20 @@ pub fn render_daemonset(
         "volumeMounts": mounts,
     });
 
+    // The validator checks the toolkit in an init container; its main container validates the
+    // driver and then holds, so its readiness is the driver-validation stage's signal.
+    let init_containers: Vec<Value> = if c == Component::OperatorValidator && spec.toolkit.enabled {
+        vec![json!({
+            "name": "toolkit-validation",
+            "image": container["image"],
+            "imagePullPolicy": container["imagePullPolicy"],
+            "args": ["validate", "toolkit", "--host-root", "/host"],
+            "securityContext": container["securityContext"],
+            "volumeMounts": container["volumeMounts"],
+        })]
+    } else {
+        vec![]
+    };
     let update_strategy =
         if c == Component::Driver || spec.daemonsets.update_strategy == UpdateStrategy::OnDelete {
             // The driver is replaced only when an admin (or the upgrade flow) deletes its pod:
@@ -467,6 +530,7 @@ pub fn render_daemonset(
                     "hostPID": shape.host_pid,
                     "runtimeClassName": if shape.gpu_runtime { Some(&spec.operator.runtime_class) } else { None },
                     "imagePullSecrets": operand.image_pull_secrets().iter().map(|s| json!({"name": s})).collect::<Vec<_>>(),
+                    "initContainers": init_containers,
                     "containers": [container],
                     "volumes": volumes,
                 }
@@ -601,11 +665,24 @@ mod tests {
                 "ghcr.io/gpu-pilot/gpu-pilot-agent@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
             )
         );
-        assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
         assert_eq!(
             c.args.as_ref().unwrap(),
-            &["device-plugin", "--fail-on-init-error=false"]
+            &[
+                "run",
+                "--no-labels",
+                "--no-mig-manager",
+                "--metrics-addr",
+                "off",
+                "--mig-strategy",
+                "mixed",
+                "--config",
+                "/config",
+                "--config-default",
+                "any",
+                "--fail-on-init-error=false"
+            ]
         );
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
         let env = c.env.as_ref().unwrap();
         assert!(
             env.iter()

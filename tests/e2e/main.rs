@@ -2,6 +2,7 @@
 //! kube-controller-manager, kube-scheduler, kwok). One cluster serves the whole run; it is torn
 //! down when the run ends, whatever the outcome.
 
+mod agent;
 mod controller;
 mod foundation;
 
@@ -19,6 +20,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     let mut all = Vec::new();
     all.extend(foundation::tests());
     all.extend(controller::tests());
+    all.extend(agent::tests());
     all
 }
 

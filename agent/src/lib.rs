@@ -1,0 +1,18 @@
+//! gpu-pilot's node agent as a library; `main.rs` is a thin command line over it.
+//!
+//! - [`inventory`]: GPU facts as plain data; [`backend`]: where they come from (NVML or a file).
+//! - [`plugin`]: the kubelet device plugin (resources, allocation, gRPC, registration).
+//! - [`labels`]: GPU Feature Discovery's node labels; [`mig`]: mig-parted layouts.
+//! - [`node`]: the agent's own Node (labels, MIG manager); [`metrics`]: dcgm-exporter's metrics.
+//! - [`validate`]: the checks the validator pods run.
+
+pub mod agent;
+pub mod backend;
+pub mod health;
+pub mod inventory;
+pub mod labels;
+pub mod metrics;
+pub mod mig;
+pub mod node;
+pub mod plugin;
+pub mod validate;

@@ -1,0 +1,4 @@
+pub mod api;
+pub mod config;
+pub mod resources;
+pub mod server;
