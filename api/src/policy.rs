@@ -23,6 +23,8 @@ pub const GPU_PILOT_REPOSITORY: &str = "ghcr.io/gpu-pilot";
 pub const AGENT_IMAGE: &str = "gpu-pilot-agent";
 
 /// Desired state of the GPU stack on every GPU node of the cluster.
+// Each printcolumn has its own `type_`; clippy reads them as one attribute repeated.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "gpupilot.io",
