@@ -3,6 +3,7 @@
 //! down when the run ends, whatever the outcome.
 
 mod foundation;
+mod webhook;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +18,7 @@ type TestFn = fn(Arc<Cluster>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>
 fn tests() -> Vec<(&'static str, TestFn)> {
     let mut all = Vec::new();
     all.extend(foundation::tests());
+    all.extend(webhook::tests());
     all
 }
 

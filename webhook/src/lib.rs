@@ -69,9 +69,9 @@ pub enum RunError {
 pub async fn run(
     client: Client,
     opts: Options,
+    metrics: Arc<Metrics>,
     handle: axum_server::Handle<SocketAddr>,
 ) -> Result<(), RunError> {
-    let metrics = Arc::new(Metrics::default());
     let (view, drive) = KubeView::start(client.clone(), opts.scope.clone());
     let drive = tokio::spawn(drive);
     let mut background = vec![drive];
@@ -137,6 +137,43 @@ pub async fn run(
         task.abort();
     }
     result
+}
+
+/// A webhook running on this process's runtime (for tests, benchmarks and embedding).
+pub struct Running {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    handle: axum_server::Handle<SocketAddr>,
+    task: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+impl Running {
+    /// Starts [`run`] in a task and waits until it listens, or returns why it could not start.
+    pub async fn start(client: Client, opts: Options) -> Result<Running, RunError> {
+        let metrics = Arc::new(Metrics::default());
+        let handle = axum_server::Handle::new();
+        let mut task = tokio::spawn(run(client, opts, metrics.clone(), handle.clone()));
+        tokio::select! {
+            addr = handle.listening() => match addr {
+                Some(addr) => Ok(Running { addr, metrics, handle, task }),
+                None => Err(match task.await {
+                    Ok(Err(e)) => e,
+                    _ => RunError::NotReady("the server stopped before it listened".into()),
+                }),
+            },
+            done = &mut task => Err(match done {
+                Ok(Err(e)) => e,
+                _ => RunError::NotReady("the server stopped before it listened".into()),
+            }),
+        }
+    }
+
+    /// Stops accepting, ends open connections and waits for the server to finish.
+    pub async fn stop(self) {
+        self.handle.shutdown();
+        let _ = self.task.await;
+    }
 }
 
 /// Parses durations written like `90d`, `12h`, `30m`, `45s` (one unit).

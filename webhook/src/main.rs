@@ -167,6 +167,6 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         tracing::info!("shutting down: finishing open requests");
         on_signal.graceful_shutdown(Some(Duration::from_secs(10)));
     });
-    gpu_pilot_webhook::run(client, opts, handle).await?;
+    gpu_pilot_webhook::run(client, opts, Default::default(), handle).await?;
     Ok(())
 }

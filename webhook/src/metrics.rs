@@ -86,6 +86,17 @@ impl Metrics {
             .sum()
     }
 
+    /// Reviews answered on `endpoint`, whatever the outcome.
+    pub fn total(&self, endpoint: &str) -> u64 {
+        self.requests
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .filter(|((e, _), _)| *e == endpoint)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
     pub fn certificate_rotated(&self) {
         self.rotations.fetch_add(1, Ordering::Relaxed);
     }
