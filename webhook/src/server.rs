@@ -218,9 +218,12 @@ pub async fn serve(
     handle: axum_server::Handle<SocketAddr>,
 ) -> std::io::Result<()> {
     let mut server = axum_server::bind_rustls(addr, tls).handle(handle);
+    // A slow client may not hold a connection open forever before its headers arrive. hyper
+    // needs a timer for that, or it panics on the first HTTP/1.1 connection.
     server
         .http_builder()
         .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
     server.serve(router.into_make_service()).await
 }
