@@ -62,6 +62,9 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         ("webhook::webhook_down_follows_failure_policy", |c| {
             Box::pin(webhook_down(c))
         }),
+        ("webhook::runs_with_only_its_least_privilege_rbac", |c| {
+            Box::pin(least_privilege(c))
+        }),
     ]
 }
 
@@ -98,6 +101,16 @@ impl Fixture {
         policy_spec: Value,
         certs: CertSettings,
     ) -> anyhow::Result<Fixture> {
+        Fixture::start_as(env, policy_spec, certs, env.client.clone()).await
+    }
+
+    /// Like [`Fixture::start`], with the webhook talking to the apiserver as `webhook_client`.
+    async fn start_as(
+        env: &TestEnv,
+        policy_spec: Value,
+        certs: CertSettings,
+        webhook_client: Client,
+    ) -> anyhow::Result<Fixture> {
         ensure_crd(&env.client).await?;
         let id = env.namespace.clone();
         let rc: RuntimeClass = serde_json::from_value(json!({
@@ -110,7 +123,7 @@ impl Fixture {
         let mut spec = policy_spec;
         spec["operator"] = json!({ "runtimeClass": id });
         create_policy(&env.client, &id, &id, spec).await?;
-        let running = start_webhook(env, certs).await?;
+        let running = start_webhook(env, certs, webhook_client).await?;
         let registration = Registration {
             name: id.clone(),
             target: Target::Url(format!("https://{}", running.addr)),
@@ -234,7 +247,11 @@ impl Fixture {
     }
 }
 
-async fn start_webhook(env: &TestEnv, certs: CertSettings) -> anyhow::Result<Running> {
+async fn start_webhook(
+    env: &TestEnv,
+    certs: CertSettings,
+    client: Client,
+) -> anyhow::Result<Running> {
     let selector = format!("{TEST_LABEL}={}", env.namespace);
     let opts = Options {
         listen: "127.0.0.1:0".parse()?,
@@ -249,7 +266,7 @@ async fn start_webhook(env: &TestEnv, certs: CertSettings) -> anyhow::Result<Run
         check_interval: Duration::from_secs(1),
         startup_timeout: Duration::from_secs(60),
     };
-    Ok(Running::start(env.client.clone(), opts).await?)
+    Ok(Running::start(client, opts).await?)
 }
 
 async fn ca_bundle(client: &Client, ns: &str) -> anyhow::Result<Vec<u8>> {
@@ -1141,4 +1158,132 @@ async fn webhook_down(cluster: Arc<Cluster>) -> anyhow::Result<()> {
         Ok(())
     };
     with_cleanup(env, fx, body).await
+}
+
+async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let env = TestEnv::new(&cluster, "webhook-rbac").await?;
+    let id = env.namespace.clone();
+    // The shipped RBAC, named for this test, and a client that acts as its ServiceAccount.
+    let rbac = gpu_pilot_webhook::manifests::rbac_for(&id, &id, TLS_SECRET);
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+    let (ok, _, err) = kubectl(&cluster, &["create", "-f", "-"], Some(&list)).await?;
+    ensure!(ok, "creating the RBAC objects: {err}");
+    let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig())?;
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{id}:{id}"));
+    let as_webhook = Client::try_from(config)?;
+    // Short-lived serving certificates, so the Secret is rewritten under this identity too.
+    let certs = CertSettings {
+        cert_validity: Duration::from_secs(8),
+        cert_renew_before: Duration::from_secs(4),
+        ..steady_certs(&env)
+    };
+    let started = Fixture::start_as(&env, json!({}), certs, as_webhook).await;
+    let mut fx = match started {
+        Ok(fx) => fx,
+        Err(e) => {
+            cleanup_rbac(&env.client, &id).await;
+            env.cleanup().await;
+            return Err(e.context("the webhook did not start with its own RBAC"));
+        }
+    };
+    let client = env.client.clone();
+    let ns = env.namespace.clone();
+    let body = async {
+        // Registered without a caBundle: the webhook must fill it in (get/update on its
+        // configurations) before the apiserver can call it.
+        fx.registration.ca_bundle = None;
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &fx.registration.mutating())
+            .await?;
+        Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &fx.registration.validating())
+            .await?;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let rc = fx.id.clone();
+        eventually(
+            "a GPU pod mutated by the webhook running as its ServiceAccount",
+            Duration::from_secs(30),
+            || {
+                let pods = pods.clone();
+                let rc = rc.clone();
+                async move {
+                    let out = dry_run(
+                        &pods,
+                        gpu_pod("probe", json!({}), json!({"nvidia.com/gpu": "1"})),
+                    )
+                    .await?;
+                    Ok(match out.spec.and_then(|s| s.runtime_class_name) {
+                        Some(r) if r == rc => Ok(()),
+                        other => Err(format!("runtimeClassName {other:?}")),
+                    })
+                }
+            },
+        )
+        .await?;
+        // Policy rules read policies, pods and ConfigMaps.
+        let (ok, _, err) = kubectl(
+            &cluster,
+            &[
+                "patch",
+                "clusterpolicy",
+                &fx.id,
+                "--type=merge",
+                "-p",
+                &json!({"spec": {"devicePlugin": {"config": {"name": "absent"}}}}).to_string(),
+            ],
+            None,
+        )
+        .await?;
+        ensure!(
+            !ok && err.contains("spec.devicePlugin.config.name"),
+            "kubectl said: {err}"
+        );
+        let (ok, _, err) = kubectl(
+            &cluster,
+            &[
+                "patch",
+                "clusterpolicy",
+                &fx.id,
+                "--type=merge",
+                "-p",
+                &json!({"spec": {"driver": {"version": "570.172.08"}}}).to_string(),
+            ],
+            None,
+        )
+        .await?;
+        ensure!(ok && err.contains("goes down"), "kubectl said: {err}");
+        // And it keeps rotating its certificate.
+        let metrics = fx.running().metrics.clone();
+        eventually(
+            "a rotated serving certificate served",
+            Duration::from_secs(20),
+            || {
+                let m = metrics.clone();
+                async move {
+                    Ok(if m.reloads() >= 3 {
+                        Ok(())
+                    } else {
+                        Err(format!("{} reloads", m.reloads()))
+                    })
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    };
+    let result = body.await;
+    cleanup_rbac(&env.client, &id).await;
+    with_cleanup(env, fx, async { result }).await
+}
+
+async fn cleanup_rbac(client: &Client, id: &str) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let dp = DeleteParams::default();
+    let _ = Api::<ClusterRoleBinding>::all(client.clone())
+        .delete(id, &dp)
+        .await;
+    let _ = Api::<ClusterRole>::all(client.clone())
+        .delete(id, &dp)
+        .await;
 }

@@ -32,7 +32,7 @@ enum Command {
     Manifests {
         #[arg(long, default_value = DEFAULT_NAMESPACE)]
         namespace: String,
-        #[arg(long, default_value = concat!("ghcr.io/gpu-pilot/gpu-pilot-webhook:v", env!("CARGO_PKG_VERSION")))]
+        #[arg(long, default_value = manifests::DEFAULT_IMAGE)]
         image: String,
         /// Let cert-manager inject the CA from this Certificate (namespace/name) instead of the
         /// webhook's own CA; run `serve` with --tls-cert-file/--tls-key-file then.
@@ -102,7 +102,8 @@ async fn main() -> anyhow::Result<()> {
             cert_manager_certificate,
         } => {
             print!(
-                "{}",
+                "{}{}",
+                manifests::GENERATED_HEADER,
                 manifests::all_yaml(&namespace, &image, cert_manager_certificate)
             );
             Ok(())
