@@ -114,6 +114,11 @@ pub mod annotation {
     pub const SIMULATED_GPUS: &str = "gpupilot.io/simulated-gpus";
     /// Why a node is held in its stage, written by the controller.
     pub const STAGE_REASON: &str = "gpupilot.io/stage-reason";
+    /// Set by the controller when it labelled `nvidia.com/gpu.present` from NFD's labels, so it
+    /// can take the label back when NFD stops reporting a GPU (value `nfd`).
+    pub const GPU_PRESENT_SOURCE: &str = "gpupilot.io/gpu-present-source";
+    /// Hash of the rendered object, so unchanged objects are not applied again.
+    pub const SPEC_HASH: &str = "gpupilot.io/spec-hash";
     /// kwok manages nodes carrying this annotation (value `fake`).
     pub const KWOK_NODE: &str = "kwok.x-k8s.io/node";
 }
@@ -170,6 +175,9 @@ pub mod mig_config_state {
     pub const SUCCESS: &str = "success";
     pub const FAILED: &str = "failed";
 }
+
+/// Finalizer on the ClusterPolicy: the controller removes operands and node labels first.
+pub const FINALIZER: &str = "gpupilot.io/cleanup";
 
 /// Taint key of GPU nodes; the webhook adds a toleration for it to GPU pods.
 pub const GPU_TAINT_KEY: &str = "nvidia.com/gpu";

@@ -5,6 +5,10 @@
 //! `spec: {}` is a complete, working policy. Rules one object can check live in the schema (enums,
 //! CEL `x-kubernetes-validations`); rules that need other objects live in the validating webhook.
 
+// kube's `printcolumn(...)` entries repeat keys such as `type_`, which clippy mistakes for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
@@ -23,8 +27,6 @@ pub const GPU_PILOT_REPOSITORY: &str = "ghcr.io/gpu-pilot";
 pub const AGENT_IMAGE: &str = "gpu-pilot-agent";
 
 /// Desired state of the GPU stack on every GPU node of the cluster.
-// Each printcolumn has its own `type_`; clippy reads them as one attribute repeated.
-#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "gpupilot.io",
@@ -602,6 +604,20 @@ pub struct ClusterPolicyStatus {
     pub gpu_nodes: i32,
     /// GPU nodes in the ready stage.
     pub ready_nodes: i32,
+    /// GPU nodes held in a stage by a failure, worst first (at most 20 are listed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stuck_nodes: Vec<StuckNode>,
+}
+
+/// A node that cannot move on, and why.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct StuckNode {
+    pub name: String,
+    /// The stage it is held in.
+    pub stage: String,
+    /// What holds it, e.g. `driver pod: ImagePullBackOff`.
+    pub reason: String,
 }
 
 /// One component's state.

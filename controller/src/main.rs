@@ -1,9 +1,12 @@
 //! `gpu-pilot-controller`: reconciles the `ClusterPolicy` and rolls the GPU stack out node by node.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use gpu_pilot_controller::run::{Options, run, shutdown_signal};
 
 #[derive(Parser)]
 #[command(
@@ -16,8 +19,47 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller (in a pod, or outside the cluster with a kubeconfig).
+    #[command(
+        after_help = "Examples:\n  gpu-pilot-controller run                       # in-cluster\n  gpu-pilot-controller run --kubeconfig ~/.kube/config --namespace gpu-pilot --metrics-addr 127.0.0.1:8080"
+    )]
+    Run {
+        /// Kubeconfig to use outside a cluster (default: in-cluster config, then $KUBECONFIG).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Kubeconfig context.
+        #[arg(long)]
+        context: Option<String>,
+        /// Namespace the operands run in.
+        #[arg(short, long, env = "POD_NAMESPACE", default_value = gpu_pilot_api::names::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        metrics_addr: SocketAddr,
+        /// Hold a Lease so only one replica writes (on by default; off for a single local process).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leader_elect: bool,
+        /// Identity in the Lease (default: the pod name, or host name and process id).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Seconds a leader's Lease lasts without renewal.
+        #[arg(long, default_value_t = 15)]
+        lease_duration: u64,
+        /// Seconds between full passes when nothing changes.
+        #[arg(long, default_value_t = 30)]
+        resync_seconds: u64,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
     /// Print the ClusterPolicy CustomResourceDefinition generated from the Rust types.
     #[command(
         after_help = "Example:\n  gpu-pilot-controller crd > charts/gpu-pilot/crds/clusterpolicies.gpupilot.io.yaml\n  gpu-pilot-controller crd | kubectl apply --server-side -f -"
@@ -27,6 +69,18 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,7 +93,39 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("could not write the CRD to {}", path.display()))?,
                 None => print!("{yaml}"),
             }
+            Ok(())
+        }
+        Command::Run {
+            kubeconfig,
+            context,
+            namespace,
+            metrics_addr,
+            leader_elect,
+            identity,
+            lease_duration,
+            resync_seconds,
+            log_format,
+        } => {
+            init_logs(log_format);
+            let identity = identity.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            });
+            let opts = Options {
+                kubeconfig,
+                context,
+                namespace,
+                metrics_addr,
+                leader_elect,
+                identity,
+                lease_duration,
+                resync: Duration::from_secs(resync_seconds),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(run(opts, shutdown_signal()))
         }
     }
-    Ok(())
 }

@@ -2,6 +2,7 @@
 //! kube-controller-manager, kube-scheduler, kwok). One cluster serves the whole run; it is torn
 //! down when the run ends, whatever the outcome.
 
+mod controller;
 mod foundation;
 mod webhook;
 
@@ -18,6 +19,7 @@ type TestFn = fn(Arc<Cluster>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>
 fn tests() -> Vec<(&'static str, TestFn)> {
     let mut all = Vec::new();
     all.extend(foundation::tests());
+    all.extend(controller::tests());
     all.extend(webhook::tests());
     all
 }
@@ -52,7 +54,8 @@ fn main() {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    // The trials (and their handles on the cluster) are gone; this stops the control plane.
+    // The trials (and their handles on the clusters) are gone; this stops the control planes.
+    controller::shutdown();
     drop(cluster);
     conclusion.exit();
 }

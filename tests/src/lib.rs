@@ -11,6 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
+
+pub mod controller;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -39,7 +41,7 @@ pub struct Cluster {
     owned_dir: Option<PathBuf>,
 }
 
-static OWNED_DIR: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
+static OWNED_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 fn local_cluster(args: &[&str]) -> Command {
     let mut cmd = Command::new(repo_root().join("scripts/local-cluster"));
@@ -60,8 +62,19 @@ impl Cluster {
     /// Starts a local control plane for this test run, or reuses the one named by
     /// `GPU_PILOT_E2E_KUBECONFIG`. Fails (never skips) with what to install when a part is missing.
     pub fn start() -> anyhow::Result<Cluster> {
+        Self::start_named("shared", GPU_NODES, CPU_NODES, true)
+    }
+
+    /// A cluster of its own for tests that change cluster-wide state (node labels, the one
+    /// active ClusterPolicy). `reuse_env` lets GPU_PILOT_E2E_KUBECONFIG stand in for it.
+    pub fn start_named(
+        name: &str,
+        gpu_nodes: usize,
+        cpu_nodes: usize,
+        reuse_env: bool,
+    ) -> anyhow::Result<Cluster> {
         let tools = build_tools()?;
-        if let Ok(path) = std::env::var("GPU_PILOT_E2E_KUBECONFIG") {
+        if let (true, Ok(path)) = (reuse_env, std::env::var("GPU_PILOT_E2E_KUBECONFIG")) {
             let kubeconfig = PathBuf::from(path);
             if !kubeconfig.is_file() {
                 bail!(
@@ -80,19 +93,19 @@ impl Cluster {
         // One state directory per checkout: a run killed before it could clean up is cleaned
         // up by the next one.
         let dir = std::env::temp_dir().join(format!(
-            "gpu-pilot-e2e-{:x}",
+            "gpu-pilot-e2e-{name}-{:x}",
             fnv1a(repo_root().to_string_lossy().as_bytes())
         ));
         if dir.exists() {
             stop_cluster(&dir);
         }
-        let port_base = free_port_block(17440, 6)?;
+        let port_base = free_port_block(if name == "shared" { 17440 } else { 17640 }, 6)?;
         let dir_s = dir.to_string_lossy().into_owned();
-        let gpu = GPU_NODES.to_string();
-        let cpu = CPU_NODES.to_string();
+        let gpu = gpu_nodes.to_string();
+        let cpu = cpu_nodes.to_string();
         let port = port_base.to_string();
         // Registered before `up` so a signal during start-up also cleans up.
-        *OWNED_DIR.get_or_init(|| Mutex::new(None)).lock().unwrap() = Some(dir.clone());
+        OWNED_DIRS.lock().unwrap().push(dir.clone());
         install_signal_handler();
         let started = Instant::now();
         let out = local_cluster(&[
@@ -117,7 +130,7 @@ impl Cluster {
             );
         }
         eprintln!(
-            "e2e: local control plane up in {:.1}s ({GPU_NODES} GPU nodes, {CPU_NODES} CPU nodes, ports from {port_base})",
+            "e2e: local control plane '{name}' up in {:.1}s ({gpu_nodes} GPU nodes, {cpu_nodes} CPU nodes, ports from {port_base})",
             started.elapsed().as_secs_f64()
         );
         Ok(Cluster {
@@ -152,9 +165,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if let Some(dir) = self.owned_dir.take() {
             stop_cluster(&dir);
-            if let Some(m) = OWNED_DIR.get() {
-                *m.lock().unwrap() = None;
-            }
+            OWNED_DIRS.lock().unwrap().retain(|d| d != &dir);
         }
     }
 }
@@ -163,10 +174,12 @@ fn install_signal_handler() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         let _ = ctrlc::set_handler(|| {
-            if let Some(m) = OWNED_DIR.get()
-                && let Some(dir) = m.lock().unwrap().take()
-            {
-                eprintln!("e2e: interrupted, stopping the local cluster");
+            let dirs = std::mem::take(&mut *OWNED_DIRS.lock().unwrap());
+            for dir in dirs {
+                eprintln!(
+                    "e2e: interrupted, stopping the local cluster in {}",
+                    dir.display()
+                );
                 stop_cluster(&dir);
             }
             std::process::exit(130);

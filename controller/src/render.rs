@@ -1,0 +1,661 @@
+//! Pure rendering: a `ClusterPolicy` and the operand namespace in, the objects that should exist
+//! out. No I/O here; the reconciler applies what this returns.
+
+use std::collections::BTreeMap;
+
+use gpu_pilot_api::names::{Component, annotation, label};
+use gpu_pilot_api::policy::{ContainerRuntime, UpdateStrategy};
+use gpu_pilot_api::{ClusterPolicy, ClusterPolicySpec};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+use serde_json::{Value, json};
+
+/// Service account of the operands that run the gpu-pilot agent image (they patch their Node).
+pub const AGENT_SERVICE_ACCOUNT: &str = "gpu-pilot-agent";
+/// Service account of NVIDIA's operands, which need no API access.
+pub const OPERAND_SERVICE_ACCOUNT: &str = "gpu-pilot-operand";
+
+/// Everything the controller keeps in place for the active policy.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub runtime_class: RuntimeClass,
+    pub service_accounts: Vec<ServiceAccount>,
+    pub agent_role: ClusterRole,
+    pub agent_role_binding: ClusterRoleBinding,
+    /// One per enabled component.
+    pub daemonsets: Vec<(Component, DaemonSet)>,
+}
+
+/// Labels every object gpu-pilot creates carries, so it can be found and removed.
+pub fn common_labels(component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            label::MANAGED_BY.to_string(),
+            label::MANAGED_BY_VALUE.to_string(),
+        ),
+        (label::PART_OF.to_string(), "gpu-pilot".to_string()),
+        (label::COMPONENT.to_string(), component.to_string()),
+    ])
+}
+
+/// The selector of every object the controller owns.
+pub fn managed_selector() -> String {
+    format!("{}={}", label::MANAGED_BY, label::MANAGED_BY_VALUE)
+}
+
+pub fn owner_reference(policy: &ClusterPolicy) -> OwnerReference {
+    OwnerReference {
+        api_version: ClusterPolicy::api_version(&()).into_owned(),
+        kind: ClusterPolicy::kind(&()).into_owned(),
+        name: policy.metadata.name.clone().unwrap_or_default(),
+        uid: policy.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// A stable hash of an object's JSON, stored in an annotation so unchanged objects are skipped.
+pub fn content_hash(value: &impl serde::Serialize) -> String {
+    let bytes = serde_json::to_vec(value).expect("Kubernetes objects serialize");
+    let h = bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    });
+    format!("{h:016x}")
+}
+
+fn with_hash<T: serde::Serialize + Resource>(mut obj: T) -> T {
+    let hash = content_hash(&obj);
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(annotation::SPEC_HASH.into(), hash);
+    obj
+}
+
+/// Reads the hash annotation of an object.
+pub fn hash_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
+    meta.annotations
+        .as_ref()?
+        .get(annotation::SPEC_HASH)
+        .map(String::as_str)
+}
+
+fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("rendered objects match their types")
+}
+
+pub fn render(policy: &ClusterPolicy, namespace: &str) -> Desired {
+    let owner = owner_reference(policy);
+    let spec = &policy.spec;
+    let meta = |name: &str, component: &str, ns: Option<&str>| -> Value {
+        let mut labels = common_labels(component);
+        labels.extend(spec.operator.labels.clone());
+        json!({
+            "name": name,
+            "namespace": ns,
+            "labels": labels,
+            "annotations": if spec.operator.annotations.is_empty() { None } else { Some(&spec.operator.annotations) },
+            "ownerReferences": [owner],
+        })
+    };
+
+    let runtime_class: RuntimeClass = from(json!({
+        "apiVersion": "node.k8s.io/v1",
+        "kind": "RuntimeClass",
+        "metadata": meta(&spec.operator.runtime_class, "runtime-class", None),
+        "handler": spec.operator.runtime_class,
+    }));
+    let service_accounts = [AGENT_SERVICE_ACCOUNT, OPERAND_SERVICE_ACCOUNT]
+        .into_iter()
+        .map(|name| {
+            with_hash(from(json!({
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": meta(name, "operand", Some(namespace)),
+                "automountServiceAccountToken": name == AGENT_SERVICE_ACCOUNT,
+            })))
+        })
+        .collect();
+    // The agent labels its own Node; RBAC cannot narrow that to one node, so the agent itself
+    // only ever patches the node it runs on (its NODE_NAME).
+    let agent_role: ClusterRole = from(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": meta("gpu-pilot-agent", "agent", None),
+        "rules": [
+            { "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "watch", "list", "patch"] },
+            { "apiGroups": ["gpupilot.io"], "resources": ["clusterpolicies"], "verbs": ["get", "list", "watch"] },
+        ],
+    }));
+    let agent_role_binding: ClusterRoleBinding = from(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": meta("gpu-pilot-agent", "agent", None),
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "gpu-pilot-agent" },
+        "subjects": [{ "kind": "ServiceAccount", "name": AGENT_SERVICE_ACCOUNT, "namespace": namespace }],
+    }));
+    let daemonsets = Component::ALL
+        .into_iter()
+        .filter_map(|c| render_daemonset(policy, c, namespace).map(|ds| (c, ds)))
+        .collect();
+    Desired {
+        runtime_class: with_hash(runtime_class),
+        service_accounts,
+        agent_role: with_hash(agent_role),
+        agent_role_binding: with_hash(agent_role_binding),
+        daemonsets,
+    }
+}
+
+/// How one operand runs on the host.
+struct Shape {
+    /// Arguments of the agent image, or `None` for NVIDIA's own images.
+    agent_args: Option<&'static [&'static str]>,
+    privileged: bool,
+    host_pid: bool,
+    /// (volume name, host path, mount path, read-only)
+    mounts: Vec<(&'static str, String, &'static str, bool)>,
+    /// Operands that talk to GPUs run under the NVIDIA runtime class.
+    gpu_runtime: bool,
+}
+
+fn shape(spec: &ClusterPolicySpec, c: Component) -> Shape {
+    let driver_root = if spec.driver.enabled {
+        spec.host_paths.driver_install_dir.clone()
+    } else {
+        spec.host_paths.root_fs.clone()
+    };
+    match c {
+        Component::ContainerToolkit => Shape {
+            agent_args: None,
+            privileged: true,
+            host_pid: false,
+            mounts: vec![
+                ("run-nvidia", "/run/nvidia".into(), "/run/nvidia", false),
+                (
+                    "toolkit-install-dir",
+                    spec.toolkit.install_dir.clone(),
+                    "/usr/local/nvidia",
+                    false,
+                ),
+                (
+                    "runtime-config",
+                    runtime_config_dir(spec.operator.default_runtime).into(),
+                    "/runtime/config-dir",
+                    false,
+                ),
+                (
+                    "runtime-socket",
+                    runtime_socket_dir(spec.operator.default_runtime).into(),
+                    "/runtime/sock-dir",
+                    false,
+                ),
+                ("cdi-root", "/var/run/cdi".into(), "/var/run/cdi", false),
+            ],
+            gpu_runtime: false,
+        },
+        Component::Driver => Shape {
+            agent_args: None,
+            privileged: true,
+            host_pid: true,
+            mounts: vec![
+                ("run-nvidia", "/run/nvidia".into(), "/run/nvidia", false),
+                ("host-root", spec.host_paths.root_fs.clone(), "/host", true),
+                (
+                    "host-os-release",
+                    "/etc/os-release".into(),
+                    "/host-etc/os-release",
+                    true,
+                ),
+                ("firmware", "/lib/firmware".into(), "/lib/firmware", false),
+                ("var-log", "/var/log".into(), "/var/log", false),
+            ],
+            gpu_runtime: false,
+        },
+        Component::OperatorValidator => Shape {
+            agent_args: Some(&["validate", "all", "--hold"]),
+            privileged: true,
+            host_pid: false,
+            mounts: vec![
+                ("driver-root", driver_root, "/run/nvidia/driver", true),
+                (
+                    "validations",
+                    "/run/nvidia/validations".into(),
+                    "/run/nvidia/validations",
+                    false,
+                ),
+                (
+                    "toolkit-install-dir",
+                    spec.toolkit.install_dir.clone(),
+                    "/usr/local/nvidia",
+                    true,
+                ),
+            ],
+            gpu_runtime: true,
+        },
+        Component::DevicePlugin => Shape {
+            agent_args: Some(&["device-plugin"]),
+            privileged: true,
+            host_pid: false,
+            mounts: vec![
+                (
+                    "device-plugins",
+                    "/var/lib/kubelet/device-plugins".into(),
+                    "/var/lib/kubelet/device-plugins",
+                    false,
+                ),
+                ("driver-root", driver_root, "/run/nvidia/driver", true),
+                ("cdi-root", "/var/run/cdi".into(), "/var/run/cdi", false),
+            ],
+            gpu_runtime: true,
+        },
+        Component::GpuFeatureDiscovery => Shape {
+            agent_args: Some(&["feature-labels"]),
+            privileged: false,
+            host_pid: false,
+            mounts: vec![("driver-root", driver_root, "/run/nvidia/driver", true)],
+            gpu_runtime: true,
+        },
+        Component::DcgmExporter => Shape {
+            agent_args: None,
+            privileged: false,
+            host_pid: false,
+            mounts: vec![(
+                "pod-resources",
+                "/var/lib/kubelet/pod-resources".into(),
+                "/var/lib/kubelet/pod-resources",
+                true,
+            )],
+            gpu_runtime: true,
+        },
+        Component::MigManager => Shape {
+            agent_args: Some(&["mig-manager"]),
+            privileged: true,
+            host_pid: true,
+            mounts: vec![
+                ("host-sys", "/sys".into(), "/sys", false),
+                ("run-nvidia", "/run/nvidia".into(), "/run/nvidia", false),
+                ("driver-root", driver_root, "/run/nvidia/driver", true),
+            ],
+            gpu_runtime: true,
+        },
+    }
+}
+
+fn runtime_config_dir(rt: ContainerRuntime) -> &'static str {
+    match rt {
+        ContainerRuntime::Containerd => "/etc/containerd",
+        ContainerRuntime::Crio => "/etc/crio",
+        ContainerRuntime::Docker => "/etc/docker",
+    }
+}
+
+fn runtime_socket_dir(rt: ContainerRuntime) -> &'static str {
+    match rt {
+        ContainerRuntime::Containerd => "/run/containerd",
+        ContainerRuntime::Crio => "/var/run/crio",
+        ContainerRuntime::Docker => "/var/run",
+    }
+}
+
+/// The DaemonSet of one component, or `None` when the policy disables it.
+pub fn render_daemonset(
+    policy: &ClusterPolicy,
+    c: Component,
+    namespace: &str,
+) -> Option<DaemonSet> {
+    let spec = &policy.spec;
+    let operand = spec.operand(c);
+    if !operand.enabled() {
+        return None;
+    }
+    let image = operand.image_reference()?;
+    let shape = shape(spec, c);
+    let name = c.daemonset_name();
+
+    let mut pod_labels = common_labels(c.gate_name());
+    pod_labels.extend(spec.daemonsets.labels.clone());
+    pod_labels.insert(label::NAME.into(), name.clone());
+    let selector = BTreeMap::from([
+        (label::NAME.to_string(), name.clone()),
+        (label::COMPONENT.to_string(), c.gate_name().to_string()),
+    ]);
+
+    let mut env: Vec<Value> = vec![json!({
+        "name": "NODE_NAME",
+        "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } }
+    })];
+    match c {
+        Component::ContainerToolkit => {
+            env.push(json!({"name": "RUNTIME", "value": format!("{:?}", spec.operator.default_runtime).to_lowercase()}));
+            env.push(
+                json!({"name": "CONTAINERD_RUNTIME_CLASS", "value": spec.operator.runtime_class}),
+            );
+            env.push(json!({"name": "CDI_ENABLED", "value": spec.cdi.enabled.to_string()}));
+        }
+        Component::Driver => {
+            env.push(json!({"name": "KERNEL_MODULE_TYPE", "value": serde_json::to_value(spec.driver.kernel_module_type).unwrap()}));
+        }
+        Component::DevicePlugin | Component::GpuFeatureDiscovery => {
+            env.push(json!({"name": "MIG_STRATEGY", "value": spec.mig.strategy.as_str()}));
+            env.push(json!({"name": "CDI_ENABLED", "value": spec.cdi.enabled.to_string()}));
+        }
+        Component::DcgmExporter => {
+            env.push(json!({"name": "DCGM_EXPORTER_LISTEN", "value": ":9400"}));
+            env.push(json!({"name": "DCGM_EXPORTER_KUBERNETES", "value": "true"}));
+        }
+        Component::MigManager => {
+            env.push(
+                json!({"name": "DEFAULT_MIG_CONFIG", "value": spec.mig_manager.config.default}),
+            );
+            env.push(json!({"name": "MIG_CONFIG_FILE", "value": "/mig-parted-config/config.yaml"}));
+        }
+        Component::OperatorValidator => {
+            env.push(json!({"name": "DRIVER_ENABLED", "value": spec.driver.enabled.to_string()}));
+            env.push(json!({"name": "TOOLKIT_ENABLED", "value": spec.toolkit.enabled.to_string()}));
+        }
+    }
+    env.extend(
+        operand
+            .env()
+            .iter()
+            .map(|e| serde_json::to_value(e).unwrap()),
+    );
+
+    let mut args: Vec<String> = shape
+        .agent_args
+        .map(|a| a.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_default();
+    args.extend(operand.args().iter().cloned());
+
+    let mut volumes: Vec<Value> = shape
+        .mounts
+        .iter()
+        .map(|(vname, host, _, _)| json!({"name": vname, "hostPath": {"path": host}}))
+        .collect();
+    let mut mounts: Vec<Value> = shape
+        .mounts
+        .iter()
+        .map(|(vname, _, path, ro)| json!({"name": vname, "mountPath": path, "readOnly": ro}))
+        .collect();
+    let config = match c {
+        Component::DevicePlugin => Some((&spec.device_plugin.config, "/config")),
+        Component::DcgmExporter => Some((&spec.dcgm_exporter.config, "/etc/dcgm-exporter/custom")),
+        Component::MigManager => Some((&spec.mig_manager.config, "/mig-parted-config")),
+        _ => None,
+    };
+    if let Some((cfg, path)) = config
+        && !cfg.name.is_empty()
+    {
+        // Optional: a missing ConfigMap is reported by the operand (and the webhook), not by a
+        // pod stuck in ContainerCreating with no explanation.
+        volumes.push(json!({"name": "config", "configMap": {"name": cfg.name, "optional": true}}));
+        mounts.push(json!({"name": "config", "mountPath": path, "readOnly": true}));
+    }
+
+    let security_context = if shape.privileged {
+        json!({"privileged": true})
+    } else if c == Component::DcgmExporter {
+        json!({"capabilities": {"add": ["SYS_ADMIN"]}, "runAsNonRoot": false})
+    } else {
+        json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true})
+    };
+    let container = json!({
+        "name": c.gate_name(),
+        "image": image,
+        "imagePullPolicy": operand.image_pull_policy().as_str(),
+        "args": args,
+        "env": env,
+        "resources": operand.resources(),
+        "securityContext": security_context,
+        "volumeMounts": mounts,
+    });
+
+    let update_strategy =
+        if c == Component::Driver || spec.daemonsets.update_strategy == UpdateStrategy::OnDelete {
+            // The driver is replaced only when an admin (or the upgrade flow) deletes its pod:
+            // restarting it under running GPU workloads would kill them.
+            json!({"type": "OnDelete"})
+        } else {
+            // IntOrString: "1" must go out as the number 1; only "10%" stays a string.
+            let max = &spec.daemonsets.rolling_update.max_unavailable;
+            let max = max
+                .parse::<i64>()
+                .map(Value::from)
+                .unwrap_or_else(|_| Value::from(max.as_str()));
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max}})
+        };
+    let service_account = if shape.agent_args.is_some() {
+        AGENT_SERVICE_ACCOUNT
+    } else {
+        OPERAND_SERVICE_ACCOUNT
+    };
+    let mut ds_labels = common_labels(c.gate_name());
+    ds_labels.extend(spec.operator.labels.clone());
+    let ds = json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": ds_labels,
+            "annotations": if spec.operator.annotations.is_empty() { None } else { Some(&spec.operator.annotations) },
+            "ownerReferences": [owner_reference(policy)],
+        },
+        "spec": {
+            "selector": { "matchLabels": selector },
+            "updateStrategy": update_strategy,
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": if spec.daemonsets.annotations.is_empty() { None } else { Some(&spec.daemonsets.annotations) },
+                },
+                "spec": {
+                    "nodeSelector": { label::deploy_gate(c): "true" },
+                    "tolerations": spec.daemonsets.tolerations,
+                    "priorityClassName": if spec.daemonsets.priority_class_name.is_empty() { None } else { Some(&spec.daemonsets.priority_class_name) },
+                    "serviceAccountName": service_account,
+                    "automountServiceAccountToken": shape.agent_args.is_some(),
+                    "hostPID": shape.host_pid,
+                    "runtimeClassName": if shape.gpu_runtime { Some(&spec.operator.runtime_class) } else { None },
+                    "imagePullSecrets": operand.image_pull_secrets().iter().map(|s| json!({"name": s})).collect::<Vec<_>>(),
+                    "containers": [container],
+                    "volumes": volumes,
+                }
+            }
+        }
+    });
+    Some(with_hash(serde_json::from_value(ds).expect("a DaemonSet")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(spec: Value) -> ClusterPolicy {
+        let mut p: ClusterPolicy = serde_json::from_value(json!({
+            "apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy",
+            "metadata": {"name": "cluster-policy", "uid": "0000-1111"},
+            "spec": spec
+        }))
+        .unwrap();
+        p.metadata.uid = Some("0000-1111".into());
+        p
+    }
+
+    fn ds_of(d: &Desired, c: Component) -> &DaemonSet {
+        &d.daemonsets.iter().find(|(k, _)| *k == c).unwrap().1
+    }
+
+    #[test]
+    fn default_policy_renders_every_component_gated_by_its_label() {
+        let d = render(&policy(json!({})), "gpu-pilot");
+        assert_eq!(d.daemonsets.len(), Component::ALL.len());
+        for (c, ds) in &d.daemonsets {
+            let pod = ds.spec.template.spec.as_ref().unwrap();
+            let sel = pod.node_selector.as_ref().unwrap();
+            assert_eq!(
+                sel.get(&label::deploy_gate(*c)).map(String::as_str),
+                Some("true"),
+                "{c:?}"
+            );
+            assert_eq!(ds.metadata.namespace.as_deref(), Some("gpu-pilot"));
+            let owner = &ds.metadata.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.uid.as_str()),
+                ("ClusterPolicy", "0000-1111")
+            );
+            assert!(hash_of(&ds.metadata).is_some());
+        }
+        assert_eq!(d.runtime_class.handler, "nvidia");
+    }
+
+    #[test]
+    fn driver_is_on_delete_and_others_follow_the_policy() {
+        let d = render(
+            &policy(json!({"daemonsets": {"rollingUpdate": {"maxUnavailable": "10%"}}})),
+            "ns",
+        );
+        let strat = |c| ds_of(&d, c).spec.update_strategy.clone().unwrap();
+        assert_eq!(strat(Component::Driver).type_.as_deref(), Some("OnDelete"));
+        let dp = strat(Component::DevicePlugin);
+        assert_eq!(dp.type_.as_deref(), Some("RollingUpdate"));
+        assert_eq!(
+            serde_json::to_value(dp.rolling_update.unwrap().max_unavailable).unwrap(),
+            json!("10%")
+        );
+    }
+
+    #[test]
+    fn a_plain_number_of_unavailable_nodes_is_an_integer() {
+        let d = render(&policy(json!({})), "ns");
+        let ru = ds_of(&d, Component::DevicePlugin)
+            .spec
+            .update_strategy
+            .clone()
+            .unwrap()
+            .rolling_update
+            .unwrap();
+        assert_eq!(serde_json::to_value(ru.max_unavailable).unwrap(), json!(1));
+    }
+
+    #[test]
+    fn disabled_components_render_no_daemonset() {
+        let d = render(
+            &policy(json!({"driver": {"enabled": false}, "toolkit": {"enabled": false}})),
+            "ns",
+        );
+        let comps: Vec<Component> = d.daemonsets.iter().map(|(c, _)| *c).collect();
+        assert!(!comps.contains(&Component::Driver));
+        assert!(!comps.contains(&Component::ContainerToolkit));
+        assert_eq!(comps.len(), Component::ALL.len() - 2);
+        // With a host driver, operands look for it at the host root.
+        let dp = ds_of(&d, Component::DevicePlugin);
+        let vols = dp
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .as_ref()
+            .unwrap();
+        let root = vols.iter().find(|v| v.name == "driver-root").unwrap();
+        assert_eq!(root.host_path.as_ref().unwrap().path, "/");
+    }
+
+    #[test]
+    fn policy_fields_reach_the_pod() {
+        let d = render(
+            &policy(json!({
+                "devicePlugin": {
+                    "version": "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                    "imagePullPolicy": "Always",
+                    "imagePullSecrets": ["regcred"],
+                    "args": ["--fail-on-init-error=false"],
+                    "env": [{"name": "EXTRA", "value": "1"}],
+                    "resources": {"limits": {"memory": "64Mi"}},
+                    "config": {"name": "time-slicing", "default": "any"}
+                },
+                "daemonsets": {"labels": {"team": "ml"}, "priorityClassName": "gpu-critical",
+                               "tolerations": [{"operator": "Exists"}]},
+                "mig": {"strategy": "mixed"}
+            })),
+            "ns",
+        );
+        let ds = ds_of(&d, Component::DevicePlugin);
+        let pod = ds.spec.template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.image.as_deref(),
+            Some(
+                "ghcr.io/gpu-pilot/gpu-pilot-agent@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            )
+        );
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+        assert_eq!(
+            c.args.as_ref().unwrap(),
+            &["device-plugin", "--fail-on-init-error=false"]
+        );
+        let env = c.env.as_ref().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "EXTRA" && e.value.as_deref() == Some("1"))
+        );
+        assert!(
+            env.iter()
+                .any(|e| e.name == "MIG_STRATEGY" && e.value.as_deref() == Some("mixed"))
+        );
+        assert!(
+            c.resources
+                .as_ref()
+                .unwrap()
+                .limits
+                .as_ref()
+                .unwrap()
+                .contains_key("memory")
+        );
+        assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
+        assert_eq!(pod.priority_class_name.as_deref(), Some("gpu-critical"));
+        assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
+        assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"));
+        let labels = ds
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(labels.get("team").map(String::as_str), Some("ml"));
+        let vols = pod.volumes.as_ref().unwrap();
+        let cfg = vols.iter().find(|v| v.name == "config").unwrap();
+        assert_eq!(cfg.config_map.as_ref().unwrap().name, "time-slicing");
+    }
+
+    #[test]
+    fn hash_changes_with_the_policy_and_only_then() {
+        let a = render(&policy(json!({})), "ns");
+        let b = render(&policy(json!({})), "ns");
+        let c = render(
+            &policy(json!({"devicePlugin": {"version": "v9.9.9"}})),
+            "ns",
+        );
+        let h = |d: &Desired, comp| hash_of(&ds_of(d, comp).metadata).unwrap().to_string();
+        assert_eq!(
+            h(&a, Component::DevicePlugin),
+            h(&b, Component::DevicePlugin)
+        );
+        assert_ne!(
+            h(&a, Component::DevicePlugin),
+            h(&c, Component::DevicePlugin)
+        );
+        assert_eq!(h(&a, Component::Driver), h(&c, Component::Driver));
+    }
+}

@@ -1,0 +1,225 @@
+//! Wiring: client, watches, leader election, the health server and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use gpu_pilot_api::ClusterPolicy;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Config};
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio::sync::{Notify, watch};
+
+use crate::index::{Index, SharedIndex, run_watch};
+use crate::metrics::{self, Metrics};
+use crate::reconcile::{self, Context};
+use crate::render::managed_selector;
+
+/// How the controller runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    pub namespace: String,
+    pub metrics_addr: SocketAddr,
+    pub leader_elect: bool,
+    pub identity: String,
+    pub lease_duration: u64,
+    pub resync: Duration,
+}
+
+async fn client(opts: &Options) -> anyhow::Result<Client> {
+    let config = match &opts.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("could not read the kubeconfig {}", path.display()))?;
+            let o = kube::config::KubeConfigOptions {
+                context: opts.context.clone(),
+                ..Default::default()
+            };
+            Config::from_custom_kubeconfig(kc, &o).await?
+        }
+        None => Config::infer().await.context(
+            "no cluster configuration found: run in a pod, set KUBECONFIG, or pass --kubeconfig",
+        )?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Runs until `shutdown` completes (SIGTERM/SIGINT in the binary), then stops cleanly: the last
+/// pass finishes, the Lease is released so another replica takes over at once.
+pub async fn run(
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let client = client(&opts).await?;
+    // Say clearly when the CRD is missing or RBAC forbids reading policies, and wait for it
+    // (an install applies the CRD and the controller at the same time).
+    loop {
+        match Api::<ClusterPolicy>::all(client.clone())
+            .list(&kube::api::ListParams::default().limit(1))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot list ClusterPolicies: is the CRD installed (gpu-pilot-controller crd | kubectl apply --server-side -f -) and may this identity read them? Retrying in 5s"
+            ),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for /healthz and /metrics; pick another --metrics-addr",
+                opts.metrics_addr
+            )
+        })?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = {
+        let mut rx = shutdown_rx.clone();
+        let app = metrics::router(metrics.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await
+        })
+    };
+
+    let index: SharedIndex = Arc::new(std::sync::Mutex::new(Index::default()));
+    let wake = Arc::new(Notify::new());
+    let selector = managed_selector();
+    let ns = opts.namespace.clone();
+    let mut tasks = vec![
+        tokio::spawn(run_watch(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            index.clone(),
+            wake.clone(),
+        )),
+        tokio::spawn(run_watch(
+            Api::<Pod>::namespaced(client.clone(), &ns),
+            watcher::Config::default().labels(&selector),
+            index.clone(),
+            wake.clone(),
+        )),
+        tokio::spawn(run_watch(
+            Api::<DaemonSet>::namespaced(client.clone(), &ns),
+            watcher::Config::default().labels(&selector),
+            index.clone(),
+            wake.clone(),
+        )),
+        tokio::spawn(run_watch(
+            Api::<ClusterPolicy>::all(client.clone()),
+            watcher::Config::default(),
+            index.clone(),
+            wake.clone(),
+        )),
+    ];
+    {
+        let index = index.clone();
+        let metrics = metrics.clone();
+        tasks.push(tokio::spawn(async move {
+            while !index.lock().unwrap().is_synced() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            metrics.ready.store(true, Ordering::Relaxed);
+        }));
+    }
+
+    let (leader_rx, lease_task) = if opts.leader_elect {
+        let manager = LeaseManagerBuilder::new(client.clone(), "gpu-pilot-controller")
+            .with_namespace(&ns)
+            .with_identity(&opts.identity)
+            .with_duration(opts.lease_duration)
+            .with_grace(opts.lease_duration.div_ceil(3).max(1))
+            .build()
+            .await
+            .context("cannot set up leader election on the Lease gpu-pilot-controller")?;
+        let (rx, handle) = manager.watch().await;
+        (rx, Some(handle))
+    } else {
+        let (tx, rx) = watch::channel(true);
+        std::mem::forget(tx);
+        (rx, None)
+    };
+    {
+        let mut rx = leader_rx.clone();
+        let metrics = metrics.clone();
+        let identity = opts.identity.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let is = *rx.borrow_and_update();
+                metrics.set_leader(is);
+                tracing::info!(identity = %identity, leader = is, "leadership");
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+
+    let reporter = Reporter {
+        controller: "gpu-pilot-controller".into(),
+        instance: Some(opts.identity.clone()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        ns,
+        index,
+        metrics,
+        Recorder::new(client, reporter),
+    ));
+    let reconciler = tokio::spawn(reconcile::run(
+        ctx,
+        wake,
+        leader_rx,
+        shutdown_rx,
+        opts.resync,
+    ));
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = reconciler.await;
+    for t in tasks {
+        t.abort();
+    }
+    // Dropping the watch receiver ends the lease task, which releases the Lease so another
+    // replica takes over at once instead of after it expires.
+    if let Some(handle) = lease_task {
+        match tokio::time::timeout(Duration::from_secs(5), handle).await {
+            Ok(Ok(Ok(manager))) => {
+                if let Err(e) = manager.release().await {
+                    tracing::warn!(error = %e, "could not release the Lease");
+                }
+            }
+            _ => tracing::warn!("the lease task did not stop in time"),
+        }
+    }
+    let _ = server.await;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
