@@ -1069,7 +1069,7 @@ async fn rotation_under_load(cluster: Arc<Cluster>) -> anyhow::Result<()> {
             metrics.reloads()
         );
         eprintln!(
-            "webhook rotation: {created} pods created, {} serving certificates, {} CAs, no failure",
+            "webhook rotation: {created} GPU pods admitted and mutated (server-side dry runs), {} serving certificates, {} CAs, no failure",
             serving.len(),
             cas.len()
         );
