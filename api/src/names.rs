@@ -142,6 +142,41 @@ pub mod annotation {
     pub const KWOK_NODE: &str = "kwok.x-k8s.io/node";
 }
 
+/// The admission webhook's objects, paths and bookkeeping.
+pub mod webhook {
+    /// Name of the Service, Deployment, ServiceAccount and both webhook configurations.
+    pub const NAME: &str = "gpu-pilot-webhook";
+    /// The Secret that holds the CA, the serving certificate and the CA bundle.
+    pub const TLS_SECRET: &str = "gpu-pilot-webhook-tls";
+    /// HTTPS paths the apiserver calls.
+    pub const MUTATE_PODS_PATH: &str = "/mutate/pods";
+    pub const VALIDATE_POLICY_PATH: &str = "/validate/clusterpolicy";
+    /// Names of the webhooks inside the configurations (must be fully qualified).
+    pub const MUTATE_PODS_WEBHOOK: &str = "pods.gpupilot.io";
+    pub const VALIDATE_POLICY_WEBHOOK: &str = "clusterpolicies.gpupilot.io";
+    /// Keys of the TLS Secret's data.
+    pub const CA_CERT_KEY: &str = "ca.crt";
+    pub const CA_KEY_KEY: &str = "ca.key";
+    pub const NEXT_CA_CERT_KEY: &str = "next-ca.crt";
+    pub const NEXT_CA_KEY_KEY: &str = "next-ca.key";
+    pub const PREVIOUS_CA_CERT_KEY: &str = "previous-ca.crt";
+    pub const CA_BUNDLE_KEY: &str = "ca-bundle.crt";
+    pub const TLS_CERT_KEY: &str = "tls.crt";
+    pub const TLS_KEY_KEY: &str = "tls.key";
+    /// Annotations on the TLS Secret recording what its certificates are (RFC 3339 times).
+    pub const CA_NOT_AFTER: &str = "gpupilot.io/ca-not-after";
+    pub const NEXT_CA_SINCE: &str = "gpupilot.io/next-ca-since";
+    pub const PREVIOUS_CA_NOT_AFTER: &str = "gpupilot.io/previous-ca-not-after";
+    pub const CERT_NOT_AFTER: &str = "gpupilot.io/cert-not-after";
+    pub const CERT_NAMES: &str = "gpupilot.io/cert-names";
+    /// cert-manager's annotation that fills in `caBundle` from a Certificate (Helm users).
+    pub const CERT_MANAGER_INJECT_CA_FROM: &str = "cert-manager.io/inject-ca-from";
+    /// Namespaces whose pods are never mutated.
+    pub const KUBE_SYSTEM: &str = "kube-system";
+    /// The label every namespace carries with its own name (set by the apiserver).
+    pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+}
+
 /// Values of the gate labels other than `true`/`false` that are respected, never overwritten.
 pub mod gate_value {
     pub const ENABLED: &str = "true";

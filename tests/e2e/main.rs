@@ -5,6 +5,7 @@
 mod agent;
 mod controller;
 mod foundation;
+mod webhook;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +22,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(foundation::tests());
     all.extend(controller::tests());
     all.extend(agent::tests());
+    all.extend(webhook::tests());
     all
 }
 

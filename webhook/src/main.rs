@@ -1,6 +1,16 @@
 //! `gpu-pilot-webhook`: admission webhooks for GPU pods and `ClusterPolicy` edits.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use gpu_pilot_api::names::{DEFAULT_NAMESPACE, webhook};
+use gpu_pilot_webhook::certs::CertSettings;
+use gpu_pilot_webhook::cluster::Scope;
+use gpu_pilot_webhook::server::Limits;
+use gpu_pilot_webhook::{CertSource, Options, manifests, parse_duration};
 
 #[derive(Parser)]
 #[command(
@@ -9,8 +19,155 @@ use clap::Parser;
     about = "Admission webhooks: gives GPU pods their runtimeClass and MIG resources, guards ClusterPolicy edits",
     arg_required_else_help = true
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the admission webhooks over HTTPS.
+    Serve(Box<Serve>),
+    /// Print the RBAC, Service, Deployment and webhook configurations as YAML.
+    Manifests {
+        #[arg(long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+        #[arg(long, default_value = manifests::DEFAULT_IMAGE)]
+        image: String,
+        /// Let cert-manager inject the CA from this Certificate (namespace/name) instead of the
+        /// webhook's own CA; run `serve` with --tls-cert-file/--tls-key-file then.
+        #[arg(long)]
+        cert_manager_certificate: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct Serve {
+    /// Address to serve HTTPS on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// gpu-pilot's namespace: the TLS Secret and the ConfigMaps a policy names live here.
+    #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// The Service the apiserver reaches the webhook through (its DNS names go in the certificate).
+    #[arg(long, default_value = webhook::NAME)]
+    service: String,
+    /// More DNS names or IP addresses for the serving certificate (repeatable).
+    #[arg(long = "extra-name")]
+    extra_names: Vec<String>,
+    /// The Secret holding the CA and serving certificate.
+    #[arg(long, default_value = webhook::TLS_SECRET)]
+    secret: String,
+    /// Name of the Mutating- and ValidatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, default_value = webhook::NAME)]
+    webhook_configuration: String,
+    /// Serve this certificate file (e.g. from cert-manager) instead of managing a Secret.
+    #[arg(long, requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    #[arg(long, default_value = "3650d", value_parser = parse_duration)]
+    ca_validity: Duration,
+    #[arg(long, default_value = "365d", value_parser = parse_duration)]
+    ca_renew_before: Duration,
+    /// How long a new CA is trusted alongside the old one before it signs the serving certificate.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    ca_overlap: Duration,
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    cert_validity: Duration,
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    cert_renew_before: Duration,
+    /// How often certificates are checked.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    check_interval: Duration,
+    /// Only ClusterPolicies with these labels count (a label selector; empty: all).
+    #[arg(long, default_value = "")]
+    policy_selector: String,
+    /// Only nodes with these labels count for MIG profiles (a label selector; empty: all).
+    #[arg(long, default_value = "")]
+    node_selector: String,
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    request_timeout: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Manifests {
+            namespace,
+            image,
+            cert_manager_certificate,
+        } => {
+            print!(
+                "{}{}",
+                manifests::GENERATED_HEADER,
+                manifests::all_yaml(&namespace, &image, cert_manager_certificate)
+            );
+            Ok(())
+        }
+        Command::Serve(s) => serve(*s).await,
+    }
+}
+
+async fn serve(s: Serve) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let client = kube::Client::try_default().await.context(
+        "no Kubernetes credentials: run in a pod with a service account, or set KUBECONFIG",
+    )?;
+    let certs = match (s.tls_cert_file, s.tls_key_file) {
+        (Some(cert), Some(key)) => CertSource::Files { cert, key },
+        _ => {
+            let mut names = CertSettings::service_names(&s.service, &s.namespace);
+            names.extend(s.extra_names);
+            CertSource::Secret(CertSettings {
+                namespace: s.namespace.clone(),
+                secret: s.secret,
+                names,
+                ca_validity: s.ca_validity,
+                ca_renew_before: s.ca_renew_before,
+                ca_overlap: s.ca_overlap,
+                cert_validity: s.cert_validity,
+                cert_renew_before: s.cert_renew_before,
+                mutating_config: Some(s.webhook_configuration.clone()),
+                validating_config: Some(s.webhook_configuration),
+            })
+        }
+    };
+    let opts = Options {
+        listen: s.listen,
+        scope: Scope {
+            namespace: s.namespace,
+            policy_selector: s.policy_selector,
+            node_selector: s.node_selector,
+            pod_namespaces: Vec::new(),
+        },
+        certs,
+        limits: Limits {
+            max_body_bytes: s.max_body_bytes,
+            request_timeout: s.request_timeout,
+        },
+        check_interval: s.check_interval,
+        startup_timeout: Duration::from_secs(120),
+    };
+    let handle = axum_server::Handle::new();
+    let on_signal = handle.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler can be installed");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down: finishing open requests");
+        on_signal.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    gpu_pilot_webhook::run(client, opts, Default::default(), handle).await?;
+    Ok(())
 }

@@ -1,0 +1,1289 @@
+//! The admission webhooks, called for real by the local apiserver.
+//!
+//! Each test runs its own webhook in this process on 127.0.0.1 (port 0) and registers it by URL
+//! under configurations named after the test's namespace. Pod mutation is confined to that
+//! namespace (namespaceSelector), ClusterPolicy validation to policies carrying the test's label
+//! (objectSelector), and the webhook itself only looks at policies, nodes and pods of its own test,
+//! so the tests run in parallel with each other and with the rest of the suite.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use gpu_pilot_api::ClusterPolicy;
+use gpu_pilot_api::names::webhook as names;
+use gpu_pilot_e2e::{Cluster, TestEnv, eventually};
+use gpu_pilot_webhook::certs::CertSettings;
+use gpu_pilot_webhook::cluster::Scope;
+use gpu_pilot_webhook::manifests::{Registration, Target};
+use gpu_pilot_webhook::server::Limits;
+use gpu_pilot_webhook::{CertSource, Options, Running};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::TestFn;
+use crate::foundation::ensure_crd;
+
+/// Marks the ClusterPolicies and Nodes one test's webhook looks at.
+const TEST_LABEL: &str = "gpupilot.io/e2e-webhook";
+const TLS_SECRET: &str = "webhook-tls";
+const MUTATE_ENDPOINT: &str = "mutate_pods";
+
+pub fn tests() -> Vec<(&'static str, TestFn)> {
+    vec![
+        (
+            "webhook::gpu_pods_are_mutated_other_pods_never_reach_it",
+            |c| Box::pin(gpu_pods_mutated(c)),
+        ),
+        (
+            "webhook::mig_profiles_and_memory_under_each_strategy",
+            |c| Box::pin(mig_and_memory(c)),
+        ),
+        ("webhook::clusterpolicy_rules_as_kubectl_shows_them", |c| {
+            Box::pin(policy_rules(c))
+        }),
+        (
+            "webhook::reapplied_and_double_registered_pods_stay_single",
+            |c| Box::pin(no_duplicates(c)),
+        ),
+        (
+            "webhook::certificate_rotation_under_load_fails_no_request",
+            |c| Box::pin(rotation_under_load(c)),
+        ),
+        ("webhook::webhook_down_follows_failure_policy", |c| {
+            Box::pin(webhook_down(c))
+        }),
+        ("webhook::runs_with_only_its_least_privilege_rbac", |c| {
+            Box::pin(least_privilege(c))
+        }),
+    ]
+}
+
+/// Certificates that live long enough not to rotate during a test.
+fn steady_certs(env: &TestEnv) -> CertSettings {
+    CertSettings {
+        namespace: env.namespace.clone(),
+        secret: TLS_SECRET.into(),
+        names: vec!["127.0.0.1".into()],
+        ca_validity: Duration::from_secs(86400),
+        ca_renew_before: Duration::from_secs(3600),
+        ca_overlap: Duration::from_secs(60),
+        cert_validity: Duration::from_secs(7200),
+        cert_renew_before: Duration::from_secs(600),
+        mutating_config: Some(env.namespace.clone()),
+        validating_config: Some(env.namespace.clone()),
+    }
+}
+
+/// One test's webhook, its registration and the objects made for it.
+struct Fixture {
+    client: Client,
+    id: String,
+    running: Option<Running>,
+    registration: Registration,
+    made_nodes: Vec<String>,
+}
+
+impl Fixture {
+    /// Starts a webhook for the test: a RuntimeClass and ClusterPolicy of its own (named after
+    /// the namespace), then the server.
+    async fn start(
+        env: &TestEnv,
+        policy_spec: Value,
+        certs: CertSettings,
+    ) -> anyhow::Result<Fixture> {
+        Fixture::start_as(env, policy_spec, certs, env.client.clone()).await
+    }
+
+    /// Like [`Fixture::start`], with the webhook talking to the apiserver as `webhook_client`.
+    async fn start_as(
+        env: &TestEnv,
+        policy_spec: Value,
+        certs: CertSettings,
+        webhook_client: Client,
+    ) -> anyhow::Result<Fixture> {
+        ensure_crd(&env.client).await?;
+        let id = env.namespace.clone();
+        let rc: RuntimeClass = serde_json::from_value(json!({
+            "metadata": { "name": id, "labels": { (TEST_LABEL): id } }, "handler": "nvidia"
+        }))?;
+        Api::<RuntimeClass>::all(env.client.clone())
+            .create(&PostParams::default(), &rc)
+            .await
+            .context("creating the test's RuntimeClass")?;
+        let mut spec = policy_spec;
+        spec["operator"] = json!({ "runtimeClass": id });
+        create_policy(&env.client, &id, &id, spec).await?;
+        let running = start_webhook(env, certs, webhook_client).await?;
+        let registration = Registration {
+            name: id.clone(),
+            target: Target::Url(format!("https://{}", running.addr)),
+            excluded_namespaces: Vec::new(),
+            namespace_match: vec![
+                json!({"key": names::NAMESPACE_NAME_LABEL, "operator": "In", "values": [id]}),
+            ],
+            policy_match: vec![json!({"key": TEST_LABEL, "operator": "In", "values": [id]})],
+            cert_manager_certificate: None,
+            ca_bundle: None,
+        };
+        Ok(Fixture {
+            client: env.client.clone(),
+            id,
+            running: Some(running),
+            registration,
+            made_nodes: Vec::new(),
+        })
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().expect("the webhook runs")
+    }
+
+    /// Registers the pod webhook and waits until the apiserver calls it.
+    async fn register_mutating(&mut self, ns: &str) -> anyhow::Result<()> {
+        self.registration.ca_bundle = Some(ca_bundle(&self.client, ns).await?);
+        Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .create(&PostParams::default(), &self.registration.mutating())
+            .await
+            .context("registering the MutatingWebhookConfiguration")?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let rc = self.id.clone();
+        eventually(
+            "the apiserver calls the pod webhook",
+            Duration::from_secs(30),
+            || {
+                let pods = pods.clone();
+                let rc = rc.clone();
+                async move {
+                    let out = dry_run(
+                        &pods,
+                        gpu_pod("probe", json!({}), json!({"nvidia.com/gpu": "1"})),
+                    )
+                    .await?;
+                    Ok(match out.spec.and_then(|s| s.runtime_class_name) {
+                        Some(r) if r == rc => Ok(()),
+                        other => Err(format!("runtimeClassName {other:?}")),
+                    })
+                }
+            },
+        )
+        .await
+    }
+
+    /// Registers the ClusterPolicy webhook and waits until the apiserver calls it.
+    async fn register_validating(&mut self, ns: &str) -> anyhow::Result<()> {
+        self.registration.ca_bundle = Some(ca_bundle(&self.client, ns).await?);
+        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .create(&PostParams::default(), &self.registration.validating())
+            .await
+            .context("registering the ValidatingWebhookConfiguration")?;
+        let client = self.client.clone();
+        let id = self.id.clone();
+        eventually(
+            "the apiserver calls the policy webhook",
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                let id = id.clone();
+                async move {
+                    // A second policy is refused once the webhook is in the path.
+                    let second = policy(&format!("{id}-probe"), &id, json!({}))?;
+                    let pp = PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    };
+                    Ok(
+                        match Api::<ClusterPolicy>::all(client).create(&pp, &second).await {
+                            Err(kube::Error::Api(e)) if e.message.contains("already exists") => {
+                                Ok(())
+                            }
+                            other => Err(format!("{:?}", other.map(|_| "admitted"))),
+                        },
+                    )
+                }
+            },
+        )
+        .await
+    }
+
+    /// Stops the server and removes everything the fixture made.
+    async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+        let dp = DeleteParams::default();
+        let _ = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&self.id, &dp)
+            .await;
+        let _ = Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&self.id, &dp)
+            .await;
+        let _ = Api::<RuntimeClass>::all(self.client.clone())
+            .delete(&self.id, &dp)
+            .await;
+        let policies: Api<ClusterPolicy> = Api::all(self.client.clone());
+        if let Ok(list) = policies
+            .list(&kube::api::ListParams::default().labels(&format!("{TEST_LABEL}={}", self.id)))
+            .await
+        {
+            for p in list.items {
+                let _ = policies
+                    .delete(&p.metadata.name.unwrap_or_default(), &dp)
+                    .await;
+            }
+        }
+        for n in &self.made_nodes {
+            let _ = Api::<Node>::all(self.client.clone()).delete(n, &dp).await;
+        }
+    }
+}
+
+async fn start_webhook(
+    env: &TestEnv,
+    certs: CertSettings,
+    client: Client,
+) -> anyhow::Result<Running> {
+    let selector = format!("{TEST_LABEL}={}", env.namespace);
+    let opts = Options {
+        listen: "127.0.0.1:0".parse()?,
+        scope: Scope {
+            namespace: env.namespace.clone(),
+            policy_selector: selector.clone(),
+            node_selector: selector,
+            pod_namespaces: vec![env.namespace.clone()],
+        },
+        certs: CertSource::Secret(certs),
+        limits: Limits::default(),
+        check_interval: Duration::from_secs(1),
+        startup_timeout: Duration::from_secs(60),
+    };
+    Ok(Running::start(client, opts).await?)
+}
+
+async fn ca_bundle(client: &Client, ns: &str) -> anyhow::Result<Vec<u8>> {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(TLS_SECRET)
+        .await
+        .context("the webhook's TLS Secret")?;
+    let data = secret.data.unwrap_or_default();
+    Ok(data
+        .get(names::CA_BUNDLE_KEY)
+        .context("the TLS Secret has no CA bundle")?
+        .0
+        .clone())
+}
+
+fn policy(name: &str, id: &str, spec: Value) -> anyhow::Result<ClusterPolicy> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy",
+        "metadata": { "name": name, "labels": { (TEST_LABEL): id } },
+        "spec": spec,
+    }))?)
+}
+
+async fn create_policy(client: &Client, name: &str, id: &str, spec: Value) -> anyhow::Result<()> {
+    Api::<ClusterPolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy(name, id, spec)?)
+        .await
+        .with_context(|| format!("creating ClusterPolicy {name}"))?;
+    Ok(())
+}
+
+fn gpu_pod(name: &str, annotations: Value, limits: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "annotations": annotations },
+        "spec": { "containers": [{
+            "name": "cuda", "image": "registry.k8s.io/pause:3.10",
+            "resources": { "limits": limits }
+        }]}
+    })
+}
+
+async fn dry_run(pods: &Api<Pod>, pod: Value) -> anyhow::Result<Pod> {
+    let pod: Pod = serde_json::from_value(pod)?;
+    let pp = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    Ok(pods.create(&pp, &pod).await?)
+}
+
+/// Runs the real kubectl with `stdin`, returning (success, stdout, stderr). Async, because the
+/// webhook it ends up calling runs on this same runtime.
+async fn kubectl(
+    cluster: &Cluster,
+    args: &[&str],
+    stdin: Option<&Value>,
+) -> anyhow::Result<(bool, String, String)> {
+    let mut cmd = tokio::process::Command::from(cluster.kubectl());
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("running kubectl")?;
+    let mut input = child.stdin.take().expect("piped stdin");
+    if let Some(v) = stdin {
+        input.write_all(v.to_string().as_bytes()).await?;
+    }
+    drop(input);
+    let out = child.wait_with_output().await?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn gpu_tolerations(pod: &Pod) -> usize {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.tolerations.as_ref())
+        .map(|t| {
+            t.iter()
+                .filter(|t| t.key.as_deref() == Some(gpu_pilot_api::names::GPU_TAINT_KEY))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `body`, then always tears down the fixture and namespace.
+async fn with_cleanup<F>(env: TestEnv, fx: Fixture, body: F) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let result = body.await;
+    fx.stop().await;
+    env.cleanup().await;
+    result
+}
+
+async fn gpu_pods_mutated(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let env = TestEnv::new(&cluster, "webhook-mutate").await?;
+    let mut fx = Fixture::start(&env, json!({}), steady_certs(&env)).await?;
+    fx.register_mutating(&env.namespace).await?;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.namespace);
+    let metrics = fx.running().metrics.clone();
+    let id = fx.id.clone();
+    let body = async {
+        let pp = PostParams::default();
+        pods.create(
+            &pp,
+            &serde_json::from_value(gpu_pod(
+                "trainer",
+                json!({}),
+                json!({"nvidia.com/gpu": "1"}),
+            ))?,
+        )
+        .await?;
+        let stored = pods.get("trainer").await?;
+        let spec = stored.spec.as_ref().context("a stored pod has a spec")?;
+        ensure!(
+            spec.runtime_class_name.as_deref() == Some(id.as_str()),
+            "runtimeClassName is {:?}",
+            spec.runtime_class_name
+        );
+        ensure!(
+            gpu_tolerations(&stored) == 1,
+            "tolerations: {:?}",
+            spec.tolerations
+        );
+        let tol = spec
+            .tolerations
+            .iter()
+            .flatten()
+            .find(|t| t.key.as_deref() == Some("nvidia.com/gpu"))
+            .unwrap();
+        ensure!(
+            tol.operator.as_deref() == Some("Exists")
+                && tol.effect.as_deref() == Some("NoSchedule"),
+            "{tol:?}"
+        );
+
+        // A pod that asks for no GPU: the apiserver does not even call the webhook.
+        let calls_before = metrics.total(MUTATE_ENDPOINT);
+        let plain: Pod = serde_json::from_value(json!({
+            "metadata": { "name": "plain" },
+            "spec": { "containers": [{ "name": "c", "image": "registry.k8s.io/pause:3.10", "resources": {"limits": {"cpu": "100m"}} }] }
+        }))?;
+        pods.create(&pp, &plain).await?;
+        let stored = pods.get("plain").await?;
+        ensure!(stored.spec.as_ref().unwrap().runtime_class_name.is_none());
+        ensure!(gpu_tolerations(&stored) == 0);
+        // An opted-out GPU pod is not sent either (objectSelector).
+        let mut opted = gpu_pod("opted-out", json!({}), json!({"nvidia.com/gpu": "1"}));
+        opted["metadata"]["labels"] = json!({"gpupilot.io/inject": "false"});
+        pods.create(&pp, &serde_json::from_value(opted)?).await?;
+        ensure!(
+            pods.get("opted-out")
+                .await?
+                .spec
+                .unwrap()
+                .runtime_class_name
+                .is_none()
+        );
+        let calls_after = metrics.total(MUTATE_ENDPOINT);
+        ensure!(
+            calls_after == calls_before,
+            "the webhook saw {} request(s) for pods that ask for no GPU",
+            calls_after - calls_before
+        );
+
+        // /metrics shows what was answered.
+        let text = metrics.render();
+        ensure!(
+            text.contains(
+                "gpupilot_webhook_requests_total{endpoint=\"mutate_pods\",outcome=\"patched\"}"
+            ),
+            "{text}"
+        );
+        Ok(())
+    };
+    with_cleanup(env, fx, body).await
+}
+
+async fn set_strategy(client: &Client, name: &str, strategy: &str) -> anyhow::Result<()> {
+    Api::<ClusterPolicy>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"mig": {"strategy": strategy}}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Waits until the webhook has seen `strategy` (it reads the policy from a watch cache).
+async fn until_strategy(pods: &Api<Pod>, strategy: &str) -> anyhow::Result<()> {
+    eventually(
+        &format!("the webhook sees mig.strategy {strategy}"),
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move {
+                let pod = gpu_pod(
+                    "probe",
+                    json!({"gpupilot.io/mig-profile": "1g.10gb"}),
+                    json!({"nvidia.com/gpu": "1"}),
+                );
+                let seen = match dry_run(&pods, pod).await {
+                    Err(e) if e.to_string().contains("strategy is none") => "none",
+                    // Under single, only nodes cut into the profile make it acceptable.
+                    Err(e) if e.to_string().contains("no node is cut into") => "single",
+                    Err(e) => return Err(e),
+                    Ok(p) => {
+                        let limits = p.spec.unwrap().containers[0]
+                            .resources
+                            .clone()
+                            .unwrap_or_default()
+                            .limits
+                            .unwrap_or_default();
+                        if limits.contains_key("nvidia.com/mig-1g.10gb") {
+                            "mixed"
+                        } else {
+                            "single"
+                        }
+                    }
+                };
+                Ok(if seen == strategy {
+                    Ok(())
+                } else {
+                    Err(format!("still {seen}"))
+                })
+            }
+        },
+    )
+    .await
+}
+
+async fn mig_and_memory(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let env = TestEnv::new(&cluster, "webhook-mig").await?;
+    let mut fx = Fixture::start(
+        &env,
+        json!({"mig": {"strategy": "mixed"}}),
+        steady_certs(&env),
+    )
+    .await?;
+    let id = fx.id.clone();
+    // Two nodes of this test only (no NFD label, so no other test counts them as GPU nodes):
+    // one with mixed MIG capacity, one cut into 1g.5gb under single.
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    for (suffix, labels, capacity) in [
+        (
+            "mixed",
+            json!({ (TEST_LABEL): id }),
+            json!({"nvidia.com/mig-1g.10gb": "7", "nvidia.com/mig-3g.40gb": "2", "nvidia.com/mig-7g.80gb": "0", "pods": "110"}),
+        ),
+        (
+            "single",
+            json!({ (TEST_LABEL): id, "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb" }),
+            json!({"nvidia.com/gpu": "28", "pods": "110"}),
+        ),
+    ] {
+        let name = format!("{id}-{suffix}");
+        let node: Node = serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": labels },
+            "spec": { "taints": [{"key": "gpupilot.io/e2e-only", "effect": "NoSchedule"}] },
+            "status": { "capacity": capacity, "allocatable": capacity }
+        }))?;
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .with_context(|| format!("creating node {name}"))?;
+        fx.made_nodes.push(name);
+    }
+    fx.register_mutating(&env.namespace).await?;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.namespace);
+    let client = env.client.clone();
+    let ns = env.namespace.clone();
+    let body = async {
+        // mixed: the profile becomes its own resource, in limits and requests.
+        let mut p = gpu_pod(
+            "mixed",
+            json!({"gpupilot.io/mig-profile": "1g.10gb"}),
+            json!({"nvidia.com/gpu": "2"}),
+        );
+        p["spec"]["containers"][0]["resources"]["requests"] = json!({"nvidia.com/gpu": "2"});
+        pods.create(&PostParams::default(), &serde_json::from_value(p)?)
+            .await?;
+        let res = pods.get("mixed").await?.spec.unwrap().containers[0]
+            .resources
+            .clone()
+            .unwrap();
+        let want = [(
+            "nvidia.com/mig-1g.10gb".to_string(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("2".into()),
+        )]
+        .into();
+        ensure!(
+            res.limits.as_ref() == Some(&want) && res.requests.as_ref() == Some(&want),
+            "stored resources {res:?}"
+        );
+
+        // Memory: 20Gi fits 3g.40gb best among the node's profiles (7g.80gb has no capacity);
+        // kubectl shows the warning that says so.
+        let mem = gpu_pod(
+            "memory",
+            json!({"gpupilot.io/gpu-memory": "20Gi"}),
+            json!({}),
+        );
+        let (ok, out, err) = kubectl(
+            &cluster,
+            &[
+                "-n",
+                &ns,
+                "create",
+                "--dry-run=server",
+                "-o",
+                "json",
+                "-f",
+                "-",
+            ],
+            Some(&mem),
+        )
+        .await?;
+        ensure!(ok, "kubectl create failed: {err}");
+        let created: Value = serde_json::from_str(&out)?;
+        ensure!(
+            created["spec"]["containers"][0]["resources"]["limits"]
+                == json!({"nvidia.com/mig-3g.40gb": "1"}),
+            "{}",
+            created["spec"]
+        );
+        ensure!(created["metadata"]["annotations"]["gpupilot.io/mig-profile"] == "3g.40gb");
+        ensure!(
+            err.contains("Warning: gpupilot.io/gpu-memory: 20Gi was met with MIG profile 3g.40gb"),
+            "kubectl stderr: {err}"
+        );
+        // More than any profile holds: a whole GPU, and a warning.
+        let big = gpu_pod("big", json!({"gpupilot.io/gpu-memory": "60Gi"}), json!({}));
+        let (ok, out, err) = kubectl(
+            &cluster,
+            &[
+                "-n",
+                &ns,
+                "create",
+                "--dry-run=server",
+                "-o",
+                "json",
+                "-f",
+                "-",
+            ],
+            Some(&big),
+        )
+        .await?;
+        ensure!(ok, "kubectl create failed: {err}");
+        let created: Value = serde_json::from_str(&out)?;
+        ensure!(
+            created["spec"]["containers"][0]["resources"]["limits"]
+                == json!({"nvidia.com/gpu": "1"}),
+            "{}",
+            created["spec"]
+        );
+        ensure!(
+            err.contains("so the pod gets a whole GPU"),
+            "kubectl stderr: {err}"
+        );
+
+        // single: nvidia.com/gpu stays, a node selector picks the product cut into the profile.
+        set_strategy(&client, &id, "single").await?;
+        until_strategy(&pods, "single").await?;
+        let single = dry_run(
+            &pods,
+            gpu_pod(
+                "single",
+                json!({"gpupilot.io/mig-profile": "1g.5gb"}),
+                json!({"nvidia.com/gpu": "1"}),
+            ),
+        )
+        .await?;
+        let spec = single.spec.unwrap();
+        ensure!(
+            spec.node_selector
+                .as_ref()
+                .and_then(|s| s.get("nvidia.com/gpu.product"))
+                .map(String::as_str)
+                == Some("NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"),
+            "nodeSelector {:?}",
+            spec.node_selector
+        );
+        ensure!(
+            spec.containers[0]
+                .resources
+                .as_ref()
+                .unwrap()
+                .limits
+                .as_ref()
+                .unwrap()
+                .contains_key("nvidia.com/gpu")
+        );
+
+        // none: a MIG request is refused with the reason.
+        set_strategy(&client, &id, "none").await?;
+        until_strategy(&pods, "none").await?;
+        let (ok, _, err) = kubectl(
+            &cluster,
+            &["-n", &ns, "create", "-f", "-"],
+            Some(&gpu_pod(
+                "none",
+                json!({"gpupilot.io/mig-profile": "1g.10gb"}),
+                json!({"nvidia.com/gpu": "1"}),
+            )),
+        )
+        .await?;
+        ensure!(!ok, "a MIG pod was admitted under strategy none");
+        ensure!(err.contains("denied the request: MIG is off in this cluster (ClusterPolicy spec.mig.strategy is none)"), "kubectl stderr: {err}");
+        Ok(())
+    };
+    with_cleanup(env, fx, body).await
+}
+
+/// Runs kubectl and checks it failed with `phrase` in its error output.
+async fn refused(
+    cluster: &Cluster,
+    what: &str,
+    args: &[&str],
+    stdin: Option<&Value>,
+    phrase: &str,
+) -> anyhow::Result<()> {
+    let (ok, _, err) = kubectl(cluster, args, stdin).await?;
+    ensure!(!ok, "{what}: admitted, should be denied");
+    ensure!(
+        err.contains("denied the request") && err.contains(phrase),
+        "{what}: kubectl said {err:?}, expected {phrase:?}"
+    );
+    Ok(())
+}
+
+/// Runs kubectl and checks it succeeded, with `warning` in its error output when given.
+async fn admitted(
+    cluster: &Cluster,
+    what: &str,
+    args: &[&str],
+    warning: Option<&str>,
+) -> anyhow::Result<()> {
+    let (ok, _, err) = kubectl(cluster, args, None).await?;
+    ensure!(ok, "{what}: refused: {err}");
+    if let Some(w) = warning {
+        ensure!(
+            err.contains(&format!("Warning: {w}")),
+            "{what}: kubectl said {err:?}, expected warning {w:?}"
+        );
+    }
+    Ok(())
+}
+
+async fn policy_rules(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let env = TestEnv::new(&cluster, "webhook-policy").await?;
+    let mut fx = Fixture::start(
+        &env,
+        json!({"mig": {"strategy": "single"}}),
+        steady_certs(&env),
+    )
+    .await?;
+    fx.register_validating(&env.namespace).await?;
+    let id = fx.id.clone();
+    let ns = env.namespace.clone();
+    let client = env.client.clone();
+    let body = async {
+        let merge = |p: Value| p.to_string();
+        // A second policy, also as a dry run, which must leave nothing behind.
+        let second = serde_json::to_value(policy(&format!("{id}-2"), &id, json!({}))?)?;
+        refused(
+            &cluster,
+            "second policy",
+            &["create", "-f", "-"],
+            Some(&second),
+            &format!("a ClusterPolicy named \"{id}\" already exists"),
+        )
+        .await?;
+        refused(
+            &cluster,
+            "second policy (dry run)",
+            &["create", "--dry-run=server", "-f", "-"],
+            Some(&second),
+            "already exists",
+        )
+        .await?;
+        ensure!(
+            Api::<ClusterPolicy>::all(client.clone())
+                .get_opt(&format!("{id}-2"))
+                .await?
+                .is_none()
+        );
+
+        // ConfigMap references.
+        refused(&cluster, "missing device-plugin ConfigMap", &["patch", "clusterpolicy", &id, "--type=merge", "-p", &merge(json!({"spec": {"devicePlugin": {"config": {"name": "no-such-config"}}}}))], None,
+            &format!("spec.devicePlugin.config.name names ConfigMap \"no-such-config\", which does not exist in namespace {ns}")).await?;
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": "mig-layouts"},
+            "data": {"config.yaml": "version: v1\nmig-configs:\n  all-disabled:\n    - devices: all\n      mig-enabled: false\n  all-1g.10gb:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {\"1g.10gb\": 7}\n"}
+        }))?;
+        Api::<ConfigMap>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &cm)
+            .await?;
+        refused(&cluster, "unknown MIG default", &["patch", "clusterpolicy", &id, "--type=merge", "-p", &merge(json!({"spec": {"migManager": {"config": {"name": "mig-layouts", "default": "all-2g.20gb"}}}}))], None,
+            "spec.migManager.config.default is \"all-2g.20gb\"").await?;
+        admitted(&cluster, "known MIG default", &["patch", "clusterpolicy", &id, "--type=merge", "-p", &merge(json!({"spec": {"migManager": {"config": {"name": "mig-layouts", "default": "all-1g.10gb"}}}}))], None).await?;
+
+        // A pod on a MIG device blocks a strategy change.
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(gpu_pod(
+                "mig-user",
+                json!({}),
+                json!({"nvidia.com/mig-1g.10gb": "1"}),
+            ))?,
+        )
+        .await?;
+        refused(&cluster, "strategy change under a MIG pod", &["patch", "clusterpolicy", &id, "--type=merge", "-p", &merge(json!({"spec": {"mig": {"strategy": "mixed"}}}))], None,
+            &format!("spec.mig.strategy cannot change from single to mixed while 1 pod(s) use MIG devices ({ns}/mig-user)")).await?;
+
+        // Risky but legal: warnings.
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(gpu_pod(
+                "trainer",
+                json!({}),
+                json!({"nvidia.com/gpu": "1"}),
+            ))?,
+        )
+        .await?;
+        admitted(
+            &cluster,
+            "driver disabled under GPU pods",
+            &[
+                "patch",
+                "clusterpolicy",
+                &id,
+                "--type=merge",
+                "-p",
+                &merge(json!({"spec": {"driver": {"enabled": false}}})),
+            ],
+            Some("spec.driver.enabled is now false while 2 GPU pod(s) run"),
+        )
+        .await?;
+        admitted(
+            &cluster,
+            "driver downgrade",
+            &[
+                "patch",
+                "clusterpolicy",
+                &id,
+                "--type=merge",
+                "-p",
+                &merge(json!({"spec": {"driver": {"version": "570.172.08"}}})),
+            ],
+            Some("spec.driver.version goes down from 580.95.05 to 570.172.08"),
+        )
+        .await?;
+
+        // Deleting under GPU pods needs the force annotation.
+        refused(
+            &cluster,
+            "delete under GPU pods",
+            &["delete", "clusterpolicy", &id],
+            None,
+            &format!("kubectl annotate clusterpolicy {id} gpupilot.io/force-delete=true"),
+        )
+        .await?;
+        refused(
+            &cluster,
+            "delete under GPU pods (dry run)",
+            &["delete", "--dry-run=server", "clusterpolicy", &id],
+            None,
+            "cannot be deleted while",
+        )
+        .await?;
+        ensure!(
+            Api::<ClusterPolicy>::all(client.clone())
+                .get_opt(&id)
+                .await?
+                .is_some(),
+            "the dry-run delete removed the policy"
+        );
+        admitted(
+            &cluster,
+            "force annotation",
+            &[
+                "annotate",
+                "clusterpolicy",
+                &id,
+                "gpupilot.io/force-delete=true",
+            ],
+            None,
+        )
+        .await?;
+        admitted(
+            &cluster,
+            "forced delete",
+            &["delete", "clusterpolicy", &id],
+            None,
+        )
+        .await?;
+        Ok(())
+    };
+    with_cleanup(env, fx, body).await
+}
+
+async fn no_duplicates(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let env = TestEnv::new(&cluster, "webhook-idempotent").await?;
+    let mut fx = Fixture::start(&env, json!({}), steady_certs(&env)).await?;
+    fx.register_mutating(&env.namespace).await?;
+    // The same webhook registered a second time, with reinvocation: it runs on the first one's
+    // output, and must change nothing.
+    let mut second = fx.registration.clone();
+    second.name = format!("{}-again", fx.id);
+    second.ca_bundle = Some(ca_bundle(&env.client, &env.namespace).await?);
+    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .create(&PostParams::default(), &second.mutating())
+        .await?;
+    let ns = env.namespace.clone();
+    let client = env.client.clone();
+    let body = async {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let calls = fx.running().metrics.total(MUTATE_ENDPOINT);
+        // Wait until both configurations are in force (two calls per pod).
+        eventually(
+            "both configurations call the webhook",
+            Duration::from_secs(30),
+            || {
+                let pods = pods.clone();
+                let m = fx.running().metrics.clone();
+                async move {
+                    let before = m.total(MUTATE_ENDPOINT);
+                    dry_run(
+                        &pods,
+                        gpu_pod("probe", json!({}), json!({"nvidia.com/gpu": "1"})),
+                    )
+                    .await?;
+                    let n = m.total(MUTATE_ENDPOINT) - before;
+                    Ok(if n >= 2 {
+                        Ok(())
+                    } else {
+                        Err(format!("{n} call(s) per pod"))
+                    })
+                }
+            },
+        )
+        .await?;
+        ensure!(fx.running().metrics.total(MUTATE_ENDPOINT) > calls);
+
+        // Applied twice with kubectl: one toleration, one runtime class.
+        let mut spec = gpu_pod("applied", json!({}), json!({"nvidia.com/gpu": "1"}));
+        spec["spec"]["tolerations"] = json!([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, {"key": "other", "operator": "Exists"}]);
+        for round in 0..2 {
+            let (ok, _, err) =
+                kubectl(&cluster, &["-n", &ns, "apply", "-f", "-"], Some(&spec)).await?;
+            ensure!(ok, "kubectl apply round {round}: {err}");
+        }
+        let stored = pods.get("applied").await?;
+        ensure!(
+            gpu_tolerations(&stored) == 1,
+            "tolerations {:?}",
+            stored.spec.unwrap().tolerations
+        );
+        let tols = stored
+            .spec
+            .as_ref()
+            .unwrap()
+            .tolerations
+            .clone()
+            .unwrap_or_default();
+        ensure!(
+            tols.iter()
+                .filter(|t| t.key.as_deref() == Some("other"))
+                .count()
+                == 1
+        );
+
+        // A MIG pod through both registrations: the resource renamed once, nothing doubled.
+        set_strategy(&client, &fx.id, "mixed").await?;
+        until_strategy(&pods, "mixed").await?;
+        let p = dry_run(
+            &pods,
+            gpu_pod(
+                "mig",
+                json!({"gpupilot.io/mig-profile": "1g.10gb"}),
+                json!({"nvidia.com/gpu": "3"}),
+            ),
+        )
+        .await?;
+        ensure!(gpu_tolerations(&p) == 1);
+        let limits = p.spec.unwrap().containers[0]
+            .resources
+            .clone()
+            .unwrap()
+            .limits
+            .unwrap();
+        ensure!(
+            limits.len() == 1 && limits["nvidia.com/mig-1g.10gb"].0 == "3",
+            "{limits:?}"
+        );
+        Ok(())
+    };
+    let result = body.await;
+    let _ = Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .delete(&second.name, &DeleteParams::default())
+        .await;
+    with_cleanup(env, fx, async { result }).await
+}
+
+async fn rotation_under_load(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let env = TestEnv::new(&cluster, "webhook-rotation").await?;
+    // Short lives: a new serving certificate every ~8 s, a new CA staged after ~30 s and promoted
+    // 5 s later.
+    let certs = CertSettings {
+        ca_validity: Duration::from_secs(90),
+        ca_renew_before: Duration::from_secs(60),
+        ca_overlap: Duration::from_secs(5),
+        cert_validity: Duration::from_secs(20),
+        cert_renew_before: Duration::from_secs(12),
+        ..steady_certs(&env)
+    };
+    let mut fx = Fixture::start(&env, json!({}), certs).await?;
+    fx.register_mutating(&env.namespace).await?;
+    let ns = env.namespace.clone();
+    let client = env.client.clone();
+    let id = fx.id.clone();
+    let metrics = fx.running().metrics.clone();
+    let body = async {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let mut serving = BTreeSet::new();
+        let mut cas = BTreeSet::new();
+        let mut failures = Vec::new();
+        let mut created = 0;
+        let start = Instant::now();
+        let mut i = 0;
+        // Until a CA rotation has gone through (at most 75 s): GPU pods one after another.
+        while start.elapsed() < Duration::from_secs(75) && (cas.len() < 2 || serving.len() < 4) {
+            i += 1;
+            let name = format!("p{i}");
+            // Dry runs pass admission exactly like real creates, without filling the shared
+            // scheduler with a thousand Pending pods.
+            match dry_run(
+                &pods,
+                gpu_pod(&name, json!({}), json!({"nvidia.com/gpu": "1"})),
+            )
+            .await
+            {
+                Ok(p)
+                    if p.spec
+                        .as_ref()
+                        .and_then(|s| s.runtime_class_name.as_deref())
+                        == Some(id.as_str()) =>
+                {
+                    created += 1
+                }
+                Ok(p) => failures.push(format!(
+                    "{name}: admitted without mutation: {:?}",
+                    p.spec.and_then(|s| s.runtime_class_name)
+                )),
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+            let s = secrets.get(TLS_SECRET).await?;
+            let data = s.data.unwrap_or_default();
+            serving.insert(
+                data.get(names::TLS_CERT_KEY)
+                    .map(|b| b.0.clone())
+                    .unwrap_or_default(),
+            );
+            cas.insert(
+                data.get(names::CA_CERT_KEY)
+                    .map(|b| b.0.clone())
+                    .unwrap_or_default(),
+            );
+        }
+        ensure!(
+            failures.is_empty(),
+            "{} of {} pod creations failed during rotation:\n  {}",
+            failures.len(),
+            i,
+            failures.join("\n  ")
+        );
+        ensure!(
+            serving.len() >= 4,
+            "only {} serving certificates seen in {:?}",
+            serving.len(),
+            start.elapsed()
+        );
+        ensure!(
+            cas.len() >= 2,
+            "the CA did not rotate within {:?}",
+            start.elapsed()
+        );
+        ensure!(
+            metrics.reloads() >= 4,
+            "the server reloaded {} time(s)",
+            metrics.reloads()
+        );
+        eprintln!(
+            "webhook rotation: {created} GPU pods admitted and mutated (server-side dry runs), {} serving certificates, {} CAs, no failure",
+            serving.len(),
+            cas.len()
+        );
+        // Both configurations carry the bundle the Secret has.
+        let bundle = ca_bundle(&client, &ns).await?;
+        let m = Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .get(&id)
+            .await?;
+        let in_config = m.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .unwrap()
+            .0;
+        if in_config != bundle {
+            // The Secret may have moved on after the last sync: wait for the next one.
+            eventually(
+                "caBundle matches the Secret",
+                Duration::from_secs(10),
+                || {
+                    let client = client.clone();
+                    let ns = ns.clone();
+                    let id = id.clone();
+                    async move {
+                        let b = ca_bundle(&client, &ns).await?;
+                        let m = Api::<MutatingWebhookConfiguration>::all(client)
+                            .get(&id)
+                            .await?;
+                        Ok(
+                            if m.webhooks.unwrap()[0]
+                                .client_config
+                                .ca_bundle
+                                .clone()
+                                .unwrap()
+                                .0
+                                == b
+                            {
+                                Ok(())
+                            } else {
+                                Err("differs".to_string())
+                            },
+                        )
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    };
+    with_cleanup(env, fx, body).await
+}
+
+async fn webhook_down(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let env = TestEnv::new(&cluster, "webhook-down").await?;
+    let mut fx = Fixture::start(&env, json!({}), steady_certs(&env)).await?;
+    fx.register_mutating(&env.namespace).await?;
+    let ns = env.namespace.clone();
+    let client = env.client.clone();
+    // Stop the server; the registration stays.
+    if let Some(r) = fx.running.take() {
+        r.stop().await;
+    }
+    let body = async {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        // failurePolicy Fail: a GPU pod is refused with the reason...
+        let (ok, _, err) = kubectl(
+            &cluster,
+            &["-n", &ns, "create", "-f", "-"],
+            Some(&gpu_pod("gpu", json!({}), json!({"nvidia.com/gpu": "1"}))),
+        )
+        .await?;
+        ensure!(!ok, "a GPU pod was admitted while the webhook was down");
+        ensure!(
+            err.contains("failed calling webhook") && err.contains(names::MUTATE_PODS_WEBHOOK),
+            "kubectl said: {err}"
+        );
+        ensure!(pods.get_opt("gpu").await?.is_none());
+        // ...while pods that ask for no GPU never reach the webhook and are created as usual.
+        let plain = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain"}, "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}});
+        let (ok, _, err) =
+            kubectl(&cluster, &["-n", &ns, "create", "-f", "-"], Some(&plain)).await?;
+        ensure!(
+            ok,
+            "a plain pod was refused while the webhook was down: {err}"
+        );
+        Ok(())
+    };
+    with_cleanup(env, fx, body).await
+}
+
+async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    let env = TestEnv::new(&cluster, "webhook-rbac").await?;
+    let id = env.namespace.clone();
+    // The shipped RBAC, named for this test, and a client that acts as its ServiceAccount.
+    let rbac = gpu_pilot_webhook::manifests::rbac_for(&id, &id, TLS_SECRET);
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+    let (ok, _, err) = kubectl(&cluster, &["create", "-f", "-"], Some(&list)).await?;
+    ensure!(ok, "creating the RBAC objects: {err}");
+    let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig())?;
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{id}:{id}"));
+    let as_webhook = Client::try_from(config)?;
+    // Short-lived serving certificates, so the Secret is rewritten under this identity too.
+    let certs = CertSettings {
+        cert_validity: Duration::from_secs(8),
+        cert_renew_before: Duration::from_secs(4),
+        ..steady_certs(&env)
+    };
+    let started = Fixture::start_as(&env, json!({}), certs, as_webhook).await;
+    let mut fx = match started {
+        Ok(fx) => fx,
+        Err(e) => {
+            cleanup_rbac(&env.client, &id).await;
+            env.cleanup().await;
+            return Err(e.context("the webhook did not start with its own RBAC"));
+        }
+    };
+    let client = env.client.clone();
+    let ns = env.namespace.clone();
+    let body = async {
+        // Registered without a caBundle: the webhook must fill it in (get/update on its
+        // configurations) before the apiserver can call it.
+        fx.registration.ca_bundle = None;
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &fx.registration.mutating())
+            .await?;
+        Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &fx.registration.validating())
+            .await?;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let rc = fx.id.clone();
+        eventually(
+            "a GPU pod mutated by the webhook running as its ServiceAccount",
+            Duration::from_secs(30),
+            || {
+                let pods = pods.clone();
+                let rc = rc.clone();
+                async move {
+                    let out = dry_run(
+                        &pods,
+                        gpu_pod("probe", json!({}), json!({"nvidia.com/gpu": "1"})),
+                    )
+                    .await?;
+                    Ok(match out.spec.and_then(|s| s.runtime_class_name) {
+                        Some(r) if r == rc => Ok(()),
+                        other => Err(format!("runtimeClassName {other:?}")),
+                    })
+                }
+            },
+        )
+        .await?;
+        // Policy rules read policies, pods and ConfigMaps.
+        let (ok, _, err) = kubectl(
+            &cluster,
+            &[
+                "patch",
+                "clusterpolicy",
+                &fx.id,
+                "--type=merge",
+                "-p",
+                &json!({"spec": {"devicePlugin": {"config": {"name": "absent"}}}}).to_string(),
+            ],
+            None,
+        )
+        .await?;
+        ensure!(
+            !ok && err.contains("spec.devicePlugin.config.name"),
+            "kubectl said: {err}"
+        );
+        let (ok, _, err) = kubectl(
+            &cluster,
+            &[
+                "patch",
+                "clusterpolicy",
+                &fx.id,
+                "--type=merge",
+                "-p",
+                &json!({"spec": {"driver": {"version": "570.172.08"}}}).to_string(),
+            ],
+            None,
+        )
+        .await?;
+        ensure!(ok && err.contains("goes down"), "kubectl said: {err}");
+        // And it keeps rotating its certificate.
+        let metrics = fx.running().metrics.clone();
+        eventually(
+            "a rotated serving certificate served",
+            Duration::from_secs(20),
+            || {
+                let m = metrics.clone();
+                async move {
+                    Ok(if m.reloads() >= 3 {
+                        Ok(())
+                    } else {
+                        Err(format!("{} reloads", m.reloads()))
+                    })
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    };
+    let result = body.await;
+    cleanup_rbac(&env.client, &id).await;
+    with_cleanup(env, fx, async { result }).await
+}
+
+async fn cleanup_rbac(client: &Client, id: &str) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let dp = DeleteParams::default();
+    let _ = Api::<ClusterRoleBinding>::all(client.clone())
+        .delete(id, &dp)
+        .await;
+    let _ = Api::<ClusterRole>::all(client.clone())
+        .delete(id, &dp)
+        .await;
+}

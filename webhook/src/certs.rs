@@ -1,0 +1,779 @@
+//! Certificates without cert-manager: a CA and a serving certificate kept in a Secret, the CA
+//! bundle kept in both webhook configurations, rotation well before expiry, and hot reload.
+//!
+//! The decision of what to do is a pure function ([`plan`]) of the time and what the Secret holds.
+//! Rotating the serving certificate keeps the CA, so the apiserver trusts the new one at once.
+//! Rotating the CA takes two steps so that no request fails: the next CA first joins the bundle
+//! next to the current one (and sits there for `ca_overlap`, long enough for the apiserver to see
+//! the new bundle); only then does it sign the serving certificate. The old CA stays in the bundle
+//! until it expires.
+//!
+//! Several replicas share the Secret: every write carries the resourceVersion read, so only one
+//! wins a race and the others pick up its result on their next pass.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpu_pilot_api::names::{label, webhook as names};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::metrics::Metrics;
+use crate::server::tls_config;
+
+const CA_COMMON_NAME: &str = "gpu-pilot-webhook-ca";
+/// Certificates start a little in the past, so a node whose clock is behind accepts them.
+const BACKDATE: time::Duration = time::Duration::minutes(5);
+
+/// How certificates are made and kept.
+#[derive(Debug, Clone)]
+pub struct CertSettings {
+    pub namespace: String,
+    pub secret: String,
+    /// DNS names and IP addresses the serving certificate is valid for.
+    pub names: Vec<String>,
+    pub ca_validity: Duration,
+    pub ca_renew_before: Duration,
+    /// How long a next CA sits in the bundle before it signs the serving certificate.
+    pub ca_overlap: Duration,
+    pub cert_validity: Duration,
+    pub cert_renew_before: Duration,
+    /// Webhook configurations whose `caBundle` is kept in sync (absent ones are skipped).
+    pub mutating_config: Option<String>,
+    pub validating_config: Option<String>,
+}
+
+impl CertSettings {
+    /// The service DNS names for a webhook Service.
+    pub fn service_names(service: &str, namespace: &str) -> Vec<String> {
+        vec![
+            format!("{service}.{namespace}.svc"),
+            format!("{service}.{namespace}.svc.cluster.local"),
+            format!("{service}.{namespace}"),
+            service.to_string(),
+        ]
+    }
+
+    /// Durations that would make the steps overlap or never happen are refused.
+    pub fn check(&self) -> Result<(), CertError> {
+        if self.cert_renew_before >= self.cert_validity {
+            return Err(CertError::Settings(format!(
+                "the serving certificate would be renewed as soon as it is made: --cert-renew-before ({:?}) must be shorter than --cert-validity ({:?})",
+                self.cert_renew_before, self.cert_validity
+            )));
+        }
+        if self.ca_renew_before >= self.ca_validity
+            || self.ca_overlap + self.cert_renew_before >= self.ca_renew_before
+        {
+            return Err(CertError::Settings(format!(
+                "--ca-renew-before ({:?}) must be shorter than --ca-validity ({:?}) and longer than --ca-overlap plus --cert-renew-before ({:?})",
+                self.ca_renew_before,
+                self.ca_validity,
+                self.ca_overlap + self.cert_renew_before
+            )));
+        }
+        if self.names.is_empty() {
+            return Err(CertError::Settings(
+                "the serving certificate needs at least one DNS name or IP address".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate settings: {0}")]
+    Settings(String),
+    #[error("could not make a certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error(
+        "talking to the apiserver about {what}: {source}; check the webhook's RBAC (it needs get/create/update on its Secret and get/update on its webhook configurations)"
+    )]
+    Kube {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::server::TlsError),
+    #[error("reading {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A CA: its certificate, key and expiry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ca {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// What the Secret holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub ca: Ca,
+    /// A CA that will replace `ca`, and since when it is in the bundle.
+    pub next_ca: Option<(Ca, OffsetDateTime)>,
+    /// The CA `ca` replaced, trusted until it expires.
+    pub previous_ca: Option<(String, OffsetDateTime)>,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_not_after: OffsetDateTime,
+    /// The names the serving certificate was made for, comma-separated.
+    pub cert_names: String,
+}
+
+impl Stored {
+    /// The PEM bundle the apiserver must trust: the current CA, then any next and previous one.
+    pub fn bundle(&self) -> String {
+        let mut b = self.ca.cert_pem.clone();
+        if let Some((next, _)) = &self.next_ca {
+            b.push_str(&next.cert_pem);
+        }
+        if let Some((prev, _)) = &self.previous_ca {
+            b.push_str(prev);
+        }
+        b
+    }
+
+    /// Reads a Secret written by [`Stored::to_secret`]; `None` when anything is missing.
+    pub fn from_secret(secret: &Secret) -> Option<Stored> {
+        let data = secret.data.as_ref()?;
+        let ann = secret.metadata.annotations.as_ref()?;
+        let text = |k: &str| -> Option<String> {
+            data.get(k)
+                .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        };
+        let when = |k: &str| -> Option<OffsetDateTime> {
+            ann.get(k)
+                .and_then(|v| OffsetDateTime::parse(v, &Rfc3339).ok())
+        };
+        let next_ca = match (
+            text(names::NEXT_CA_CERT_KEY),
+            text(names::NEXT_CA_KEY_KEY),
+            when(names::NEXT_CA_SINCE),
+        ) {
+            (Some(cert_pem), Some(key_pem), Some(since)) => Some((
+                Ca {
+                    cert_pem,
+                    key_pem,
+                    // A next CA is always made with the full validity after `since`.
+                    not_after: when(&format!("{}-next", names::CA_NOT_AFTER))?,
+                },
+                since,
+            )),
+            _ => None,
+        };
+        let previous_ca = match (
+            text(names::PREVIOUS_CA_CERT_KEY),
+            when(names::PREVIOUS_CA_NOT_AFTER),
+        ) {
+            (Some(p), Some(t)) => Some((p, t)),
+            _ => None,
+        };
+        Some(Stored {
+            ca: Ca {
+                cert_pem: text(names::CA_CERT_KEY)?,
+                key_pem: text(names::CA_KEY_KEY)?,
+                not_after: when(names::CA_NOT_AFTER)?,
+            },
+            next_ca,
+            previous_ca,
+            cert_pem: text(names::TLS_CERT_KEY)?,
+            key_pem: text(names::TLS_KEY_KEY)?,
+            cert_not_after: when(names::CERT_NOT_AFTER)?,
+            cert_names: ann.get(names::CERT_NAMES)?.clone(),
+        })
+    }
+
+    /// The Secret's data and annotations.
+    pub fn to_secret(&self, namespace: &str, name: &str) -> Secret {
+        let fmt = |t: OffsetDateTime| t.format(&Rfc3339).expect("RFC 3339 formats any time");
+        let mut data = BTreeMap::new();
+        let mut ann = BTreeMap::new();
+        let mut put = |k: &str, v: &str| {
+            data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
+        };
+        put(names::CA_CERT_KEY, &self.ca.cert_pem);
+        put(names::CA_KEY_KEY, &self.ca.key_pem);
+        put(names::TLS_CERT_KEY, &self.cert_pem);
+        put(names::TLS_KEY_KEY, &self.key_pem);
+        put(names::CA_BUNDLE_KEY, &self.bundle());
+        ann.insert(names::CA_NOT_AFTER.to_string(), fmt(self.ca.not_after));
+        ann.insert(names::CERT_NOT_AFTER.to_string(), fmt(self.cert_not_after));
+        ann.insert(names::CERT_NAMES.to_string(), self.cert_names.clone());
+        if let Some((next, since)) = &self.next_ca {
+            put(names::NEXT_CA_CERT_KEY, &next.cert_pem);
+            put(names::NEXT_CA_KEY_KEY, &next.key_pem);
+            ann.insert(names::NEXT_CA_SINCE.to_string(), fmt(*since));
+            ann.insert(format!("{}-next", names::CA_NOT_AFTER), fmt(next.not_after));
+        }
+        if let Some((prev, not_after)) = &self.previous_ca {
+            put(names::PREVIOUS_CA_CERT_KEY, prev);
+            ann.insert(names::PREVIOUS_CA_NOT_AFTER.to_string(), fmt(*not_after));
+        }
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some(namespace.to_string()),
+                annotations: Some(ann),
+                labels: Some(
+                    [
+                        (
+                            label::MANAGED_BY.to_string(),
+                            label::MANAGED_BY_VALUE.to_string(),
+                        ),
+                        (label::COMPONENT.to_string(), "webhook".to_string()),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+}
+
+/// The next step for the certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing to do.
+    Keep,
+    /// Make a CA and a serving certificate from scratch (no usable Secret, or the CA expired).
+    Create,
+    /// Make a new serving certificate with the current CA.
+    RenewCert,
+    /// Add a next CA to the bundle.
+    StageNextCa,
+    /// Let the next CA sign a new serving certificate and become the current one.
+    PromoteNextCa,
+    /// Drop a previous CA that has expired from the bundle.
+    DropPreviousCa,
+}
+
+fn dur(d: Duration) -> time::Duration {
+    time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}
+
+/// What to do now with what is stored.
+pub fn plan(now: OffsetDateTime, stored: Option<&Stored>, s: &CertSettings) -> Plan {
+    let Some(st) = stored else {
+        return Plan::Create;
+    };
+    if st.ca.not_after <= now {
+        return Plan::Create;
+    }
+    if let Some((next, since)) = &st.next_ca {
+        if next.not_after <= now {
+            return Plan::Create;
+        }
+        if now - *since >= dur(s.ca_overlap) {
+            return Plan::PromoteNextCa;
+        }
+    } else if st.ca.not_after - now <= dur(s.ca_renew_before) {
+        return Plan::StageNextCa;
+    }
+    if st.cert_not_after - now <= dur(s.cert_renew_before) || st.cert_names != s.names.join(",") {
+        return Plan::RenewCert;
+    }
+    if st.previous_ca.as_ref().is_some_and(|(_, t)| *t <= now) {
+        return Plan::DropPreviousCa;
+    }
+    Plan::Keep
+}
+
+fn ca_params(not_before: OffsetDateTime, not_after: OffsetDateTime) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, CA_COMMON_NAME);
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p
+}
+
+/// Makes a self-signed CA valid from now for `validity`.
+pub fn new_ca(now: OffsetDateTime, validity: Duration) -> Result<Ca, CertError> {
+    let key = KeyPair::generate()?;
+    let not_after = now + dur(validity);
+    let cert = ca_params(now - BACKDATE, not_after).self_signed(&key)?;
+    Ok(Ca {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        not_after,
+    })
+}
+
+/// Makes a serving certificate for `names` signed by `ca`, never outliving it.
+pub fn new_serving_cert(
+    ca: &Ca,
+    names: &[String],
+    now: OffsetDateTime,
+    validity: Duration,
+) -> Result<(String, String, OffsetDateTime), CertError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    // The issuer is rebuilt from the same fixed name and the stored key, which is all a
+    // signature and the authority key identifier need.
+    let issuer = Issuer::new(ca_params(now, ca.not_after), ca_key);
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(names.to_vec())?;
+    p.distinguished_name.push(
+        DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.use_authority_key_identifier_extension = true;
+    let not_after = (now + dur(validity)).min(ca.not_after);
+    p.not_before = now - BACKDATE;
+    p.not_after = not_after;
+    let cert = p.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem(), not_after))
+}
+
+/// Carries out a plan, returning what the Secret should hold next.
+pub fn carry_out(
+    plan: Plan,
+    now: OffsetDateTime,
+    stored: Option<Stored>,
+    s: &CertSettings,
+) -> Result<Option<Stored>, CertError> {
+    let names = s.names.join(",");
+    let fresh = || -> Result<Stored, CertError> {
+        let ca = new_ca(now, s.ca_validity)?;
+        let (cert_pem, key_pem, cert_not_after) =
+            new_serving_cert(&ca, &s.names, now, s.cert_validity)?;
+        Ok(Stored {
+            ca,
+            next_ca: None,
+            previous_ca: None,
+            cert_pem,
+            key_pem,
+            cert_not_after,
+            cert_names: names.clone(),
+        })
+    };
+    let Some(mut st) = stored else {
+        return Ok(Some(fresh()?));
+    };
+    match plan {
+        Plan::Keep => return Ok(None),
+        Plan::Create => return Ok(Some(fresh()?)),
+        Plan::RenewCert => {
+            let (c, k, t) = new_serving_cert(&st.ca, &s.names, now, s.cert_validity)?;
+            (st.cert_pem, st.key_pem, st.cert_not_after) = (c, k, t);
+            st.cert_names = names;
+        }
+        Plan::StageNextCa => st.next_ca = Some((new_ca(now, s.ca_validity)?, now)),
+        Plan::PromoteNextCa => {
+            let (next, _) = st.next_ca.take().expect("PromoteNextCa needs a next CA");
+            let old = std::mem::replace(&mut st.ca, next);
+            st.previous_ca = Some((old.cert_pem, old.not_after));
+            let (c, k, t) = new_serving_cert(&st.ca, &s.names, now, s.cert_validity)?;
+            (st.cert_pem, st.key_pem, st.cert_not_after) = (c, k, t);
+            st.cert_names = names;
+        }
+        Plan::DropPreviousCa => st.previous_ca = None,
+    }
+    Ok(Some(st))
+}
+
+/// Keeps the Secret, the webhook configurations' `caBundle` and the served certificate in step.
+pub struct CertManager {
+    pub client: Client,
+    pub settings: CertSettings,
+    pub metrics: Arc<Metrics>,
+}
+
+impl CertManager {
+    /// One pass: read the Secret, rotate what is due, write it back, sync the CA bundle.
+    pub async fn reconcile(&self) -> Result<Stored, CertError> {
+        let s = &self.settings;
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &s.namespace);
+        let kube_err = |what: &str| {
+            let what = what.to_string();
+            move |source| CertError::Kube { what, source }
+        };
+        let mut attempts = 0;
+        let stored = loop {
+            attempts += 1;
+            let current = secrets
+                .get_opt(&s.secret)
+                .await
+                .map_err(kube_err(&format!("Secret {}/{}", s.namespace, s.secret)))?;
+            let stored = current.as_ref().and_then(Stored::from_secret);
+            let now = OffsetDateTime::now_utc();
+            let step = plan(now, stored.as_ref(), s);
+            let Some(next) = carry_out(step, now, stored.clone(), s)? else {
+                break stored.expect("Keep needs a stored Secret");
+            };
+            let mut secret = next.to_secret(&s.namespace, &s.secret);
+            let written = match &current {
+                Some(cur) => {
+                    secret.metadata.resource_version = cur.metadata.resource_version.clone();
+                    secrets
+                        .replace(&s.secret, &PostParams::default(), &secret)
+                        .await
+                }
+                None => secrets.create(&PostParams::default(), &secret).await,
+            };
+            match written {
+                Ok(_) => {
+                    tracing::info!(step = ?step, cert_not_after = %next.cert_not_after, ca_not_after = %next.ca.not_after, "certificates updated in Secret {}/{}", s.namespace, s.secret);
+                    self.metrics.certificate_rotated();
+                    break next;
+                }
+                // Another replica wrote first: read again and go from its result.
+                Err(kube::Error::Api(e)) if (e.code == 409) && attempts < 5 => continue,
+                Err(e) => {
+                    return Err(CertError::Kube {
+                        what: format!("writing Secret {}/{}", s.namespace, s.secret),
+                        source: e,
+                    });
+                }
+            }
+        };
+        self.sync_ca_bundle(stored.bundle().as_bytes()).await?;
+        Ok(stored)
+    }
+
+    async fn sync_ca_bundle(&self, bundle: &[u8]) -> Result<(), CertError> {
+        let bundle = ByteString(bundle.to_vec());
+        if let Some(name) = &self.settings.mutating_config {
+            let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+            let what = format!("MutatingWebhookConfiguration {name}");
+            if let Some(mut cfg) = api.get_opt(name).await.map_err(|source| CertError::Kube {
+                what: what.clone(),
+                source,
+            })? {
+                let mut changed = false;
+                for w in cfg.webhooks.iter_mut().flatten() {
+                    if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
+                        w.client_config.ca_bundle = Some(bundle.clone());
+                        changed = true;
+                    }
+                }
+                if changed {
+                    api.replace(name, &PostParams::default(), &cfg)
+                        .await
+                        .map_err(|source| CertError::Kube { what, source })?;
+                    tracing::info!("caBundle updated in MutatingWebhookConfiguration {name}");
+                }
+            }
+        }
+        if let Some(name) = &self.settings.validating_config {
+            let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
+            let what = format!("ValidatingWebhookConfiguration {name}");
+            if let Some(mut cfg) = api.get_opt(name).await.map_err(|source| CertError::Kube {
+                what: what.clone(),
+                source,
+            })? {
+                let mut changed = false;
+                for w in cfg.webhooks.iter_mut().flatten() {
+                    if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
+                        w.client_config.ca_bundle = Some(bundle.clone());
+                        changed = true;
+                    }
+                }
+                if changed {
+                    api.replace(name, &PostParams::default(), &cfg)
+                        .await
+                        .map_err(|source| CertError::Kube { what, source })?;
+                    tracing::info!("caBundle updated in ValidatingWebhookConfiguration {name}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves a certificate and hot-swaps it when what it is built from changes.
+pub struct Reloader {
+    pub tls: axum_server::tls_rustls::RustlsConfig,
+    served: std::sync::Mutex<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    /// Starts serving `cert_pem`/`key_pem`.
+    pub fn new(
+        cert_pem: &str,
+        key_pem: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Reloader, CertError> {
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config(
+            cert_pem.as_bytes(),
+            key_pem.as_bytes(),
+        )?);
+        Ok(Reloader {
+            tls,
+            served: std::sync::Mutex::new(cert_pem.to_string()),
+            metrics,
+        })
+    }
+
+    /// Serves the new pair if it differs from the served one. Connections already open keep the
+    /// old one; new handshakes get the new one, so no request fails.
+    pub fn update(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+        not_after: Option<OffsetDateTime>,
+    ) -> Result<bool, CertError> {
+        let mut served = self.served.lock().expect("reloader lock");
+        if *served == cert_pem {
+            return Ok(false);
+        }
+        let config = tls_config(cert_pem.as_bytes(), key_pem.as_bytes())?;
+        self.tls.reload_from_config(config);
+        *served = cert_pem.to_string();
+        self.metrics
+            .certificate_reloaded(not_after.map(|t| t.unix_timestamp()).unwrap_or(0));
+        tracing::info!("serving a new certificate");
+        Ok(true)
+    }
+}
+
+/// Keeps the certificates current: every `interval`, one [`CertManager::reconcile`] pass and a
+/// reload when the serving certificate changed.
+pub async fn run_secret_loop(manager: CertManager, reloader: Arc<Reloader>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match manager.reconcile().await {
+            Ok(st) => {
+                if let Err(e) = reloader.update(&st.cert_pem, &st.key_pem, Some(st.cert_not_after))
+                {
+                    tracing::error!(error = %e, "the certificate in the Secret cannot be served");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "certificate upkeep failed; retrying in {interval:?}")
+            }
+        }
+    }
+}
+
+/// For certificates made by someone else (cert-manager): re-read the files every `interval` and
+/// serve them when they change.
+pub async fn run_file_loop(
+    cert: PathBuf,
+    key: PathBuf,
+    reloader: Arc<Reloader>,
+    interval: Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match read_pair(&cert, &key).await {
+            Ok((c, k)) => {
+                if let Err(e) = reloader.update(&c, &k, None) {
+                    tracing::error!(error = %e, "the certificate files cannot be served");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reading the certificate files failed"),
+        }
+    }
+}
+
+/// Reads a certificate and key file pair.
+pub async fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<(String, String), CertError> {
+    let read = |p: &PathBuf| {
+        let p = p.clone();
+        async move {
+            tokio::fs::read_to_string(&p)
+                .await
+                .map_err(|source| CertError::File { path: p, source })
+        }
+    };
+    Ok((read(cert).await?, read(key).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> CertSettings {
+        CertSettings {
+            namespace: "gpu-pilot".into(),
+            secret: "s".into(),
+            names: vec!["gpu-pilot-webhook.gpu-pilot.svc".into(), "127.0.0.1".into()],
+            ca_validity: Duration::from_secs(1000),
+            ca_renew_before: Duration::from_secs(300),
+            ca_overlap: Duration::from_secs(60),
+            cert_validity: Duration::from_secs(100),
+            cert_renew_before: Duration::from_secs(30),
+            mutating_config: None,
+            validating_config: None,
+        }
+    }
+
+    fn at(secs: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000 + secs).unwrap()
+    }
+
+    fn step(now: OffsetDateTime, st: Stored, s: &CertSettings) -> (Plan, Stored) {
+        let p = plan(now, Some(&st), s);
+        let next = carry_out(p, now, Some(st.clone()), s)
+            .unwrap()
+            .unwrap_or(st);
+        (p, next)
+    }
+
+    #[test]
+    fn settings_that_overlap_are_refused() {
+        assert!(settings().check().is_ok());
+        let mut s = settings();
+        s.cert_renew_before = s.cert_validity;
+        assert!(
+            s.check()
+                .unwrap_err()
+                .to_string()
+                .contains("--cert-renew-before")
+        );
+        let mut s = settings();
+        s.ca_overlap = Duration::from_secs(290);
+        assert!(
+            s.check()
+                .unwrap_err()
+                .to_string()
+                .contains("--ca-renew-before")
+        );
+    }
+
+    #[test]
+    fn a_full_life_cycle_keeps_a_trusted_chain() {
+        let s = settings();
+        assert_eq!(plan(at(0), None, &s), Plan::Create);
+        let st = carry_out(Plan::Create, at(0), None, &s).unwrap().unwrap();
+        assert_eq!(st.cert_not_after, at(100));
+        assert_eq!(plan(at(50), Some(&st), &s), Plan::Keep);
+        let (p, st) = step(at(75), st, &s);
+        assert_eq!(p, Plan::RenewCert);
+        assert_eq!(st.cert_not_after, at(175));
+        let first_ca = st.ca.cert_pem.clone();
+
+        // Walk forward in 10 s steps; every step, the serving cert's CA must be in the bundle.
+        let mut st = st;
+        let mut seen = Vec::new();
+        for t in (80..=2500).step_by(10) {
+            let (p, next) = step(at(t), st, &s);
+            if p != Plan::Keep {
+                seen.push((t, p));
+            }
+            st = next;
+            assert!(st.cert_not_after > at(t), "expired serving cert at {t}");
+            assert!(st.ca.not_after > at(t), "expired CA at {t}");
+            assert!(st.bundle().contains(&st.ca.cert_pem));
+        }
+        let staged = seen
+            .iter()
+            .find(|(_, p)| *p == Plan::StageNextCa)
+            .expect("a next CA")
+            .0;
+        let promoted = seen
+            .iter()
+            .find(|(_, p)| *p == Plan::PromoteNextCa)
+            .expect("a promotion")
+            .0;
+        assert_eq!(staged, 700, "staged ca_renew_before ahead of expiry");
+        assert_eq!(promoted, 760, "promoted after ca_overlap");
+        assert!(seen.iter().any(|(_, p)| *p == Plan::DropPreviousCa));
+        assert!(
+            !seen.iter().any(|(_, p)| *p == Plan::Create),
+            "never from scratch: {seen:?}"
+        );
+        assert_ne!(st.ca.cert_pem, first_ca);
+    }
+
+    #[test]
+    fn changed_names_renew_the_serving_cert() {
+        let s = settings();
+        let st = carry_out(Plan::Create, at(0), None, &s).unwrap().unwrap();
+        let mut s2 = s.clone();
+        s2.names.push("other.example".into());
+        assert_eq!(plan(at(1), Some(&st), &s2), Plan::RenewCert);
+    }
+
+    #[test]
+    fn secret_round_trip() {
+        let s = settings();
+        let mut st = carry_out(Plan::Create, at(0), None, &s).unwrap().unwrap();
+        st = carry_out(Plan::StageNextCa, at(1), Some(st), &s)
+            .unwrap()
+            .unwrap();
+        let secret = st.to_secret("ns", "name");
+        assert_eq!(Stored::from_secret(&secret), Some(st.clone()));
+        assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+        let bundle =
+            String::from_utf8(secret.data.unwrap()[names::CA_BUNDLE_KEY].0.clone()).unwrap();
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+    }
+
+    #[test]
+    fn serving_cert_chains_to_the_ca_in_rustls() {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let s = settings();
+        let now = OffsetDateTime::now_utc();
+        let st = carry_out(Plan::Create, now, None, &s).unwrap().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(st.bundle().as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let leaf = CertificateDer::from_pem_slice(st.cert_pem.as_bytes()).unwrap();
+        for name in ["gpu-pilot-webhook.gpu-pilot.svc", "127.0.0.1"] {
+            verifier
+                .verify_server_cert(
+                    &leaf,
+                    &[],
+                    &ServerName::try_from(name).unwrap(),
+                    &[],
+                    UnixTime::now(),
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert!(
+            verifier
+                .verify_server_cert(
+                    &leaf,
+                    &[],
+                    &ServerName::try_from("evil.example").unwrap(),
+                    &[],
+                    UnixTime::now()
+                )
+                .is_err()
+        );
+    }
+}
