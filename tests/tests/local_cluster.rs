@@ -89,10 +89,25 @@ fn up_status_down_leaves_nothing_running() {
     for p in &pids {
         assert!(!pid_alive(p), "process {p} is still running after down");
     }
-    for port in base.parse::<u16>().unwrap()..base.parse::<u16>().unwrap() + 6 {
+    // The listening sockets are gone with their processes (the kernel may need a moment).
+    let base: u16 = base.parse().unwrap();
+    for port in base..base + 6 {
+        let free = (0..50).any(|_| {
+            let ok = TcpListener::bind(("127.0.0.1", port)).is_ok();
+            if !ok {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            ok
+        });
+        let holders = Command::new("ss")
+            .args(["-ltnp", &format!("sport = :{port}")])
+            .output();
         assert!(
-            TcpListener::bind(("127.0.0.1", port)).is_ok(),
-            "port {port} still in use after down"
+            free,
+            "port {port} still in use 10s after down: {}",
+            holders
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
         );
     }
     // Safe to run twice.
