@@ -87,7 +87,15 @@ fn up_status_down_leaves_nothing_running() {
     assert!(down.status.success(), "down:\n{}", text(&down));
     assert!(!Path::new(&dir).exists(), "down must remove {dir}");
     for p in &pids {
-        assert!(!pid_alive(p), "process {p} is still running after down");
+        let pid = p.trim();
+        assert!(
+            !pid_alive(p),
+            "process {pid} is still running after down: {} / {}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default(),
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ")
+        );
     }
     // The listening sockets are gone with their processes (the kernel may need a moment).
     let base: u16 = base.parse().unwrap();
