@@ -346,31 +346,42 @@ async fn rollout(env: Env) -> anyhow::Result<()> {
         "RuntimeClass nvidia missing"
     );
     // Stage changes were reported as Events on the policy.
-    let events = eventually(
-        "StageReached events on the policy",
-        Duration::from_secs(20),
+    // One StageReached Event per stage the nodes passed through (summaries flush every 5 s).
+    eventually(
+        "a StageReached Event for every stage on the policy",
+        Duration::from_secs(30),
         || {
             let c = c.clone();
             async move {
                 let evs = policy_events(&c).await?;
-                let reasons: Vec<String> = evs.iter().filter_map(|e| e.reason.clone()).collect();
-                Ok(
-                    if reasons.iter().filter(|r| *r == "StageReached").count() >= 4 {
-                        Ok(evs)
-                    } else {
-                        Err(format!("{reasons:?}"))
-                    },
-                )
+                let notes: Vec<String> = evs
+                    .iter()
+                    .filter(|e| e.reason.as_deref() == Some("StageReached"))
+                    .filter_map(|e| e.message.clone())
+                    .collect();
+                let missing: Vec<&str> = [
+                    "toolkit",
+                    "driver",
+                    "driver-validation",
+                    "device-plugin",
+                    "ready",
+                ]
+                .into_iter()
+                .filter(|st| {
+                    !notes
+                        .iter()
+                        .any(|n| n.contains(&format!("reached stage {st}:")))
+                })
+                .collect();
+                Ok(if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("no Event for {missing:?} in {notes:?}"))
+                })
             }
         },
     )
     .await?;
-    ensure!(events.iter().any(|e| {
-        e.message
-            .as_deref()
-            .unwrap_or("")
-            .contains("reached stage ready")
-    }));
     // Nothing changed since: another pass writes nothing.
     let writes = ctrl.metric("gpu_pilot_controller_writes_total", "").await?;
     tokio::time::sleep(Duration::from_secs(12)).await; // longer than the controller's resync
