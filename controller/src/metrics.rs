@@ -17,8 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::index::Index;
-use crate::rollout::{self, NodeState};
+use crate::rollout::NodeState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -115,27 +114,14 @@ impl Metrics {
         self.leader.set(i64::from(leader));
     }
 
-    /// Recounts nodes per stage from the in-memory view (cheap: no I/O).
-    pub fn set_stages(&self, index: &Index) {
-        let Some(policy) = index.policies.values().min_by_key(|p| {
-            (
-                p.metadata.creation_timestamp.clone().map(|t| t.0),
-                p.metadata.name.clone(),
-            )
-        }) else {
-            return;
-        };
-        let by_node = index.pods_by_node();
+    /// Publishes nodes per stage from the states a pass decided (no second evaluation).
+    pub fn set_stages<'a>(&self, states: impl IntoIterator<Item = &'a NodeState>) {
         let mut counts: std::collections::BTreeMap<&str, i64> =
             Stage::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         counts.insert("notGpu", 0);
         counts.insert("optedOut", 0);
-        for n in index.nodes.values() {
-            let pods = by_node
-                .get(n.name.as_str())
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            let key = match rollout::plan_node(&policy.spec, n, pods).state {
+        for state in states {
+            let key = match state {
                 NodeState::Gpu { stage, .. } => stage.as_str(),
                 NodeState::NotGpu => "notGpu",
                 NodeState::OptedOut => "optedOut",

@@ -219,6 +219,7 @@ fn decide(ctx: &Context) -> Plan {
             node_plans.push((node.name.clone(), plan));
         }
     }
+    ctx.metrics.set_stages(states.iter().map(|(_, s)| s));
     let node_refs: Vec<(&str, &NodeState)> = states.iter().map(|(n, s)| (n.as_str(), s)).collect();
     let ds_counts = |c: Component| idx.daemonsets.get(&c.daemonset_name()).map(|f| f.counts);
     let gated = |c: Component| {
@@ -687,6 +688,5 @@ pub async fn run(
                 wake.notify_one();
             }
         }
-        ctx.metrics.set_stages(&ctx.index.lock().unwrap());
     }
 }
