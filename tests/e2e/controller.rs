@@ -401,6 +401,8 @@ async fn rollout(env: Env) -> anyhow::Result<()> {
     delete_policies(c).await?;
     nodes_clean(c).await?.map_err(anyhow::Error::msg)?;
     ctrl.stop();
+    // It holds a token; the cluster goes at the end of the run, the file goes now.
+    let _ = std::fs::remove_file(&kubeconfig);
     Ok(())
 }
 
