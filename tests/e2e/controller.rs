@@ -106,17 +106,13 @@ where
             &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
         )
         .await?;
-    ensure_crd(&client).await?;
+    crate::foundation::ensure_crd(&client).await?;
     f(Env {
         cluster,
         client,
         ns,
     })
     .await
-}
-
-async fn ensure_crd(client: &Client) -> anyhow::Result<()> {
-    crate::foundation::ensure_crd(client).await
 }
 
 async fn create_policy(client: &Client, name: &str, spec: Value) -> anyhow::Result<()> {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use gpu_pilot_api::names::{label, webhook as names};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, PostParams};
@@ -467,50 +467,70 @@ impl CertManager {
         let bundle = ByteString(bundle.to_vec());
         if let Some(name) = &self.settings.mutating_config {
             let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-            let what = format!("MutatingWebhookConfiguration {name}");
-            if let Some(mut cfg) = api.get_opt(name).await.map_err(|source| CertError::Kube {
-                what: what.clone(),
-                source,
-            })? {
-                let mut changed = false;
-                for w in cfg.webhooks.iter_mut().flatten() {
-                    if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
-                        w.client_config.ca_bundle = Some(bundle.clone());
-                        changed = true;
-                    }
-                }
-                if changed {
-                    api.replace(name, &PostParams::default(), &cfg)
-                        .await
-                        .map_err(|source| CertError::Kube { what, source })?;
-                    tracing::info!("caBundle updated in MutatingWebhookConfiguration {name}");
-                }
-            }
+            sync_one(&api, name, &bundle, |cfg| {
+                cfg.webhooks
+                    .iter_mut()
+                    .flatten()
+                    .map(|w| &mut w.client_config)
+                    .collect()
+            })
+            .await?;
         }
         if let Some(name) = &self.settings.validating_config {
             let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-            let what = format!("ValidatingWebhookConfiguration {name}");
-            if let Some(mut cfg) = api.get_opt(name).await.map_err(|source| CertError::Kube {
-                what: what.clone(),
-                source,
-            })? {
-                let mut changed = false;
-                for w in cfg.webhooks.iter_mut().flatten() {
-                    if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
-                        w.client_config.ca_bundle = Some(bundle.clone());
-                        changed = true;
-                    }
-                }
-                if changed {
-                    api.replace(name, &PostParams::default(), &cfg)
-                        .await
-                        .map_err(|source| CertError::Kube { what, source })?;
-                    tracing::info!("caBundle updated in ValidatingWebhookConfiguration {name}");
-                }
-            }
+            sync_one(&api, name, &bundle, |cfg| {
+                cfg.webhooks
+                    .iter_mut()
+                    .flatten()
+                    .map(|w| &mut w.client_config)
+                    .collect()
+            })
+            .await?;
         }
         Ok(())
     }
+}
+
+/// Sets `bundle` as the caBundle of every webhook in one configuration, writing only when one
+/// differs. The two configuration kinds differ only in how their webhooks are reached.
+async fn sync_one<K>(
+    api: &Api<K>,
+    name: &str,
+    bundle: &ByteString,
+    client_configs: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
+) -> Result<(), CertError>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let what = format!("{} {name}", K::kind(&()));
+    let Some(mut cfg) = api.get_opt(name).await.map_err(|source| CertError::Kube {
+        what: what.clone(),
+        source,
+    })?
+    else {
+        return Ok(());
+    };
+    let mut changed = false;
+    for c in client_configs(&mut cfg) {
+        if c.ca_bundle.as_ref() != Some(bundle) {
+            c.ca_bundle = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        api.replace(name, &PostParams::default(), &cfg)
+            .await
+            .map_err(|source| CertError::Kube {
+                what: what.clone(),
+                source,
+            })?;
+        tracing::info!("caBundle updated in {what}");
+    }
+    Ok(())
 }
 
 /// Serves a certificate and hot-swaps it when what it is built from changes.
