@@ -1,0 +1,88 @@
+//! The command line: global options, the commands and their help with examples.
+
+use std::io::Write;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::context::Global;
+
+#[derive(Parser)]
+#[command(
+    name = "kubectl-gpu",
+    bin_name = "kubectl gpu",
+    version,
+    about = "Run NVIDIA GPUs on Kubernetes with gpu-pilot: install it, see its state, find out what is wrong",
+    after_help = "Examples:
+  kubectl gpu install --set mig.strategy=mixed      install (or upgrade) and watch the rollout
+  kubectl gpu status                                policy state and nodes per stage
+  kubectl gpu doctor                                what is wrong, and how to fix it
+  kubectl gpu mig set all-1g.10gb --nodes pool=a100  change the MIG layout of some nodes",
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Install or upgrade gpu-pilot: CRD, controller, webhook and the ClusterPolicy.
+    Install(crate::install::InstallArgs),
+    /// Remove everything install created, and gpu-pilot's labels on nodes.
+    Uninstall(crate::uninstall::UninstallArgs),
+    /// The policy's state, its components and how many nodes are in each stage.
+    Status(crate::status::StatusArgs),
+    /// Check the cluster for everything that keeps GPUs from working, and say how to fix it.
+    Doctor(crate::doctor::DoctorArgs),
+    /// MIG layouts on nodes.
+    #[command(subcommand)]
+    Mig(crate::mig::MigCommand),
+    /// Versions of the plugin, the controller and the CRD in the cluster.
+    Version(crate::version::VersionArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:
+  kubectl gpu completion bash > ~/.local/share/bash-completion/completions/kubectl-gpu
+  kubectl gpu completion zsh > \"${fpath[1]}/_kubectl-gpu\"
+  kubectl gpu completion fish > ~/.config/fish/completions/kubectl-gpu.fish")]
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the JSON schema of the install values (charts/gpu-pilot/values.schema.json).
+    #[command(hide = true)]
+    ValuesSchema,
+}
+
+/// Run a command; the result is the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    let g = cli.global;
+    let result = match cli.command {
+        Command::Install(a) => crate::install::run(&g, a).await,
+        Command::Uninstall(a) => crate::uninstall::run(&g, a).await,
+        Command::Status(a) => crate::status::run(&g, a).await,
+        Command::Doctor(a) => crate::doctor::run(&g, a).await,
+        Command::Mig(a) => crate::mig::run(&g, a).await,
+        Command::Version(a) => crate::version::run(&g, a).await,
+        Command::Completion { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "kubectl-gpu", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::ValuesSchema => {
+            let text = serde_json::to_string_pretty(&crate::values::schema())
+                .expect("the schema serializes");
+            println!("{text}");
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Applying and deleting the rendered objects through dynamic APIs.
+
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::Value;
+
+use crate::context::{Kube, explain};
+use crate::render::key;
+
+/// The plural resource name and scope of every kind install renders.
+fn resource_of(kind: &str) -> Option<(&'static str, bool)> {
+    Some(match kind {
+        "CustomResourceDefinition" => ("customresourcedefinitions", false),
+        "Namespace" => ("namespaces", false),
+        "ClusterRole" => ("clusterroles", false),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "MutatingWebhookConfiguration" => ("mutatingwebhookconfigurations", false),
+        "ValidatingWebhookConfiguration" => ("validatingwebhookconfigurations", false),
+        "ClusterPolicy" => ("clusterpolicies", false),
+        "ServiceAccount" => ("serviceaccounts", true),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
+        "ConfigMap" => ("configmaps", true),
+        "Service" => ("services", true),
+        "Deployment" => ("deployments", true),
+        "Issuer" => ("issuers", true),
+        "Certificate" => ("certificates", true),
+        _ => return None,
+    })
+}
+
+/// The dynamic API for an object's kind (in its namespace, for namespaced kinds).
+pub fn api_for(kube: &Kube, obj: &Value) -> anyhow::Result<Api<DynamicObject>> {
+    let api_version = obj["apiVersion"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    let (group, version) = match api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", api_version),
+    };
+    let (plural, namespaced) =
+        resource_of(kind).ok_or_else(|| anyhow::anyhow!("kubectl-gpu cannot apply kind {kind}"))?;
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+    Ok(if namespaced {
+        let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default");
+        Api::namespaced_with(kube.client.clone(), ns, &ar)
+    } else {
+        Api::all_with(kube.client.clone(), &ar)
+    })
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Changed,
+    Unchanged,
+}
+
+/// Server-side apply one object as `kubectl-gpu`; tells whether anything changed.
+pub async fn apply(kube: &Kube, obj: &Value, dry_run: bool) -> anyhow::Result<Applied> {
+    let api = api_for(kube, obj)?;
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    let before = api.get_metadata_opt(name).await.map_err(|e| {
+        anyhow::anyhow!(explain(&e, &kube.server, &format!("reading {}", key(obj))))
+    })?;
+    let mut pp = PatchParams::apply(gpu_pilot_api::names::field_manager::PLUGIN).force();
+    pp.dry_run = dry_run;
+    let after = api
+        .patch(name, &pp, &Patch::Apply(obj))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(explain(&e, &kube.server, &format!("applying {}", key(obj))))
+        })?;
+    Ok(match before {
+        None => Applied::Created,
+        Some(b) if b.metadata.resource_version == after.metadata.resource_version => {
+            Applied::Unchanged
+        }
+        Some(_) => Applied::Changed,
+    })
+}
+
+/// Delete one object; `false` when it was not there.
+pub async fn delete(kube: &Kube, obj: &Value) -> anyhow::Result<bool> {
+    let api = api_for(kube, obj)?;
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        // A kind whose CRD is gone (cert-manager's) has nothing left to delete.
+        Err(kube::Error::Api(s)) if s.code == 405 => Ok(false),
+        Err(e) => Err(anyhow::anyhow!(explain(
+            &e,
+            &kube.server,
+            &format!("deleting {}", key(obj))
+        ))),
+    }
+}
+
+/// Whether an object exists (a missing kind counts as missing).
+pub async fn exists(kube: &Kube, obj: &Value) -> anyhow::Result<bool> {
+    let api = api_for(kube, obj)?;
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    match api.get_metadata_opt(name).await {
+        Ok(o) => Ok(o.is_some()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(anyhow::anyhow!(explain(
+            &e,
+            &kube.server,
+            &format!("reading {}", key(obj))
+        ))),
+    }
+}

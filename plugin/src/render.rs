@@ -1,0 +1,459 @@
+//! Every object `kubectl gpu install` applies, rendered from the values. The Helm chart renders
+//! the same objects from the same values; a test compares the two object by object.
+//!
+//! The controller's RBAC, the webhook's RBAC and webhook configurations and the CRD come from the
+//! crates that use them, so each is defined once.
+
+use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, label, webhook};
+use gpu_pilot_controller::render::common_labels;
+use gpu_pilot_webhook::manifests::{Registration, Target};
+use serde_json::{Value, json};
+
+use crate::values::{FailurePolicy, Values};
+
+pub const CONTROLLER: &str = "gpu-pilot-controller";
+/// The Secret cert-manager writes the webhook's certificate to (cert-manager mode only).
+pub const CERT_MANAGER_SECRET: &str = "gpu-pilot-webhook-cert";
+/// The ConfigMap with mig-parted's standard layouts, named by the default policy.
+pub const MIG_PARTED_CONFIG: &str = "default-mig-parted-config";
+
+/// What to render besides the chart's templates.
+#[derive(Debug, Clone, Copy)]
+pub struct Include {
+    /// The CRD (the chart keeps it in `crds/`).
+    pub crd: bool,
+    /// The Namespace (Helm creates it with `--create-namespace`, outside the chart).
+    pub namespace: bool,
+}
+
+impl Include {
+    pub const ALL: Include = Include {
+        crd: true,
+        namespace: true,
+    };
+}
+
+/// The objects in the order they are applied: the CRD and namespace first, the ClusterPolicy
+/// last (its webhook and controller must exist by then).
+pub fn objects(namespace: &str, values: &Values, include: Include) -> Vec<Value> {
+    let mut out = Vec::new();
+    if include.crd {
+        out.push(serde_json::to_value(gpu_pilot_api::crd()).expect("the CRD serializes"));
+    }
+    if include.namespace {
+        out.push(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": namespace, "labels": labels("namespace") },
+        }));
+    }
+    out.extend(gpu_pilot_controller::rbac::objects(namespace));
+    out.push(mig_parted_config(namespace));
+    out.extend(controller(namespace, values));
+    if values.webhook.enabled {
+        let mut rbac = gpu_pilot_webhook::manifests::rbac(namespace);
+        for o in &mut rbac {
+            o["metadata"]["labels"] = json!(labels("webhook"));
+        }
+        out.extend(rbac);
+        out.extend(webhook_workload(namespace, values));
+        out.extend(webhook_configurations(namespace, values));
+        if values.webhook.cert_manager.enabled {
+            out.extend(cert_manager(namespace));
+        }
+    }
+    out.push(cluster_policy(values));
+    out
+}
+
+fn labels(component: &str) -> Value {
+    json!(common_labels(component))
+}
+
+fn selector(name: &str) -> Value {
+    json!({ (label::NAME): name, (label::PART_OF): "gpu-pilot" })
+}
+
+fn pod_labels(name: &str, component: &str) -> Value {
+    json!({ (label::NAME): name, (label::PART_OF): "gpu-pilot", (label::COMPONENT): component })
+}
+
+fn restricted_pod_security() -> Value {
+    json!({ "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } })
+}
+
+fn restricted_container_security() -> Value {
+    json!({ "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } })
+}
+
+fn pull_secrets(names: &[String]) -> Value {
+    json!(
+        names
+            .iter()
+            .map(|n| json!({ "name": n }))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn resources(r: &Option<k8s_openapi::api::core::v1::ResourceRequirements>) -> Value {
+    r.as_ref()
+        .map(|r| serde_json::to_value(r).expect("resources serialize"))
+        .unwrap_or_else(|| json!({}))
+}
+
+/// The controller's Deployment and the Service in front of its metrics.
+pub fn controller(namespace: &str, values: &Values) -> Vec<Value> {
+    let op = &values.operator;
+    let probe =
+        |path: &str| json!({ "httpGet": { "path": path, "port": "metrics" }, "periodSeconds": 10 });
+    vec![
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": CONTROLLER, "namespace": namespace, "labels": labels("controller") },
+            "spec": {
+                "selector": selector(CONTROLLER),
+                "ports": [{ "name": "metrics", "port": 8080, "targetPort": "metrics" }],
+            },
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": { "name": CONTROLLER, "namespace": namespace, "labels": labels("controller") },
+            "spec": {
+                "replicas": op.replicas,
+                "selector": { "matchLabels": selector(CONTROLLER) },
+                "template": {
+                    "metadata": { "labels": pod_labels(CONTROLLER, "controller") },
+                    "spec": {
+                        "serviceAccountName": gpu_pilot_controller::rbac::SERVICE_ACCOUNT,
+                        "priorityClassName": "system-cluster-critical",
+                        "securityContext": restricted_pod_security(),
+                        "imagePullSecrets": pull_secrets(&op.image_pull_secrets),
+                        "containers": [{
+                            "name": "controller",
+                            "image": values.controller_image(),
+                            "imagePullPolicy": op.image_pull_policy,
+                            "args": ["run", "--namespace", namespace, "--metrics-addr", "0.0.0.0:8080", "--log-format", "json"],
+                            "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
+                            "ports": [{ "name": "metrics", "containerPort": 8080 }],
+                            "readinessProbe": probe("/readyz"),
+                            "livenessProbe": probe("/healthz"),
+                            "resources": resources(&op.resources),
+                            "securityContext": restricted_container_security(),
+                        }],
+                    },
+                },
+            },
+        }),
+    ]
+}
+
+/// The webhook's Service and Deployment.
+pub fn webhook_workload(namespace: &str, values: &Values) -> Vec<Value> {
+    let w = &values.webhook;
+    let name = webhook::NAME;
+    let probe = |path: &str| json!({ "httpGet": { "path": path, "port": "https", "scheme": "HTTPS" }, "periodSeconds": 5 });
+    let mut args = vec![json!("serve"), json!("--namespace"), json!(namespace)];
+    let mut volumes = json!([]);
+    let mut mounts = json!([]);
+    if w.cert_manager.enabled {
+        args.extend([
+            json!("--tls-cert-file"),
+            json!("/tls/tls.crt"),
+            json!("--tls-key-file"),
+            json!("/tls/tls.key"),
+        ]);
+        volumes = json!([{ "name": "tls", "secret": { "secretName": CERT_MANAGER_SECRET } }]);
+        mounts = json!([{ "name": "tls", "mountPath": "/tls", "readOnly": true }]);
+    }
+    vec![
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": name, "namespace": namespace, "labels": labels("webhook") },
+            "spec": {
+                "selector": selector(name),
+                "ports": [{ "name": "https", "port": 443, "targetPort": "https" }],
+            },
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": { "name": name, "namespace": namespace, "labels": labels("webhook") },
+            "spec": {
+                "replicas": w.replicas,
+                "selector": { "matchLabels": selector(name) },
+                "template": {
+                    "metadata": { "labels": pod_labels(name, "webhook") },
+                    "spec": {
+                        "serviceAccountName": name,
+                        "priorityClassName": "system-cluster-critical",
+                        "securityContext": restricted_pod_security(),
+                        "imagePullSecrets": pull_secrets(&w.image_pull_secrets),
+                        "volumes": volumes,
+                        "containers": [{
+                            "name": "webhook",
+                            "image": values.webhook_image(),
+                            "imagePullPolicy": w.image_pull_policy,
+                            "args": args,
+                            "ports": [{ "name": "https", "containerPort": 8443 }],
+                            "readinessProbe": probe("/readyz"),
+                            "livenessProbe": probe("/healthz"),
+                            "resources": resources(&w.resources),
+                            "securityContext": restricted_container_security(),
+                            "volumeMounts": mounts,
+                        }],
+                    },
+                },
+            },
+        }),
+    ]
+}
+
+/// Both webhook configurations. Without cert-manager their `caBundle` is left out: the webhook
+/// fills it in from its own CA (and install waits for that before it applies the policy).
+pub fn webhook_configurations(namespace: &str, values: &Values) -> Vec<Value> {
+    let w = &values.webhook;
+    let mut reg = Registration::in_cluster(namespace);
+    if !w.url.is_empty() {
+        reg.target = Target::Url(w.url.clone());
+    }
+    if w.cert_manager.enabled {
+        reg.cert_manager_certificate = Some(format!("{namespace}/{}", webhook::NAME));
+    }
+    let policy = match w.failure_policy {
+        FailurePolicy::Fail => "Fail",
+        FailurePolicy::Ignore => "Ignore",
+    };
+    let mut out = vec![
+        serde_json::to_value(reg.mutating()).expect("serializes"),
+        serde_json::to_value(reg.validating()).expect("serializes"),
+    ];
+    for o in &mut out {
+        if let Some(hooks) = o["webhooks"].as_array_mut() {
+            for h in hooks {
+                h["failurePolicy"] = json!(policy);
+            }
+        }
+    }
+    out
+}
+
+/// A self-signed Issuer and the webhook's Certificate, for clusters with cert-manager.
+pub fn cert_manager(namespace: &str) -> Vec<Value> {
+    let svc = webhook::NAME;
+    vec![
+        json!({
+            "apiVersion": "cert-manager.io/v1", "kind": "Issuer",
+            "metadata": { "name": svc, "namespace": namespace, "labels": labels("webhook") },
+            "spec": { "selfSigned": {} },
+        }),
+        json!({
+            "apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+            "metadata": { "name": svc, "namespace": namespace, "labels": labels("webhook") },
+            "spec": {
+                "secretName": CERT_MANAGER_SECRET,
+                "dnsNames": [
+                    format!("{svc}.{namespace}.svc"),
+                    format!("{svc}.{namespace}.svc.cluster.local"),
+                ],
+                "issuerRef": { "kind": "Issuer", "name": svc },
+                "duration": "2160h",
+                "renewBefore": "720h",
+                "privateKey": { "algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always" },
+            },
+        }),
+    ]
+}
+
+/// mig-parted's `version: v1` config with the layouts admins expect by name.
+pub fn mig_parted_config(namespace: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": MIG_PARTED_CONFIG, "namespace": namespace, "labels": labels("mig-manager") },
+        "data": { "config.yaml": MIG_PARTED_LAYOUTS },
+    })
+}
+
+/// The standard layouts. Profiles that exist only on some GPUs fail on the others, which the MIG
+/// manager reports as `nvidia.com/mig.config.state=failed` with the reason.
+pub const MIG_PARTED_LAYOUTS: &str = "version: v1
+mig-configs:
+  all-disabled:
+  - devices: all
+    mig-enabled: false
+  all-enabled:
+  - devices: all
+    mig-enabled: true
+    mig-devices: {}
+  all-1g.10gb:
+  - devices: all
+    mig-enabled: true
+    mig-devices:
+      1g.10gb: 7
+  all-1g.5gb:
+  - devices: all
+    mig-enabled: true
+    mig-devices:
+      1g.5gb: 7
+  all-2g.20gb:
+  - devices: all
+    mig-enabled: true
+    mig-devices:
+      2g.20gb: 3
+  all-3g.40gb:
+  - devices: all
+    mig-enabled: true
+    mig-devices:
+      3g.40gb: 2
+  all-3g.20gb:
+  - devices: all
+    mig-enabled: true
+    mig-devices:
+      3g.20gb: 2
+  all-7g.80gb:
+  - devices: all
+    mig-enabled: true
+    mig-devices:
+      7g.80gb: 1
+  all-balanced:
+  - devices: all
+    mig-enabled: true
+    mig-devices:
+      1g.10gb: 2
+      2g.20gb: 1
+      3g.40gb: 1
+";
+
+/// The one ClusterPolicy, its spec spelled as the values spell it.
+pub fn cluster_policy(values: &Values) -> Value {
+    json!({
+        "apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy",
+        "metadata": { "name": DEFAULT_POLICY_NAME, "labels": labels("policy") },
+        "spec": values.spec_json,
+    })
+}
+
+/// `kind/namespace/name` of an object, for messages and comparisons.
+pub fn key(o: &Value) -> String {
+    let kind = o["kind"].as_str().unwrap_or("?");
+    let name = o["metadata"]["name"].as_str().unwrap_or("?");
+    match o["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{kind}/{ns}/{name}"),
+        None => format!("{kind}/{name}"),
+    }
+}
+
+/// The objects as one YAML stream.
+pub fn to_yaml(objects: &[Value]) -> String {
+    objects
+        .iter()
+        .map(|o| serde_yaml::to_string(o).expect("YAML serializes"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::values::{Values, apply_set, default_tree};
+
+    fn with(sets: &[&str]) -> Values {
+        let mut t = default_tree();
+        for s in sets {
+            apply_set(&mut t, s, false).unwrap();
+        }
+        Values::from_tree(t).unwrap()
+    }
+
+    #[test]
+    fn default_install_has_every_part_once() {
+        let objs = objects("gpu-pilot", &Values::defaults(), Include::ALL);
+        let keys: Vec<String> = objs.iter().map(key).collect();
+        let unique: std::collections::BTreeSet<_> = keys.iter().collect();
+        assert_eq!(unique.len(), keys.len(), "no object twice: {keys:?}");
+        assert_eq!(
+            keys[0],
+            "CustomResourceDefinition/clusterpolicies.gpupilot.io"
+        );
+        assert_eq!(keys[1], "Namespace/gpu-pilot");
+        assert_eq!(keys.last().unwrap(), "ClusterPolicy/cluster-policy");
+        for k in [
+            "Deployment/gpu-pilot/gpu-pilot-controller",
+            "Deployment/gpu-pilot/gpu-pilot-webhook",
+            "MutatingWebhookConfiguration/gpu-pilot-webhook",
+            "ValidatingWebhookConfiguration/gpu-pilot-webhook",
+            "ConfigMap/gpu-pilot/default-mig-parted-config",
+            "ClusterRole/gpu-pilot-webhook",
+            "ClusterRole/gpu-pilot-controller",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
+        }
+        assert!(!keys.iter().any(|k| k.starts_with("Certificate/")));
+        // Every object but the CRD is labelled as gpu-pilot's.
+        for o in &objs[1..] {
+            assert_eq!(
+                o["metadata"]["labels"][label::MANAGED_BY],
+                "gpu-pilot",
+                "{}",
+                key(o)
+            );
+        }
+    }
+
+    #[test]
+    fn classic_flags_shape_the_policy_and_parts() {
+        let v = with(&[
+            "driver.enabled=false,toolkit.enabled=false",
+            "mig.strategy=mixed",
+            "webhook.enabled=false",
+        ]);
+        let objs = objects("ops", &v, Include::ALL);
+        let policy = objs.last().unwrap();
+        assert_eq!(policy["spec"]["driver"]["enabled"], false);
+        assert_eq!(policy["spec"]["toolkit"]["enabled"], false);
+        assert_eq!(policy["spec"]["mig"]["strategy"], "mixed");
+        assert!(!objs.iter().any(|o| key(o).contains("gpu-pilot-webhook")));
+        let ctrl = objs
+            .iter()
+            .find(|o| key(o) == "Deployment/ops/gpu-pilot-controller")
+            .unwrap();
+        assert_eq!(
+            ctrl["spec"]["template"]["spec"]["containers"][0]["args"][2],
+            "ops"
+        );
+    }
+
+    #[test]
+    fn webhook_url_cert_manager_and_failure_policy() {
+        let v = with(&[
+            "webhook.url=https://127.0.0.1:9443",
+            "webhook.failurePolicy=Ignore",
+            "webhook.certManager.enabled=true",
+        ]);
+        let objs = objects("gpu-pilot", &v, Include::ALL);
+        let m = objs
+            .iter()
+            .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+            .unwrap();
+        assert_eq!(
+            m["webhooks"][0]["clientConfig"]["url"],
+            "https://127.0.0.1:9443/mutate/pods"
+        );
+        assert_eq!(m["webhooks"][0]["failurePolicy"], "Ignore");
+        assert_eq!(
+            m["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+            "gpu-pilot/gpu-pilot-webhook"
+        );
+        assert!(objs.iter().any(|o| o["kind"] == "Certificate"));
+        let d = objs
+            .iter()
+            .find(|o| key(o) == "Deployment/gpu-pilot/gpu-pilot-webhook")
+            .unwrap();
+        let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert!(args.contains("--tls-cert-file"), "{args}");
+    }
+
+    #[test]
+    fn mig_layouts_parse_and_include_the_default() {
+        let parsed: serde_yaml::Value = serde_yaml::from_str(MIG_PARTED_LAYOUTS).unwrap();
+        assert!(parsed["mig-configs"]["all-disabled"].is_sequence());
+        assert!(parsed["mig-configs"]["all-1g.10gb"].is_sequence());
+    }
+}

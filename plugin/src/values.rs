@@ -1,0 +1,883 @@
+//! Install values: the Helm chart's keys, read the way Helm reads them.
+//!
+//! The defaults are the chart's own `values.yaml` (compiled in), so `kubectl gpu install` and
+//! `helm install` start from the same file. `-f` files are deep-merged over them in order (maps
+//! merge, lists and scalars replace, `null` removes a key), then every `--set` in order. The
+//! result is checked against the chart's `values.schema.json` (generated here, from the Rust
+//! types and the CRD's schema), so a misspelt key is an error, never silently ignored.
+
+use std::collections::BTreeMap;
+
+use gpu_pilot_api::policy::{ClusterPolicySpec, ContainerRuntime, ImagePullPolicy};
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+/// The chart's values.yaml, the defaults of every install.
+pub const DEFAULT_VALUES: &str = include_str!("../../charts/gpu-pilot/values.yaml");
+
+/// The sections of the values that are ClusterPolicy spec sections under the same key.
+pub const POLICY_SECTIONS: [&str; 11] = [
+    "daemonsets",
+    "driver",
+    "toolkit",
+    "devicePlugin",
+    "dcgmExporter",
+    "gfd",
+    "migManager",
+    "mig",
+    "validator",
+    "cdi",
+    "hostPaths",
+];
+
+/// The keys of `operator` that go into the ClusterPolicy's `spec.operator`.
+pub const POLICY_OPERATOR_KEYS: [&str; 4] =
+    ["defaultRuntime", "runtimeClass", "labels", "annotations"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValuesError {
+    #[error("cannot read values file {path}: {source}; check the path given to -f/--values")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("values file {path} is not valid YAML: {source}")]
+    Yaml {
+        path: String,
+        source: serde_yaml::Error,
+    },
+    #[error("values file {path} must be a YAML map of keys (like values.yaml), found {found}")]
+    NotAMap { path: String, found: &'static str },
+    #[error(
+        "--set {expr:?}: {why}. The form is key.sub=value[,key2=value2], lists as {{a,b}}, e.g. --set driver.enabled=false"
+    )]
+    Set { expr: String, why: String },
+    #[error(
+        "the values are not valid:\n{}\nsee charts/gpu-pilot/values.yaml (or `kubectl gpu install --help`) for the keys",
+        .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n")
+    )]
+    Schema(Vec<String>),
+}
+
+/// gpu-pilot's controller Deployment, and the cluster-wide part of the policy.
+#[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperatorValues {
+    /// Registry and path of the controller image.
+    pub repository: String,
+    /// Controller image name.
+    pub image: String,
+    /// Controller image tag; empty means the chart's appVersion.
+    pub version: String,
+    pub image_pull_policy: ImagePullPolicy,
+    /// Names of Secrets in the install namespace used to pull the controller image.
+    #[serde(default)]
+    pub image_pull_secrets: Vec<String>,
+    /// Controller replicas (one leads at a time).
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+    /// The container runtime the toolkit configures (ClusterPolicy spec.operator.defaultRuntime).
+    pub default_runtime: ContainerRuntime,
+    /// RuntimeClass created for GPU pods and set on them by the webhook.
+    pub runtime_class: String,
+    /// Labels added to every object the controller creates.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to every object the controller creates.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What the apiserver does when the webhook cannot be reached.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum FailurePolicy {
+    Fail,
+    Ignore,
+}
+
+/// The admission webhook Deployment and its registration.
+#[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookValues {
+    pub enabled: bool,
+    pub repository: String,
+    pub image: String,
+    /// Webhook image tag; empty means the chart's appVersion.
+    pub version: String,
+    pub image_pull_policy: ImagePullPolicy,
+    #[serde(default)]
+    pub image_pull_secrets: Vec<String>,
+    #[schemars(range(min = 1, max = 10))]
+    pub replicas: i32,
+    pub failure_policy: FailurePolicy,
+    /// Register the webhook by this HTTPS URL instead of its Service.
+    #[schemars(regex(pattern = r"^(|https://.+)$"))]
+    pub url: String,
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+    pub cert_manager: CertManagerValues,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertManagerValues {
+    /// Let cert-manager issue the webhook's certificate and inject its CA.
+    pub enabled: bool,
+}
+
+/// Node Feature Discovery: expected in the cluster, or not.
+#[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NfdValues {
+    pub enabled: bool,
+}
+
+/// The merged values, checked and split into what each part of the install needs.
+#[derive(Clone, Debug)]
+pub struct Values {
+    /// The merged tree (what Helm calls `.Values`).
+    pub tree: Value,
+    pub operator: OperatorValues,
+    pub webhook: WebhookValues,
+    pub nfd: NfdValues,
+    /// The ClusterPolicy spec exactly as the values spell it (what the chart renders).
+    pub spec_json: Value,
+    /// The same spec, typed.
+    pub spec: ClusterPolicySpec,
+}
+
+impl Values {
+    /// The default values, as `kubectl gpu install` with no options uses them.
+    pub fn defaults() -> Values {
+        Values::from_tree(default_tree()).expect("the chart's values.yaml is valid")
+    }
+
+    /// Check a merged tree and split it.
+    pub fn from_tree(tree: Value) -> Result<Values, ValuesError> {
+        let errors = check(&tree, &schema());
+        if !errors.is_empty() {
+            return Err(ValuesError::Schema(errors));
+        }
+        let section = |key: &str| tree.get(key).cloned().unwrap_or_else(|| json!({}));
+        let operator: OperatorValues = typed("operator", section("operator"))?;
+        let webhook: WebhookValues = typed("webhook", section("webhook"))?;
+        let nfd: NfdValues = typed("nfd", section("nfd"))?;
+        let spec_json = spec_json(&tree);
+
+        let spec: ClusterPolicySpec = typed("the ClusterPolicy sections", spec_json.clone())?;
+        Ok(Values {
+            tree,
+            operator,
+            webhook,
+            nfd,
+            spec_json,
+            spec,
+        })
+    }
+
+    /// Defaults, then each `-f` file, then each `--set`, `--set-string`.
+    pub fn load(
+        files: &[std::path::PathBuf],
+        sets: &[String],
+        set_strings: &[String],
+    ) -> Result<Values, ValuesError> {
+        let mut tree = default_tree();
+        for path in files {
+            let shown = path.display().to_string();
+            let text = if shown == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|source| {
+                    ValuesError::Read {
+                        path: shown.clone(),
+                        source,
+                    }
+                })?;
+                s
+            } else {
+                std::fs::read_to_string(path).map_err(|source| ValuesError::Read {
+                    path: shown.clone(),
+                    source,
+                })?
+            };
+            let overlay: Value = if text.trim().is_empty() {
+                json!({})
+            } else {
+                serde_yaml::from_str(&text).map_err(|source| ValuesError::Yaml {
+                    path: shown.clone(),
+                    source,
+                })?
+            };
+            match overlay {
+                Value::Object(_) => merge(&mut tree, overlay),
+                Value::Null => {}
+                other => {
+                    return Err(ValuesError::NotAMap {
+                        path: shown,
+                        found: kind(&other),
+                    });
+                }
+            }
+        }
+        for expr in sets {
+            apply_set(&mut tree, expr, false)?;
+        }
+        for expr in set_strings {
+            apply_set(&mut tree, expr, true)?;
+        }
+        Values::from_tree(tree)
+    }
+
+    /// The controller's image reference.
+    pub fn controller_image(&self) -> String {
+        image_ref(
+            &self.operator.repository,
+            &self.operator.image,
+            &self.operator.version,
+        )
+    }
+
+    /// The webhook's image reference.
+    pub fn webhook_image(&self) -> String {
+        image_ref(
+            &self.webhook.repository,
+            &self.webhook.image,
+            &self.webhook.version,
+        )
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(key: &str, v: Value) -> Result<T, ValuesError> {
+    serde_json::from_value(v).map_err(|e| ValuesError::Schema(vec![format!("{key}: {e}")]))
+}
+
+/// `repository/image:version`, the version defaulting to this release.
+pub fn image_ref(repository: &str, image: &str, version: &str) -> String {
+    let version = if version.is_empty() {
+        concat!("v", env!("CARGO_PKG_VERSION"))
+    } else {
+        version
+    };
+    let sep = if version.starts_with("sha256:") {
+        '@'
+    } else {
+        ':'
+    };
+    if repository.is_empty() {
+        format!("{image}{sep}{version}")
+    } else {
+        format!("{}/{image}{sep}{version}", repository.trim_end_matches('/'))
+    }
+}
+
+/// The chart's defaults as a JSON tree.
+pub fn default_tree() -> Value {
+    serde_yaml::from_str(DEFAULT_VALUES).expect("charts/gpu-pilot/values.yaml is valid YAML")
+}
+
+/// The ClusterPolicy spec the values describe, spelled as the values spell it.
+pub fn spec_json(tree: &Value) -> Value {
+    let mut spec = Map::new();
+    let mut operator = Map::new();
+    for key in POLICY_OPERATOR_KEYS {
+        if let Some(v) = tree.pointer(&format!("/operator/{key}")) {
+            operator.insert(key.into(), v.clone());
+        }
+    }
+    spec.insert("operator".into(), Value::Object(operator));
+    for key in POLICY_SECTIONS {
+        if let Some(v) = tree.get(key) {
+            spec.insert(key.into(), v.clone());
+        }
+    }
+    Value::Object(spec)
+}
+
+/// Helm's merge: maps merge key by key, anything else replaces, `null` deletes.
+pub fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                if v.is_null() {
+                    b.remove(&k);
+                } else if let Some(existing) = b.get_mut(&k) {
+                    merge(existing, v);
+                } else {
+                    b.insert(k, v);
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a map",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// --set
+
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// Apply one `--set` argument (`a.b=1,c[0]=x,d={p,q}`) the way Helm does.
+pub fn apply_set(tree: &mut Value, expr: &str, string_only: bool) -> Result<(), ValuesError> {
+    let err = |why: String| ValuesError::Set {
+        expr: expr.to_string(),
+        why,
+    };
+    for assignment in split_unescaped(expr, ',', true) {
+        if assignment.is_empty() {
+            continue;
+        }
+        let Some(eq) = find_unescaped(&assignment, '=') else {
+            return Err(err(format!("{assignment:?} has no '='")));
+        };
+        let (key, raw) = (&assignment[..eq], &assignment[eq + 1..]);
+        let path = parse_path(key).map_err(err)?;
+        let value = if !string_only && raw.starts_with('{') && raw.ends_with('}') {
+            let inner = &raw[1..raw.len() - 1];
+            Value::Array(
+                split_unescaped(inner, ',', false)
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| typed_scalar(&unescape(s), false))
+                    .collect(),
+            )
+        } else {
+            typed_scalar(&unescape(raw), string_only)
+        };
+        set_path(tree, &path, value).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Split on `sep` outside `{...}` (when `braces`) and not after a backslash.
+fn split_unescaped(s: &str, sep: char, braces: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut depth = 0usize;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                cur.push(c);
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            '{' if braces => {
+                depth += 1;
+                cur.push(c);
+            }
+            '}' if braces => {
+                depth = depth.saturating_sub(1);
+                cur.push(c);
+            }
+            c if c == sep && depth == 0 => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+fn find_unescaped(s: &str, target: char) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == target {
+            return Some(i);
+        }
+    }
+    None
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Helm's typing of `--set` values: booleans, integers and null; everything else a string.
+fn typed_scalar(s: &str, string_only: bool) -> Value {
+    if string_only {
+        return Value::String(s.to_string());
+    }
+    match s {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        "null" => Value::Null,
+        _ => match s.parse::<i64>() {
+            // Helm keeps numbers with a leading zero (e.g. "0755") as strings.
+            Ok(n) if !(s.len() > 1 && s.starts_with('0')) => json!(n),
+            _ => Value::String(s.to_string()),
+        },
+    }
+}
+
+fn parse_path(key: &str) -> Result<Vec<Seg>, String> {
+    let mut segs = Vec::new();
+    for part in split_unescaped(key, '.', false) {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("key {key:?} has an empty part"));
+        }
+        let (name, mut rest) = match find_unescaped(part, '[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !name.is_empty() {
+            segs.push(Seg::Key(unescape(name)));
+        } else if segs.is_empty() {
+            return Err(format!("key {key:?} starts with an index"));
+        }
+        while !rest.is_empty() {
+            let close = rest
+                .find(']')
+                .ok_or_else(|| format!("key {key:?} has an unclosed '['"))?;
+            let idx: usize = rest[1..close]
+                .parse()
+                .map_err(|_| format!("key {key:?}: {:?} is not a list index", &rest[1..close]))?;
+            if idx > 1024 {
+                return Err(format!("key {key:?}: index {idx} is too large"));
+            }
+            segs.push(Seg::Index(idx));
+            rest = &rest[close + 1..];
+            if !rest.is_empty() && !rest.starts_with('[') {
+                return Err(format!("key {key:?}: unexpected {rest:?} after an index"));
+            }
+        }
+    }
+    if segs.is_empty() {
+        return Err("the key is empty".into());
+    }
+    Ok(segs)
+}
+
+fn set_path(tree: &mut Value, path: &[Seg], value: Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().expect("paths are never empty");
+    let mut cur = tree;
+    for (i, seg) in parents.iter().enumerate() {
+        let next_is_index = matches!(path[i + 1], Seg::Index(_));
+        let fresh = || {
+            if next_is_index {
+                Value::Array(Vec::new())
+            } else {
+                Value::Object(Map::new())
+            }
+        };
+        cur = match seg {
+            Seg::Key(k) => {
+                if !cur.is_object() {
+                    *cur = Value::Object(Map::new());
+                }
+                let map = cur.as_object_mut().expect("just made a map");
+                let slot = map.entry(k.clone()).or_insert_with(fresh);
+                if slot.is_null() || (next_is_index != slot.is_array()) && !slot.is_object() {
+                    *slot = fresh();
+                }
+                if next_is_index && !slot.is_array() {
+                    *slot = fresh();
+                }
+                slot
+            }
+            Seg::Index(n) => {
+                if !cur.is_array() {
+                    *cur = Value::Array(Vec::new());
+                }
+                let list = cur.as_array_mut().expect("just made a list");
+                while list.len() <= *n {
+                    list.push(Value::Null);
+                }
+                if list[*n].is_null() {
+                    list[*n] = fresh();
+                }
+                &mut list[*n]
+            }
+        };
+    }
+    match last {
+        Seg::Key(k) => {
+            if !cur.is_object() {
+                *cur = Value::Object(Map::new());
+            }
+            let map = cur.as_object_mut().expect("just made a map");
+            if value.is_null() {
+                map.remove(k);
+            } else {
+                map.insert(k.clone(), value);
+            }
+        }
+        Seg::Index(n) => {
+            if !cur.is_array() {
+                *cur = Value::Array(Vec::new());
+            }
+            let list = cur.as_array_mut().expect("just made a list");
+            while list.len() <= *n {
+                list.push(Value::Null);
+            }
+            list[*n] = value;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schema
+
+/// The chart's `values.schema.json`: gpu-pilot's own sections from the Rust types, the policy
+/// sections from the CRD's structural schema, and no unknown keys anywhere.
+pub fn schema() -> Value {
+    let mut settings = schemars::generate::SchemaSettings::draft07();
+    settings.inline_subschemas = true;
+    let generator = settings.into_generator();
+    let own = |schema: schemars::Schema| -> Value {
+        let mut v = schema.to_value();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("$schema");
+            o.remove("title");
+        }
+        v
+    };
+    let mut g = generator;
+    let mut properties = Map::new();
+    properties.insert(
+        "operator".into(),
+        own(g.root_schema_for::<OperatorValues>()),
+    );
+    properties.insert("webhook".into(), own(g.root_schema_for::<WebhookValues>()));
+    properties.insert("nfd".into(), own(g.root_schema_for::<NfdValues>()));
+    let crd = serde_json::to_value(gpu_pilot_api::crd()).expect("the CRD serializes");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    for key in POLICY_SECTIONS {
+        let mut s = spec[key].clone();
+        strip_openapi(&mut s);
+        properties.insert(key.into(), s);
+    }
+    let mut root = json!({
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "gpu-pilot chart values",
+        "type": "object",
+        "properties": properties,
+    });
+    close_objects(&mut root);
+    root
+}
+
+/// Drop OpenAPI-only keywords a JSON-schema validator does not know, keeping their meaning
+/// where it matters (`nullable` becomes a `null` type).
+fn strip_openapi(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            o.retain(|k, _| !k.starts_with("x-kubernetes-validations"));
+            if o.remove("nullable") == Some(Value::Bool(true))
+                && let Some(Value::String(t)) = o.get("type").cloned()
+            {
+                o.insert("type".into(), json!([t, "null"]));
+            }
+            if o.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
+                o.remove("x-kubernetes-int-or-string");
+                o.insert("type".into(), json!(["integer", "string"]));
+            }
+            o.retain(|k, _| !k.starts_with("x-kubernetes-"));
+            for child in o.values_mut() {
+                strip_openapi(child);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_openapi),
+        _ => {}
+    }
+}
+
+/// Every object schema with `properties` and no rule for other keys gets
+/// `additionalProperties: false`.
+fn close_objects(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            if o.contains_key("properties") && !o.contains_key("additionalProperties") {
+                o.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            for child in o.values_mut() {
+                close_objects(child);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(close_objects),
+        _ => {}
+    }
+}
+
+/// Check `value` against the subset of JSON Schema [`schema`] produces: type, enum, properties,
+/// additionalProperties, items, anyOf/oneOf, minimum/maximum, pattern-free strings.
+pub fn check(value: &Value, schema: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    check_at(value, schema, "", &mut errors);
+    errors
+}
+
+fn type_ok(value: &Value, t: &str) -> bool {
+    match t {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "boolean" => value.is_boolean(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "number" => value.is_number(),
+        "null" => value.is_null(),
+        _ => true,
+    }
+}
+
+fn check_at(value: &Value, schema: &Value, path: &str, errors: &mut Vec<String>) {
+    let here = if path.is_empty() { "(top level)" } else { path };
+    for key in ["anyOf", "oneOf"] {
+        if let Some(branches) = schema.get(key).and_then(Value::as_array) {
+            let mut best: Option<Vec<String>> = None;
+            for b in branches {
+                let mut e = Vec::new();
+                check_at(value, b, path, &mut e);
+                if e.is_empty() {
+                    best = None;
+                    break;
+                }
+                if best.as_ref().is_none_or(|x| e.len() < x.len()) {
+                    best = Some(e);
+                }
+            }
+            if let Some(e) = best {
+                errors.extend(e);
+                return;
+            }
+        }
+    }
+    if let Some(t) = schema.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        if !types.is_empty() && !types.iter().any(|t| type_ok(value, t)) {
+            errors.push(format!(
+                "{here}: expected {}, found {} {}",
+                types.join(" or "),
+                kind(value),
+                short(value)
+            ));
+            return;
+        }
+    }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        errors.push(format!(
+            "{here}: {} is not one of {}",
+            short(value),
+            allowed.iter().map(short).collect::<Vec<_>>().join(", ")
+        ));
+        return;
+    }
+    if let Some(n) = value.as_f64() {
+        if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
+            && n < min
+        {
+            errors.push(format!("{here}: {n} is below the minimum {min}"));
+        }
+        if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
+            && n > max
+        {
+            errors.push(format!("{here}: {n} is above the maximum {max}"));
+        }
+    }
+    match value {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            for (k, v) in map {
+                let child = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if let Some(s) = props.and_then(|p| p.get(k)) {
+                    check_at(v, s, &child, errors);
+                } else {
+                    match schema.get("additionalProperties") {
+                        Some(Value::Bool(false)) => {
+                            let known: Vec<&str> = props
+                                .map(|p| p.keys().map(String::as_str).collect())
+                                .unwrap_or_default();
+                            errors.push(format!(
+                                "{child}: unknown key{}",
+                                if known.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" ({here} takes: {})", known.join(", "))
+                                }
+                            ));
+                        }
+                        Some(s @ Value::Object(_)) => check_at(v, s, &child, errors),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for (i, v) in items.iter().enumerate() {
+                    check_at(v, s, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 60 {
+        format!("{}...", &s[..s.floor_char_boundary(57)])
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_yaml_policy_defaults_are_the_apis_defaults() {
+        let values = Values::defaults();
+        assert_eq!(values.spec, ClusterPolicySpec::default());
+        // Spelled exactly as the API serializes its defaults, so `helm template` and
+        // `install --dry-run` print the same spec.
+        let api = serde_json::to_value(ClusterPolicySpec::default()).unwrap();
+        assert_eq!(values.spec_json, api);
+    }
+
+    #[test]
+    fn set_follows_helms_rules() {
+        let mut t = default_tree();
+        apply_set(
+            &mut t,
+            "driver.enabled=false,toolkit.version=v1.17.0",
+            false,
+        )
+        .unwrap();
+        apply_set(&mut t, "mig.strategy=mixed", false).unwrap();
+        apply_set(
+            &mut t,
+            "daemonsets.tolerations[1].key=gpu,daemonsets.tolerations[1].operator=Exists",
+            false,
+        )
+        .unwrap();
+        apply_set(&mut t, "operator.replicas=2", false).unwrap();
+        apply_set(&mut t, "devicePlugin.args={--a,--b}", false).unwrap();
+        apply_set(&mut t, "operator.labels.team=ml\\,infra", false).unwrap();
+        apply_set(&mut t, "driver.version=550", true).unwrap();
+        let v = Values::from_tree(t).unwrap();
+        assert!(!v.spec.driver.enabled);
+        assert_eq!(v.spec.toolkit.version, "v1.17.0");
+        assert_eq!(v.spec.mig.strategy.as_str(), "mixed");
+        assert_eq!(v.spec.daemonsets.tolerations.len(), 2);
+        assert_eq!(v.operator.replicas, 2);
+        assert_eq!(v.spec.device_plugin.args, vec!["--a", "--b"]);
+        assert_eq!(v.spec.operator.labels["team"], "ml,infra");
+        assert_eq!(v.spec.driver.version, "550");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_choices() {
+        let mut t = default_tree();
+        apply_set(&mut t, "driver.enabeld=false", false).unwrap();
+        let e = Values::from_tree(t).unwrap_err().to_string();
+        assert!(e.contains("driver.enabeld: unknown key"), "{e}");
+        assert!(e.contains("enabled"), "{e}");
+
+        let mut t = default_tree();
+        apply_set(&mut t, "mig.strategy=mixd", false).unwrap();
+        let e = Values::from_tree(t).unwrap_err().to_string();
+        assert!(e.contains("mig.strategy: \"mixd\" is not one of"), "{e}");
+
+        let mut t = default_tree();
+        apply_set(&mut t, "driver.enabled=yes", false).unwrap();
+        let e = Values::from_tree(t).unwrap_err().to_string();
+        assert!(e.contains("driver.enabled: expected boolean"), "{e}");
+
+        let mut t = default_tree();
+        apply_set(&mut t, "operator.replicas=0", false).unwrap();
+        assert!(Values::from_tree(t).is_err());
+
+        for bad in ["driver.enabled", "=x", "a..b=1", "a[x]=1", "a[1=2", "[0]=1"] {
+            let mut t = default_tree();
+            let e = apply_set(&mut t, bad, false).unwrap_err().to_string();
+            assert!(e.contains("--set"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn null_removes_and_files_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("v.yaml");
+        std::fs::write(&f, "toolkit:\n  enabled: false\nmig:\n  strategy: mixed\n").unwrap();
+        let v = Values::load(std::slice::from_ref(&f), &["mig.strategy=none".into()], &[]).unwrap();
+        assert!(!v.spec.toolkit.enabled);
+        assert_eq!(
+            v.spec.toolkit.version, "v1.17.8",
+            "other keys keep their defaults"
+        );
+        assert_eq!(v.spec.mig.strategy.as_str(), "none", "--set wins over -f");
+
+        std::fs::write(&f, "- a\n- b\n").unwrap();
+        let e = Values::load(std::slice::from_ref(&f), &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("must be a YAML map"), "{e}");
+        let e = Values::load(&[dir.path().join("missing.yaml")], &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("cannot read values file"), "{e}");
+    }
+
+    #[test]
+    fn image_refs() {
+        assert_eq!(image_ref("r.io/x/", "c", "v1"), "r.io/x/c:v1");
+        assert_eq!(
+            image_ref("r", "c", ""),
+            concat!("r/c:v", env!("CARGO_PKG_VERSION"))
+        );
+        assert!(image_ref("r", "c", "sha256:abc").contains("@sha256:"));
+    }
+
+    #[test]
+    fn the_committed_schema_is_current() {
+        let committed: Value =
+            serde_json::from_str(include_str!("../../charts/gpu-pilot/values.schema.json"))
+                .unwrap();
+        assert!(
+            committed == schema(),
+            "charts/gpu-pilot/values.schema.json is stale: run `cargo run -p kubectl-gpu -- values-schema > charts/gpu-pilot/values.schema.json`"
+        );
+    }
+}
