@@ -229,6 +229,9 @@ pub fn webhook_configurations(namespace: &str, values: &Values) -> Vec<Value> {
         if let Some(hooks) = o["webhooks"].as_array_mut() {
             for h in hooks {
                 h["failurePolicy"] = json!(policy);
+                if !w.ca_bundle.is_empty() {
+                    h["clientConfig"]["caBundle"] = json!(w.ca_bundle);
+                }
             }
         }
     }
@@ -426,6 +429,7 @@ mod tests {
             "webhook.url=https://127.0.0.1:9443",
             "webhook.failurePolicy=Ignore",
             "webhook.certManager.enabled=true",
+            "webhook.caBundle=UEVN",
         ]);
         let objs = objects("gpu-pilot", &v, Include::ALL);
         let m = objs
@@ -437,6 +441,7 @@ mod tests {
             "https://127.0.0.1:9443/mutate/pods"
         );
         assert_eq!(m["webhooks"][0]["failurePolicy"], "Ignore");
+        assert_eq!(m["webhooks"][0]["clientConfig"]["caBundle"], "UEVN");
         assert_eq!(
             m["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
             "gpu-pilot/gpu-pilot-webhook"

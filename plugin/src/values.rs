@@ -117,6 +117,10 @@ pub struct WebhookValues {
     /// Register the webhook by this HTTPS URL instead of its Service.
     #[schemars(regex(pattern = r"^(|https://.+)$"))]
     pub url: String,
+    /// Base64 of the PEM CA bundle to put in both configurations up front (a webhook outside the
+    /// cluster, or certificates you manage). Empty: the webhook (or cert-manager) fills it in.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9+/=]*$"))]
+    pub ca_bundle: String,
     #[serde(default)]
     pub resources: Option<ResourceRequirements>,
     pub cert_manager: CertManagerValues,
