@@ -79,14 +79,16 @@ pub fn shutdown() {
     CLUSTER.lock().unwrap().take();
 }
 
-struct Env {
-    cluster: Arc<Cluster>,
-    client: Client,
+pub(crate) struct Env {
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) client: Client,
     /// The operand namespace of this scenario.
-    ns: String,
+    pub(crate) ns: String,
 }
 
-async fn serial<F, Fut>(f: F) -> anyhow::Result<()>
+/// Runs `f` alone on the controller cluster, from a clean slate, with an operand namespace of
+/// its own. Every test that changes cluster-wide state (the plugin's too) goes through this.
+pub(crate) async fn serial<F, Fut>(f: F) -> anyhow::Result<()>
 where
     F: FnOnce(Env) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,

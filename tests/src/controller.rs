@@ -142,6 +142,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 /// Puts the cluster back as `scripts/local-cluster up` left it: no ClusterPolicy (finalizers
 /// dropped), and none of gpu-pilot's labels or annotations on nodes.
 pub async fn reset_cluster(client: &Client) -> anyhow::Result<()> {
+    // Webhook configurations an install left behind would send later requests to a dead URL.
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    };
+    let name = gpu_pilot_api::names::webhook::NAME;
+    let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+    let _ = Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
     let policies: Api<ClusterPolicy> = Api::all(client.clone());
     // Before the CRD is installed there is nothing to list.
     let existing = policies
