@@ -85,6 +85,12 @@ pub async fn apply(kube: &Kube, obj: &Value, dry_run: bool) -> anyhow::Result<Ap
 pub async fn delete(kube: &Kube, obj: &Value) -> anyhow::Result<bool> {
     let api = api_for(kube, obj)?;
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    // Already going (a namespace terminating) counts as gone.
+    match api.get_metadata_opt(name).await {
+        Ok(Some(o)) if o.metadata.deletion_timestamp.is_some() => return Ok(false),
+        Ok(None) => return Ok(false),
+        _ => {}
+    }
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),

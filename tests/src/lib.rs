@@ -187,6 +187,44 @@ fn install_signal_handler() {
     });
 }
 
+/// The `kubectl-gpu` binary of this build, built first if needed (the e2e binary sits in
+/// `<target>/debug/deps`, the plugin in `<target>/debug`).
+pub fn plugin_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .ok_or("the test binary has no target directory")?
+                .to_path_buf();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "kubectl-gpu",
+                    "--bin",
+                    "kubectl-gpu",
+                ])
+                .env("CARGO_TARGET_DIR", dir.parent().ok_or("no target dir")?)
+                .current_dir(repo_root())
+                .output()
+                .map_err(|e| format!("could not run cargo to build kubectl-gpu: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building kubectl-gpu failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(dir.join("kubectl-gpu"))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
 /// Builds (or finds already built) etcd, the Kubernetes components, kubectl and kwok.
 pub fn build_tools() -> anyhow::Result<PathBuf> {
     let out = Command::new(repo_root().join("scripts/build-tools"))

@@ -1,0 +1,415 @@
+//! `kubectl gpu` as an admin runs it: the real kubectl finds the plugin on PATH, against the
+//! controller tests' cluster (20 GPU nodes, 5 CPU nodes), with the controller and the webhook
+//! running as processes of this test (their in-cluster pods are kwok fakes).
+
+use std::collections::BTreeMap;
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use gpu_pilot_api::ClusterPolicy;
+use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, label, webhook as names};
+use gpu_pilot_e2e::controller::RunningController;
+use gpu_pilot_e2e::eventually;
+use gpu_pilot_webhook::certs::CertSettings;
+use gpu_pilot_webhook::cluster::Scope;
+use gpu_pilot_webhook::server::Limits;
+use gpu_pilot_webhook::{CertSource, Options, Running};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use kubectl_gpu::render::{self, Include, key};
+use kubectl_gpu::values::Values;
+use serde_json::{Value, json};
+
+use crate::TestFn;
+use crate::controller::{Env, serial};
+
+pub fn tests() -> Vec<(&'static str, TestFn)> {
+    vec![
+        (
+            "plugin::install_waits_to_ready_reinstall_changes_nothing_uninstall_leaves_nothing",
+            |_| Box::pin(serial(install_reinstall_uninstall)),
+        ),
+        (
+            "plugin::gpu_operator_flags_shape_the_policy_and_daemonsets",
+            |_| Box::pin(serial(classic_flags)),
+        ),
+    ]
+}
+
+/// Runs `kubectl gpu ARGS` with the real kubectl, the plugin on PATH (without blocking the
+/// runtime, which also serves the in-process webhook).
+async fn kubectl_gpu(env: &Env, args: &[&str]) -> anyhow::Result<Output> {
+    let plugin = gpu_pilot_e2e::plugin_binary()?;
+    let plugin_dir = plugin.parent().context("the plugin has a directory")?;
+    let mut cmd = env.cluster.kubectl();
+    let path = std::env::join_paths([plugin_dir.to_path_buf()].into_iter().chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
+    cmd.env("PATH", path).arg("gpu").args(args);
+    tokio::process::Command::from(cmd)
+        .output()
+        .await
+        .context("running kubectl gpu")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A webhook serving on 127.0.0.1 with its Secret in `ns`, keeping the caBundle of install's
+/// configurations (named gpu-pilot-webhook) current.
+async fn start_webhook(client: &Client, ns: &str) -> anyhow::Result<Running> {
+    let opts = Options {
+        listen: "127.0.0.1:0".parse()?,
+        scope: Scope {
+            namespace: ns.into(),
+            policy_selector: String::new(),
+            node_selector: String::new(),
+            pod_namespaces: Vec::new(),
+        },
+        certs: CertSource::Secret(CertSettings {
+            namespace: ns.into(),
+            secret: names::TLS_SECRET.into(),
+            names: vec!["127.0.0.1".into()],
+            ca_validity: Duration::from_secs(86400),
+            ca_renew_before: Duration::from_secs(3600),
+            ca_overlap: Duration::from_secs(60),
+            cert_validity: Duration::from_secs(7200),
+            cert_renew_before: Duration::from_secs(600),
+            mutating_config: Some(names::NAME.into()),
+            validating_config: Some(names::NAME.into()),
+        }),
+        limits: Limits::default(),
+        check_interval: Duration::from_secs(1),
+        startup_timeout: Duration::from_secs(60),
+    };
+    Ok(Running::start(client.clone(), opts).await?)
+}
+
+/// resourceVersion of every object install renders, by kind/namespace/name.
+async fn versions(env: &Env, objs: &[Value]) -> anyhow::Result<BTreeMap<String, String>> {
+    let kube = kube_for(env).await?;
+    let mut out = BTreeMap::new();
+    for o in objs {
+        let api = kubectl_gpu::objects::api_for(&kube, o)?;
+        let name = o["metadata"]["name"].as_str().unwrap_or_default();
+        if let Some(m) = api.get_metadata_opt(name).await? {
+            out.insert(key(o), m.metadata.resource_version.unwrap_or_default());
+        }
+    }
+    Ok(out)
+}
+
+async fn kube_for(env: &Env) -> anyhow::Result<kubectl_gpu::context::Kube> {
+    let global = kubectl_gpu::context::Global {
+        kubeconfig: Some(env.cluster.kubeconfig().to_path_buf()),
+        context: None,
+        namespace: env.ns.clone(),
+        output: kubectl_gpu::context::Output::Table,
+        color: kubectl_gpu::context::ColorChoice::Never,
+    };
+    kubectl_gpu::context::Kube::connect(&global).await
+}
+
+/// Every gpu-pilot label or annotation left on nodes, as `node: key`.
+async fn leftovers_on_nodes(client: &Client) -> anyhow::Result<Vec<String>> {
+    let mut left = Vec::new();
+    for n in Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+    {
+        for k in n.labels().keys().chain(n.annotations().keys()) {
+            let ours = k.starts_with(label::DEPLOY_PREFIX)
+                || k.starts_with("gpupilot.io/")
+                    && k != label::SIMULATED_INVENTORY
+                    && k != "gpupilot.io/simulated-gpus"
+                || k == label::MIG_CONFIG_STATE;
+            if ours {
+                left.push(format!("{}: {k}", n.name_any()));
+            }
+        }
+    }
+    Ok(left)
+}
+
+async fn install_reinstall_uninstall(env: Env) -> anyhow::Result<()> {
+    let ns = env.ns.clone();
+    let wh = start_webhook(&env.client, &ns).await?;
+    let url = format!("webhook.url=https://{}", wh.addr);
+    let ctrl = RunningController::start(env.cluster.kubeconfig(), &ns, "plugin-install", false);
+    let result = async {
+        // 1. Install and follow the rollout to ready.
+        let out = kubectl_gpu(&env, &["install", "-n", &ns, "--set", &url, "--wait", "--timeout", "4m"]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success(), "install failed:\n{shown}");
+        for expected in [
+            "preflight",
+            "20 GPU node(s) among 25 nodes",
+            "created   ClusterPolicy/cluster-policy",
+            "driver-validation",
+            "plugin-validation",
+            "gpu-pilot is ready on 20 GPU node(s)",
+        ] {
+            ensure!(shown.contains(expected), "install output lacks {expected:?}:\n{shown}");
+        }
+        // Progress lines for the stages appeared while it waited.
+        ensure!(
+            shown.matches("after ").count() >= 2,
+            "--wait showed no progress:\n{shown}"
+        );
+
+        // 2. A GPU pod (outside gpu-pilot's own namespace, which the webhook leaves alone) is
+        // mutated by the webhook install registered.
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), "default");
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "cuda"},
+            "spec": {"containers": [{"name": "c", "image": "cuda", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
+        }))?;
+        let stored = pods.create(&PostParams::default(), &pod).await?;
+        ensure!(
+            stored.spec.as_ref().and_then(|s| s.runtime_class_name.as_deref()) == Some("nvidia"),
+            "the GPU pod was not given the runtime class: {:?}",
+            stored.spec
+        );
+        pods.delete("cuda", &DeleteParams::default().grace_period(0)).await?;
+        eventually("the GPU pod is gone", Duration::from_secs(30), || async {
+            Ok(match pods.get_opt("cuda").await? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            })
+        })
+        .await?;
+
+        // 3. Again: nothing changes.
+        let objs = render::objects(&ns, &kubectl_gpu::install::load_values(&install_args(&[&url]))?, Include::ALL);
+        let before = versions(&env, &objs).await?;
+        let out = kubectl_gpu(&env, &["install", "-n", &ns, "--set", &url, "--wait=false"]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success(), "second install failed:\n{shown}");
+        ensure!(
+            shown.contains(&format!("0 created, 0 changed, {} unchanged, 0 pruned", objs.len())),
+            "the second install changed something:\n{shown}"
+        );
+        let after = versions(&env, &objs).await?;
+        ensure!(before == after, "resourceVersions moved:\nbefore {before:?}\nafter {after:?}");
+
+        // 4. status says ready in a few lines.
+        let out = kubectl_gpu(&env, &["status", "-n", &ns]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success() && shown.contains("20/20 GPU nodes ready"), "{shown}");
+
+        // 5. Uninstall leaves nothing, and is safe twice.
+        let out = kubectl_gpu(&env, &["uninstall", "-n", &ns]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success(), "uninstall failed:\n{shown}");
+        let kube = kube_for(&env).await?;
+        // The CRD and the namespace finalize asynchronously.
+        eventually("every installed object is gone", Duration::from_secs(90), || async {
+            let mut left = Vec::new();
+            for o in &objs {
+                if kubectl_gpu::objects::exists(&kube, o).await? {
+                    left.push(key(o));
+                }
+            }
+            Ok(if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) })
+        })
+        .await
+        .with_context(|| format!("after uninstall:\n{shown}"))?;
+        let left = leftovers_on_nodes(&env.client).await?;
+        ensure!(left.is_empty(), "gpu-pilot's marks left on nodes: {left:?}");
+        let ds = Api::<DaemonSet>::namespaced(env.client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items.len())
+            .unwrap_or(0);
+        ensure!(ds == 0, "{ds} DaemonSets left");
+        let out = kubectl_gpu(&env, &["uninstall", "-n", &ns]).await?;
+        let shown = text(&out);
+        ensure!(
+            out.status.success() && shown.contains("nothing to remove"),
+            "the second uninstall:\n{shown}"
+        );
+        Ok(())
+    }
+    .await;
+    ctrl.stop();
+    wh.stop().await;
+    crate::foundation::ensure_crd(&env.client).await?;
+    result
+}
+
+fn install_args(sets: &[&str]) -> kubectl_gpu::install::InstallArgs {
+    kubectl_gpu::install::InstallArgs {
+        values: vec![],
+        set: sets.iter().map(|s| s.to_string()).collect(),
+        set_string: vec![],
+        version: None,
+        dry_run: true,
+        wait: None,
+        timeout: Duration::from_secs(60),
+        ignore_gpu_operator: false,
+    }
+}
+
+async fn classic_flags(env: Env) -> anyhow::Result<()> {
+    let ns = env.ns.clone();
+    let ctrl = RunningController::start(env.cluster.kubeconfig(), &ns, "plugin-flags", false);
+    let result = async {
+        let policies: Api<ClusterPolicy> = Api::all(env.client.clone());
+        let daemonsets: Api<DaemonSet> = Api::namespaced(env.client.clone(), &ns);
+        // Nodes with a preinstalled driver and toolkit (no webhook: this one is about the policy).
+        let out = kubectl_gpu(
+            &env,
+            &[
+                "install",
+                "-n",
+                &ns,
+                "--set",
+                "webhook.enabled=false",
+                "--set",
+                "driver.enabled=false",
+                "--set",
+                "toolkit.enabled=false",
+                "--wait",
+                "--timeout",
+                "3m",
+            ],
+        )
+        .await?;
+        ensure!(out.status.success(), "install failed:\n{}", text(&out));
+        let p = policies.get(DEFAULT_POLICY_NAME).await?;
+        ensure!(
+            !p.spec.driver.enabled && !p.spec.toolkit.enabled,
+            "policy: {:?}",
+            p.spec
+        );
+        let names: Vec<String> = daemonsets
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(|d| d.name_any())
+            .collect();
+        ensure!(
+            !names
+                .iter()
+                .any(|n| n.contains("driver") || n.contains("toolkit")),
+            "driver/toolkit DaemonSets exist: {names:?}"
+        );
+        ensure!(
+            names.iter().any(|n| n.contains("device-plugin")),
+            "no device plugin: {names:?}"
+        );
+
+        // MIG mixed: the policy and the device plugin's arguments follow.
+        let out = kubectl_gpu(
+            &env,
+            &[
+                "install",
+                "-n",
+                &ns,
+                "--set",
+                "webhook.enabled=false,mig.strategy=mixed",
+                "--wait=false",
+            ],
+        )
+        .await?;
+        ensure!(out.status.success(), "install failed:\n{}", text(&out));
+        let p = policies.get(DEFAULT_POLICY_NAME).await?;
+        ensure!(
+            p.spec.mig.strategy.as_str() == "mixed",
+            "policy: {:?}",
+            p.spec.mig
+        );
+        ensure!(
+            p.spec.driver.enabled,
+            "an install without the flag turns the driver back on"
+        );
+        eventually(
+            "the device plugin runs with --mig-strategy mixed",
+            Duration::from_secs(60),
+            || async {
+                let list = daemonsets.list(&ListParams::default()).await?;
+                let Some(dp) = list
+                    .items
+                    .iter()
+                    .find(|d| d.name_any().contains("device-plugin"))
+                else {
+                    return Ok(Err("no device-plugin DaemonSet".to_string()));
+                };
+                let args = serde_json::to_string(&dp.spec.template)?;
+                Ok(if args.contains("\"--mig-strategy\",\"mixed\"") {
+                    Ok(())
+                } else {
+                    Err(format!("args: {args}"))
+                })
+            },
+        )
+        .await?;
+
+        // A typo is an error that names the key, and nothing is applied.
+        let gen_before = policies.get(DEFAULT_POLICY_NAME).await?.metadata.generation;
+        let out = kubectl_gpu(
+            &env,
+            &["install", "-n", &ns, "--set", "driver.enabeld=false"],
+        )
+        .await?;
+        let shown = text(&out);
+        ensure!(
+            !out.status.success() && shown.contains("driver.enabeld: unknown key"),
+            "a misspelt key:\n{shown}"
+        );
+        let gen_after = policies.get(DEFAULT_POLICY_NAME).await?.metadata.generation;
+        ensure!(
+            gen_before == gen_after,
+            "the policy changed on a failed install"
+        );
+
+        // The values install used render the same objects as --dry-run prints.
+        let dry = kubectl_gpu(
+            &env,
+            &[
+                "install",
+                "-n",
+                &ns,
+                "--set",
+                "webhook.enabled=false,mig.strategy=mixed",
+                "--dry-run",
+                "-o",
+                "yaml",
+            ],
+        )
+        .await?;
+        ensure!(dry.status.success(), "{}", text(&dry));
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_slice(&dry.stdout)
+            .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))
+            .collect::<Result<_, _>>()?;
+        let mut tree = kubectl_gpu::values::default_tree();
+        kubectl_gpu::values::apply_set(
+            &mut tree,
+            "webhook.enabled=false,mig.strategy=mixed",
+            false,
+        )?;
+        let expected = render::objects(&ns, &Values::from_tree(tree)?, Include::ALL);
+        ensure!(
+            docs == expected,
+            "--dry-run -o yaml differs from the rendered objects"
+        );
+
+        let out = kubectl_gpu(&env, &["uninstall", "-n", &ns, "--timeout", "60s"]).await?;
+        ensure!(out.status.success(), "uninstall failed:\n{}", text(&out));
+        Ok(())
+    }
+    .await;
+    ctrl.stop();
+    crate::foundation::ensure_crd(&env.client).await?;
+    result
+}
