@@ -79,7 +79,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60,
         "h" => n * 3600,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m or h")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration: unknown unit {unit:?}; write it like 90s, 5m or 1h"
+            ));
+        }
     };
     Ok(Duration::from_secs(secs))
 }

@@ -4,6 +4,10 @@
 use crate::context::{Global, Kube};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  kubectl gpu doctor
+  kubectl gpu doctor -o json | jq '.findings[] | select(.severity == \"error\")'
+  kubectl gpu doctor --bundle gpu-support.tar.gz")]
 pub struct DoctorArgs {
     /// Also write a support bundle (policy, nodes, operand pods, logs, events, findings).
     #[arg(long, value_name = "FILE.tar.gz")]
