@@ -64,7 +64,7 @@ async fn delete_node(client: &Client, name: &str) {
         .await;
 }
 
-fn settings(
+pub(crate) fn settings(
     client: &Client,
     node: &str,
     strategy: MigStrategy,
@@ -89,7 +89,7 @@ fn settings(
 }
 
 /// Starts the agent for `node`, simulating the inventory its label names.
-async fn start_agent(
+pub(crate) async fn start_agent(
     client: &Client,
     node: &str,
     s: Settings,

@@ -36,6 +36,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "plugin::gpu_operator_flags_shape_the_policy_and_daemonsets",
             |_| Box::pin(serial(classic_flags)),
         ),
+        (
+            "plugin::mig_set_waits_for_each_node_and_reports_failures",
+            |_| Box::pin(serial(mig_set)),
+        ),
     ]
 }
 
@@ -412,4 +416,167 @@ async fn classic_flags(env: Env) -> anyhow::Result<()> {
     ctrl.stop();
     crate::foundation::ensure_crd(&env.client).await?;
     result
+}
+
+async fn mig_set(env: Env) -> anyhow::Result<()> {
+    use gpu_pilot_agent::plugin::config::MigStrategy;
+    let ns = env.ns.clone();
+    let ctrl = RunningController::start(env.cluster.kubeconfig(), &ns, "plugin-mig", false);
+    // An H100 node and an A100 40GB node (scripts/local-cluster cycles the inventories), each
+    // with the agent's MIG manager reading the layouts install ships.
+    let (h100, a100) = ("gpu-node-001", "gpu-node-002");
+    let dir = std::env::temp_dir().join(format!("gpu-pilot-e2e-{ns}-mig"));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, render::MIG_PARTED_LAYOUTS)?;
+    let mut agents = Vec::new();
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let result = async {
+        let out = kubectl_gpu(
+            &env,
+            &[
+                "install",
+                "-n",
+                &ns,
+                "--set",
+                "webhook.enabled=false",
+                "--wait",
+                "--timeout",
+                "3m",
+            ],
+        )
+        .await?;
+        ensure!(out.status.success(), "install failed:\n{}", text(&out));
+        for node in [h100, a100] {
+            let s =
+                crate::agent::settings(&env.client, node, MigStrategy::Mixed, Some(config.clone()));
+            agents.push(crate::agent::start_agent(&env.client, node, s).await?);
+        }
+        let selector = format!("kubernetes.io/hostname in ({h100},{a100})");
+
+        // A layout that is not in the config is refused before any node is touched.
+        let out = kubectl_gpu(
+            &env,
+            &["mig", "set", "all-9g.99gb", "--nodes", &selector, "-n", &ns],
+        )
+        .await?;
+        let shown = text(&out);
+        ensure!(
+            !out.status.success()
+                && shown.contains("has no layout")
+                && shown.contains("all-1g.10gb"),
+            "an unknown layout:\n{shown}"
+        );
+        let out = kubectl_gpu(
+            &env,
+            &[
+                "mig",
+                "set",
+                "all-disabled",
+                "--nodes",
+                "pool=none",
+                "-n",
+                &ns,
+            ],
+        )
+        .await?;
+        ensure!(
+            !out.status.success() && text(&out).contains("no node matches"),
+            "{}",
+            text(&out)
+        );
+
+        // 1g.5gb exists on the A100 40GB only: one success, one failure, exit 1.
+        let out = kubectl_gpu(
+            &env,
+            &[
+                "mig",
+                "set",
+                "all-1g.5gb",
+                "--nodes",
+                &selector,
+                "-n",
+                &ns,
+                "--timeout",
+                "2m",
+            ],
+        )
+        .await?;
+        let shown = text(&out);
+        ensure!(
+            out.status.code() == Some(1),
+            "a partly failed layout must exit 1:\n{shown}"
+        );
+        for expected in [
+            format!("{a100}: success"),
+            format!("{h100}: failed"),
+            format!("all-1g.5gb failed on {h100}"),
+        ] {
+            ensure!(
+                shown.contains(&expected),
+                "mig set output lacks {expected:?}:\n{shown}"
+            );
+        }
+        let n = nodes.get(a100).await?;
+        ensure!(
+            n.labels()
+                .get("nvidia.com/mig-1g.5gb.count")
+                .map(String::as_str)
+                == Some("28"),
+            "the A100 node's MIG devices: {:?}",
+            n.labels()
+        );
+
+        // The H100 takes 1g.10gb; the A100 is left as it is.
+        let out = kubectl_gpu(
+            &env,
+            &[
+                "mig",
+                "set",
+                "all-1g.10gb",
+                "--nodes",
+                &format!("kubernetes.io/hostname={h100}"),
+                "-n",
+                &ns,
+                "--timeout",
+                "2m",
+            ],
+        )
+        .await?;
+        let shown = text(&out);
+        ensure!(
+            out.status.success() && shown.contains(&format!("{h100}: success")),
+            "{shown}"
+        );
+        Ok(())
+    }
+    .await;
+    for a in agents {
+        a.abort();
+    }
+    // The admin's request label is the admin's: uninstall leaves it, the test removes it.
+    for node in [h100, a100] {
+        let _ = nodes
+            .patch(
+                node,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    json!({"metadata": {"labels": {(label::MIG_CONFIG): null}}}),
+                ),
+            )
+            .await;
+    }
+    let out = kubectl_gpu(&env, &["uninstall", "-n", &ns, "--timeout", "60s"]).await;
+    ctrl.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::foundation::ensure_crd(&env.client).await?;
+    result?;
+    let out = out?;
+    ensure!(out.status.success(), "uninstall failed:\n{}", text(&out));
+    let left = leftovers_on_nodes(&env.client).await?;
+    ensure!(
+        left.is_empty(),
+        "the agent's labels are left after uninstall: {left:?}"
+    );
+    Ok(())
 }
