@@ -40,6 +40,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "plugin::mig_set_waits_for_each_node_and_reports_failures",
             |_| Box::pin(serial(mig_set)),
         ),
+        (
+            "plugin::preflight_refuses_gpu_operator_and_missing_rights",
+            |_| Box::pin(serial(preflight)),
+        ),
     ]
 }
 
@@ -579,4 +583,75 @@ async fn mig_set(env: Env) -> anyhow::Result<()> {
         "the agent's labels are left after uninstall: {left:?}"
     );
     Ok(())
+}
+
+async fn preflight(env: Env) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let ns = env.ns.clone();
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let nvidia: CustomResourceDefinition = serde_json::from_value(json!({
+        "metadata": {"name": "clusterpolicies.nvidia.com"},
+        "spec": {
+            "group": "nvidia.com", "scope": "Cluster",
+            "names": {"plural": "clusterpolicies", "singular": "clusterpolicy", "kind": "ClusterPolicy", "listKind": "ClusterPolicyList"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    }))?;
+    crds.create(&PostParams::default(), &nvidia).await?;
+    let restricted = gpu_pilot_e2e::controller::restricted_kubeconfig(&env.cluster, &ns)?;
+    let result = async {
+        // NVIDIA's operator present: refused, nothing applied, and the way out named.
+        let out = kubectl_gpu(&env, &["install", "-n", &ns, "--wait=false"]).await?;
+        let shown = text(&out);
+        ensure!(
+            out.status.code() == Some(1)
+                && shown.contains(
+                    "NVIDIA's GPU Operator is installed (the CRD clusterpolicies.nvidia.com exists)"
+                )
+                && shown.contains("--ignore-gpu-operator")
+                && shown.contains("preflight failed"),
+            "{shown}"
+        );
+        let deploys: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(env.client.clone(), &ns);
+        ensure!(
+            deploys.list(&ListParams::default()).await?.items.is_empty(),
+            "a failed preflight applied something"
+        );
+
+        // Someone without the rights: every missing permission listed, nothing applied.
+        let out = kubectl_gpu(
+            &env,
+            &[
+                "install",
+                "-n",
+                &ns,
+                "--wait=false",
+                "--ignore-gpu-operator",
+                "--kubeconfig",
+                restricted.to_str().context("path")?,
+            ],
+        )
+        .await?;
+        let shown = text(&out);
+        ensure!(
+            out.status.code() == Some(1)
+                && shown
+                    .contains("you may not: create customresourcedefinitions.apiextensions.k8s.io")
+                && shown.contains("mutatingwebhookconfigurations")
+                && shown.contains("--context"),
+            "{shown}"
+        );
+        ensure!(
+            deploys.list(&ListParams::default()).await?.items.is_empty(),
+            "applied anyway"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_file(&restricted);
+    crds.delete("clusterpolicies.nvidia.com", &DeleteParams::default())
+        .await?;
+    result
 }
