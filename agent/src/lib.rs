@@ -3,7 +3,8 @@
 //! - [`inventory`]: GPU facts as plain data; [`backend`]: where they come from (NVML or a file).
 //! - [`plugin`]: the kubelet device plugin (resources, allocation, gRPC, registration).
 //! - [`labels`]: GPU Feature Discovery's node labels; [`mig`]: mig-parted layouts.
-//! - [`node`]: the agent's own Node (labels, MIG manager); [`metrics`]: dcgm-exporter's metrics.
+//! - [`node`]: the agent's own Node (labels, MIG manager); [`metrics`]: dcgm-exporter's metrics,
+//!   attributed to pods through [`podresources`] (the kubelet's pod-resources API).
 //! - [`validate`]: the checks the validator pods run.
 
 pub mod agent;
@@ -15,4 +16,5 @@ pub mod metrics;
 pub mod mig;
 pub mod node;
 pub mod plugin;
+pub mod podresources;
 pub mod validate;

@@ -78,6 +78,7 @@ fn settings(
         cdi: false,
         health: HealthRules::default(),
         metrics_addr: None,
+        pod_resources: None,
         node: Some(NodeClient::new(client.clone(), node)),
         labels: true,
         mig_manager: true,
