@@ -218,7 +218,12 @@ async fn mig_change(
     };
     let result = config
         .and_then(|c| c.plan(wanted, inv).map_err(|e| e.to_string()))
-        .and_then(|plan| backend.apply_mig(&plan).map_err(|e| e.to_string()));
+        .and_then(|plan| {
+            for line in mig::untouched(&plan, inv) {
+                tracing::info!("MIG config '{wanted}': {line}");
+            }
+            backend.apply_mig(&plan).map_err(|e| e.to_string())
+        });
     let state = match &result {
         Ok(()) => mig_config_state::SUCCESS,
         Err(e) => {

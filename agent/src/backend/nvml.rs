@@ -193,6 +193,7 @@ impl NvmlBackend {
             pci_bus_id: pci.bus_id,
             model: GpuModel {
                 product: dev.name().map_err(err("nvmlDeviceGetName"))?,
+                pci_device_id: Some(pci.pci_device_id),
                 memory_mib: mem.total / (1024 * 1024),
                 family,
                 compute_capability: format!("{}.{}", cc.major, cc.minor),
