@@ -2,7 +2,8 @@
 //!
 //! - [`inventory`]: GPU facts as plain data; [`backend`]: where they come from (NVML or a file).
 //! - [`plugin`]: the kubelet device plugin (resources, allocation, gRPC, registration).
-//! - [`labels`]: GPU Feature Discovery's node labels; [`mig`]: mig-parted layouts.
+//! - [`labels`]: GPU Feature Discovery's node labels; [`mig`]: mig-parted layouts;
+//!   [`mig_layout`]: profile names, placements and creation steps on one GPU.
 //! - [`node`]: the agent's own Node (labels, MIG manager); [`metrics`]: dcgm-exporter's metrics,
 //!   attributed to pods through [`podresources`] (the kubelet's pod-resources API).
 //! - [`validate`]: the checks the validator pods run.
@@ -14,6 +15,7 @@ pub mod inventory;
 pub mod labels;
 pub mod metrics;
 pub mod mig;
+pub mod mig_layout;
 pub mod node;
 pub mod plugin;
 pub mod podresources;

@@ -14,9 +14,7 @@ use serde::Deserialize;
 
 use crate::inventory::{Inventory, format_pci_device_id, parse_pci_device_id};
 
-/// Compute and memory slices one GPU has in total (A100, H100, H200 alike).
-const COMPUTE_SLICES: u32 = 7;
-const MEMORY_SLICES: u32 = 8;
+use crate::mig_layout::{COMPUTE_SLICES, MEMORY_SLICES};
 
 /// A whole mig-parted config file: named layouts.
 #[derive(Debug, Clone, Deserialize)]
@@ -172,8 +170,11 @@ impl MigConfigFile {
                         "GPU {index}: mig-devices are listed but mig-enabled is false"
                     )));
                 }
+                // A GPU whose driver lists no profiles (MIG mode still off) is checked by the
+                // backend once MIG is on; the others are checked here, before anything changes.
+                let known = !gpu.model.mig_profiles.is_empty();
                 let (mut compute, mut memory) = (0, 0);
-                for (profile, count) in &entry.mig_devices {
+                for (profile, count) in entry.mig_devices.iter().filter(|_| known) {
                     let p = gpu.model.mig_profile(profile).ok_or_else(|| {
                         let have: Vec<_> = gpu
                             .model
