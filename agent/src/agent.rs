@@ -27,6 +27,8 @@ pub struct Settings {
     pub cdi: bool,
     pub health: HealthRules,
     pub metrics_addr: Option<SocketAddr>,
+    /// The kubelet's pod-resources socket, asked on each scrape for pod labels (`None`: off).
+    pub pod_resources: Option<PathBuf>,
     pub node: Option<NodeClient>,
     /// Write GFD's feature labels on the Node (the feature-discovery DaemonSet).
     pub labels: bool,
@@ -78,8 +80,9 @@ pub async fn run(backend: Arc<dyn GpuBackend>, s: Settings) -> anyhow::Result<()
     if let Some(addr) = s.metrics_addr {
         let rx = inv_rx.clone();
         let host = s.hostname.clone();
+        let pods = s.pod_resources.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, rx, host).await {
+            if let Err(e) = crate::metrics::serve(addr, rx, host, pods).await {
                 tracing::error!("{e}");
             }
         });
@@ -215,7 +218,12 @@ async fn mig_change(
     };
     let result = config
         .and_then(|c| c.plan(wanted, inv).map_err(|e| e.to_string()))
-        .and_then(|plan| backend.apply_mig(&plan).map_err(|e| e.to_string()));
+        .and_then(|plan| {
+            for line in mig::untouched(&plan, inv) {
+                tracing::info!("MIG config '{wanted}': {line}");
+            }
+            backend.apply_mig(&plan).map_err(|e| e.to_string())
+        });
     let state = match &result {
         Ok(()) => mig_config_state::SUCCESS,
         Err(e) => {

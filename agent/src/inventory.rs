@@ -56,6 +56,10 @@ pub struct Gpu {
 pub struct GpuModel {
     /// NVML's product name, e.g. `NVIDIA H100 80GB HBM3`.
     pub product: String,
+    /// The PCI device ID as NVML reports it, device << 16 | vendor: `0x233010DE` for an H100 SXM5
+    /// 80GB. Written as a hex string in inventory files; mig-parted's `device-filter` matches it.
+    #[serde(default, with = "pci_id", skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u32>,
     #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,
     /// Architecture in GFD's spelling: `turing`, `ampere`, `hopper`, ...
@@ -68,6 +72,44 @@ pub struct GpuModel {
     pub mig_capable: bool,
     #[serde(default)]
     pub mig_profiles: Vec<MigProfile>,
+}
+
+/// Parses `0x233010DE` (hex digits in any case), mig-parted's spelling of a PCI device ID.
+pub fn parse_pci_device_id(s: &str) -> Option<u32> {
+    let s = s.trim();
+    let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?;
+    if hex.is_empty() || hex.len() > 8 {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok()
+}
+
+/// mig-parted's spelling: `0x` and eight upper-case hex digits.
+pub fn format_pci_device_id(id: u32) -> String {
+    format!("0x{id:08X}")
+}
+
+mod pci_id {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(id: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => s.serialize_str(&super::format_pci_device_id(*id)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| {
+            super::parse_pci_device_id(&t).ok_or_else(|| {
+                D::Error::custom(format!(
+                    "pciDeviceId '{t}' is not a PCI device ID like \"0x233010DE\""
+                ))
+            })
+        })
+        .transpose()
+    }
 }
 
 impl GpuModel {
@@ -271,6 +313,9 @@ mod tests {
         assert_eq!(a100.nvlinks_between(1, 2), 4);
         let t4 = Inventory::from_yaml(built_in("t4").unwrap()).unwrap();
         assert_eq!(t4.gpus.len(), 1);
+        assert_eq!(dgx.gpus[0].model.pci_device_id, Some(0x2330_10DE));
+        assert_eq!(a100.gpus[0].model.pci_device_id, Some(0x20B0_10DE));
+        assert_eq!(t4.gpus[0].model.pci_device_id, Some(0x1EB8_10DE));
         assert!(!t4.gpus[0].model.mig_capable);
         let mut uuids: Vec<_> = BUILT_IN
             .iter()
@@ -292,6 +337,23 @@ mod tests {
         let text = "driverVersion: '1'\ncudaVersion: '1'\nmodels: {}\ngpus:\n  - {index: 0, model: x, uuid: u, pciBusId: p}\n";
         let err = Inventory::from_yaml(text).unwrap_err().to_string();
         assert!(err.contains("names model 'x'"), "{err}");
+    }
+
+    #[test]
+    fn pci_device_ids_read_and_write_in_mig_parteds_spelling() {
+        assert_eq!(parse_pci_device_id("0x20B010DE"), Some(0x20B0_10DE));
+        assert_eq!(parse_pci_device_id("0x20b010de"), Some(0x20B0_10DE));
+        assert_eq!(parse_pci_device_id("20B010DE"), None, "hex needs its 0x");
+        assert_eq!(parse_pci_device_id("0x"), None);
+        assert_eq!(parse_pci_device_id("0x1234567890"), None);
+        assert_eq!(parse_pci_device_id("A100"), None);
+        assert_eq!(format_pci_device_id(0x2330_10DE), "0x233010DE");
+        let inv = Inventory::from_yaml(built_in("t4").unwrap()).unwrap();
+        let text = serde_json::to_string(&inv).unwrap();
+        assert!(text.contains("\"pciDeviceId\":\"0x1EB810DE\""), "{text}");
+        let bad = built_in("t4").unwrap().replace("0x1EB810DE", "T4");
+        let err = Inventory::from_yaml(&bad).unwrap_err().to_string();
+        assert!(err.contains("pciDeviceId 'T4'"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use gpu_pilot_agent::backend::{GpuBackend, NvmlBackend, SimulatedBackend};
 use gpu_pilot_agent::health::HealthRules;
 use gpu_pilot_agent::plugin::api::DEVICE_PLUGIN_PATH;
 use gpu_pilot_agent::plugin::config::{MigStrategy, PluginConfig};
-use gpu_pilot_agent::{agent, labels, metrics, node, validate};
+use gpu_pilot_agent::{agent, labels, metrics, node, podresources, validate};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: device plugin, labels and MIG manager (with --node-name), metrics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the GPUs, the labels and one metrics scrape as JSON; changes nothing.
     Discover(BackendArgs),
     /// Run one validation step and exit non-zero with what to fix when it fails.
@@ -113,6 +113,9 @@ struct RunArgs {
     /// Where to serve /metrics; `off` to disable.
     #[arg(long, default_value = "127.0.0.1:9400")]
     metrics_addr: String,
+    /// The kubelet's pod-resources socket, for the pod/namespace/container labels of metrics; `off` to disable.
+    #[arg(long, default_value = podresources::DEFAULT_SOCKET)]
+    pod_resources_socket: String,
     /// How often GPU facts are read again, in milliseconds.
     #[arg(long, default_value = "1000")]
     poll_ms: u64,
@@ -146,7 +149,7 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let node = match &args.node_name {
         Some(name) => {
             let client = kube::Client::try_default().await.context(
@@ -201,6 +204,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cdi: args.cdi,
         health: HealthRules::with_extra(&args.ignore_xids).map_err(anyhow::Error::msg)?,
         metrics_addr,
+        pod_resources: match args.pod_resources_socket.as_str() {
+            "off" => None,
+            p => Some(PathBuf::from(p)),
+        },
         node,
         labels: !args.no_labels,
         mig_manager: !args.no_mig_manager,
@@ -219,7 +226,7 @@ fn discover(args: &BackendArgs) -> anyhow::Result<()> {
         "backend": backend.name(),
         "inventory": inv,
         "labels": labels::labels(&inv, &PluginConfig::default()),
-        "metrics": metrics::render(&inv, &hostname()),
+        "metrics": metrics::render(&inv, &hostname(), &podresources::GpuOwners::new()),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

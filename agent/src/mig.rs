@@ -1,15 +1,20 @@
 //! MIG layouts in mig-parted's `version: v1` config format, and the pure planning step that turns
 //! one named layout into what each GPU must look like (or says why it cannot).
+//!
+//! Entries select GPUs as mig-parted does: `device-filter` (one PCI device ID such as
+//! `0x233010DE`, or a list) and `devices` (`all`, or GPU indices on the node) must both match; a
+//! later entry overrides an earlier one for the same GPU; GPUs no entry selects are left as they
+//! are. A GPU that cannot do MIG is skipped by `devices: all` and by `mig-enabled: false`, and is
+//! an error only when an entry names it by index and asks for MIG. So one layout can serve nodes
+//! with different GPUs, as NVIDIA's default-mig-parted-config does.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, format_pci_device_id, parse_pci_device_id};
 
-/// Compute and memory slices one GPU has in total (A100, H100, H200 alike).
-const COMPUTE_SLICES: u32 = 7;
-const MEMORY_SLICES: u32 = 8;
+use crate::mig_layout::{COMPUTE_SLICES, MEMORY_SLICES};
 
 /// A whole mig-parted config file: named layouts.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,7 +29,7 @@ pub struct MigConfigFile {
 pub struct MigConfigEntry {
     pub devices: DeviceSelector,
     #[serde(rename = "device-filter", default)]
-    pub device_filter: Option<serde_yaml::Value>,
+    pub device_filter: Option<DeviceFilter>,
     #[serde(rename = "mig-enabled")]
     pub mig_enabled: bool,
     #[serde(rename = "mig-devices", default)]
@@ -37,6 +42,35 @@ pub struct MigConfigEntry {
 pub enum DeviceSelector {
     Keyword(String),
     Indices(Vec<u32>),
+}
+
+/// `device-filter: "0x20B010DE"` or `device-filter: ["0x20B010DE", "0x20B110DE"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceFilter {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl DeviceFilter {
+    /// The PCI device IDs, or the first entry that is not one.
+    fn ids(&self) -> Result<Vec<u32>, String> {
+        let texts: Vec<&String> = match self {
+            DeviceFilter::One(s) => vec![s],
+            DeviceFilter::Many(v) => v.iter().collect(),
+        };
+        texts
+            .into_iter()
+            .map(|t| {
+                parse_pci_device_id(t).ok_or_else(|| {
+                    format!(
+                        "device-filter '{t}' is not a PCI device ID; write it as mig-parted does, \
+                         e.g. \"0x233010DE\" for an H100 SXM5 80GB"
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 /// What each named GPU must look like after the change.
@@ -98,32 +132,34 @@ impl MigConfigFile {
         };
         let mut plan = MigPlan::default();
         for entry in entries {
-            if entry.device_filter.is_some() {
-                return Err(impossible(
-                    "`device-filter` entries are not supported by gpu-pilot's MIG manager; \
-                     give a config per GPU model and select it with the node's label instead"
-                        .into(),
-                ));
-            }
-            let indices: Vec<u32> = match &entry.devices {
-                DeviceSelector::Keyword(k) if k == "all" => {
-                    inv.gpus.iter().map(|g| g.index).collect()
-                }
+            let filter = match &entry.device_filter {
+                Some(f) => Some(f.ids().map_err(impossible)?),
+                None => None,
+            };
+            let all = match &entry.devices {
+                DeviceSelector::Keyword(k) if k == "all" => true,
                 DeviceSelector::Keyword(k) => {
                     return Err(impossible(format!(
                         "`devices: {k}` is not understood; use `all` or a list of GPU indices"
                     )));
                 }
-                DeviceSelector::Indices(v) => v.clone(),
+                DeviceSelector::Indices(_) => false,
             };
-            for index in indices {
-                let gpu = inv.gpu(index).ok_or_else(|| {
-                    impossible(format!(
-                        "it names GPU {index}, but this node has GPUs 0..{}",
-                        inv.gpus.len()
-                    ))
-                })?;
-                if entry.mig_enabled && !gpu.model.mig_capable {
+            // Indices the node does not have select nothing (one layout serves nodes of any size).
+            for gpu in inv.gpus.iter().filter(|g| match &entry.devices {
+                DeviceSelector::Indices(v) => v.contains(&g.index),
+                DeviceSelector::Keyword(_) => true,
+            }) {
+                let index = gpu.index;
+                if let Some(ids) = &filter
+                    && !gpu.model.pci_device_id.is_some_and(|id| ids.contains(&id))
+                {
+                    continue;
+                }
+                if !gpu.model.mig_capable {
+                    if all || !entry.mig_enabled {
+                        continue;
+                    }
                     return Err(impossible(format!(
                         "GPU {index} ({}) cannot run in MIG mode",
                         gpu.model.product
@@ -134,8 +170,11 @@ impl MigConfigFile {
                         "GPU {index}: mig-devices are listed but mig-enabled is false"
                     )));
                 }
+                // A GPU whose driver lists no profiles (MIG mode still off) is checked by the
+                // backend once MIG is on; the others are checked here, before anything changes.
+                let known = !gpu.model.mig_profiles.is_empty();
                 let (mut compute, mut memory) = (0, 0);
-                for (profile, count) in &entry.mig_devices {
+                for (profile, count) in entry.mig_devices.iter().filter(|_| known) {
                     let p = gpu.model.mig_profile(profile).ok_or_else(|| {
                         let have: Vec<_> = gpu
                             .model
@@ -175,6 +214,26 @@ impl MigConfigFile {
         plan.gpus.sort_by_key(|g| g.index);
         Ok(plan)
     }
+}
+
+/// What a plan leaves alone: one line per GPU no entry selected, naming its PCI device ID, so a
+/// layout that does not cover a GPU model is visible in the log.
+pub fn untouched(plan: &MigPlan, inv: &Inventory) -> Vec<String> {
+    inv.gpus
+        .iter()
+        .filter(|g| g.model.mig_capable && !plan.gpus.iter().any(|p| p.index == g.index))
+        .map(|g| {
+            format!(
+                "GPU {} ({}, {}) is selected by no entry and stays as it is",
+                g.index,
+                g.model.product,
+                g.model
+                    .pci_device_id
+                    .map(format_pci_device_id)
+                    .unwrap_or_else(|| "no PCI device ID".into())
+            )
+        })
+        .collect()
 }
 
 /// The config the agent uses when none is given: mig-parted's usual all-same layouts for every
@@ -274,9 +333,104 @@ mig-configs:
         assert!(e.contains("need 8 of 7 compute slices"), "{e}");
         let e = cfg.plan("nope", &a100()).unwrap_err().to_string();
         assert!(e.contains("does not have (it has: all-1g.5gb"), "{e}");
+    }
+
+    #[test]
+    fn gpus_without_mig_are_skipped_unless_named_by_index() {
+        // mig-parted's rules: `devices: all` and `mig-enabled: false` skip a GPU without MIG.
+        let cfg = MigConfigFile::parse(CONFIG).unwrap();
         let t4 = Inventory::from_yaml(built_in("t4").unwrap()).unwrap();
-        let e = cfg.plan("all-1g.5gb", &t4).unwrap_err().to_string();
-        assert!(e.contains("cannot run in MIG mode"), "{e}");
+        assert_eq!(cfg.plan("all-1g.5gb", &t4).unwrap(), MigPlan::default());
+        assert_eq!(cfg.plan("all-disabled", &t4).unwrap(), MigPlan::default());
+        let named = MigConfigFile::parse(
+            "version: v1\nmig-configs:\n  x:\n    - devices: [0]\n      mig-enabled: true\n",
+        )
+        .unwrap();
+        let e = named.plan("x", &t4).unwrap_err().to_string();
+        assert!(e.contains("GPU 0 (Tesla T4) cannot run in MIG mode"), "{e}");
+        // An index the node does not have selects nothing.
+        let beyond = MigConfigFile::parse(
+            "version: v1\nmig-configs:\n  x:\n    - devices: [4, 5]\n      mig-enabled: true\n",
+        )
+        .unwrap();
+        assert_eq!(beyond.plan("x", &a100()).unwrap(), MigPlan::default());
+    }
+
+    const FILTERED: &str = r#"
+version: v1
+mig-configs:
+  all-balanced:
+    - device-filter: ["0x233010DE", "0x233110DE"]
+      devices: all
+      mig-enabled: true
+      mig-devices: {"1g.10gb": 2, "2g.20gb": 1, "3g.40gb": 1}
+    - device-filter: "0x20B010DE"
+      devices: all
+      mig-enabled: true
+      mig-devices: {"1g.5gb": 2, "2g.10gb": 1, "3g.20gb": 1}
+  h100-only:
+    - device-filter: "0x233010DE"
+      devices: all
+      mig-enabled: true
+      mig-devices: {"7g.80gb": 1}
+  a100-first-two:
+    - device-filter: "0x20b010de"
+      devices: [0, 1]
+      mig-enabled: true
+      mig-devices: {"7g.40gb": 1}
+  typo:
+    - device-filter: "A100"
+      devices: all
+      mig-enabled: true
+"#;
+
+    #[test]
+    fn device_filters_pick_the_entry_for_each_gpu_model() {
+        let cfg = MigConfigFile::parse(FILTERED).unwrap();
+        let h100 = Inventory::from_yaml(built_in("dgx-h100").unwrap()).unwrap();
+        let plan = cfg.plan("all-balanced", &h100).unwrap();
+        assert_eq!(plan.gpus.len(), 8);
+        assert_eq!(plan.gpus[7].devices["3g.40gb"], 1);
+        let plan = cfg.plan("all-balanced", &a100()).unwrap();
+        assert_eq!(plan.gpus.len(), 4);
+        assert_eq!(plan.gpus[0].devices["3g.20gb"], 1);
+        assert!(untouched(&plan, &a100()).is_empty());
+        // Filters compare numbers, so case does not matter; indices still apply.
+        let plan = cfg.plan("a100-first-two", &a100()).unwrap();
+        assert_eq!(
+            plan.gpus.iter().map(|g| g.index).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        // No entry for the A100s: mig-parted leaves them alone, and says so in the log.
+        let plan = cfg.plan("h100-only", &a100()).unwrap();
+        assert_eq!(plan, MigPlan::default());
+        let left = untouched(&plan, &a100());
+        assert_eq!(left.len(), 4);
+        assert!(left[0].contains("0x20B010DE"), "{left:?}");
+        // A T4 is skipped by the filter before MIG capability is looked at.
+        let t4 = Inventory::from_yaml(built_in("t4").unwrap()).unwrap();
+        assert_eq!(cfg.plan("h100-only", &t4).unwrap(), MigPlan::default());
+        let e = cfg.plan("typo", &a100()).unwrap_err().to_string();
+        assert!(
+            e.contains("device-filter 'A100' is not a PCI device ID"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nvidias_default_config_shape_serves_mixed_nodes() {
+        // The shape of NVIDIA's default-mig-parted-config: one name, one entry per GPU model.
+        let cfg = MigConfigFile::parse(FILTERED).unwrap();
+        let t4 = Inventory::from_yaml(built_in("t4").unwrap()).unwrap();
+        for inv in [
+            a100(),
+            Inventory::from_yaml(built_in("dgx-h100").unwrap()).unwrap(),
+            t4,
+        ] {
+            let plan = cfg.plan("all-balanced", &inv).unwrap();
+            let capable = inv.gpus.iter().filter(|g| g.model.mig_capable).count();
+            assert_eq!(plan.gpus.len(), capable, "{}", inv.machine);
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub const PAUSED_COMPONENTS: [Component; 3] = [
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(
-        "reading Node {node}: {source}. The agent needs get/watch/patch on its own Node (agent/deploy/rbac.yaml)"
+        "reading Node {node}: {source}. The agent needs get and patch on its own Node (agent/deploy/rbac.yaml)"
     )]
     Get { node: String, source: kube::Error },
     #[error(
@@ -238,6 +238,44 @@ mod tests {
         assert_eq!(
             r["metadata"]["labels"]["nvidia.com/mig.config.state"],
             "failed"
+        );
+    }
+
+    /// The agent's RBAC stays least-privilege: what it grants is exactly what `NodeClient` uses
+    /// (get and merge-patch of Nodes), and the own-node admission policy is there. Pod attribution
+    /// reads the kubelet's pod-resources socket, which needs no Kubernetes permission.
+    #[test]
+    fn deploy_rbac_grants_only_get_and_patch_of_nodes() {
+        use serde::Deserialize;
+        let text = include_str!("../deploy/rbac.yaml");
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(text)
+            .map(|d| Value::deserialize(d).unwrap())
+            .collect();
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding"
+            ]
+        );
+        let role = &docs[1];
+        assert_eq!(
+            role["rules"],
+            json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]),
+            "agent/deploy/rbac.yaml grants more than the agent uses"
+        );
+        let vap = &docs[3];
+        assert_eq!(vap["spec"]["failurePolicy"], "Fail");
+        assert!(
+            vap["spec"]["validations"][0]["expression"]
+                .as_str()
+                .unwrap()
+                .contains("object.metadata.name"),
+            "{vap}"
         );
     }
 }

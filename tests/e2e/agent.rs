@@ -30,7 +30,7 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         }),
         ("agent::labels_for_t4", |c| Box::pin(labels_for(c, "t4"))),
         (
-            "agent::mig_config_walks_pending_to_success_and_failed",
+            "agent::mig_config_with_device_filters_walks_pending_to_success_and_failed",
             |c| Box::pin(mig_manager(c)),
         ),
     ]
@@ -78,6 +78,7 @@ pub(crate) fn settings(
         cdi: false,
         health: HealthRules::default(),
         metrics_addr: None,
+        pod_resources: None,
         node: Some(NodeClient::new(client.clone(), node)),
         labels: true,
         mig_manager: true,
@@ -219,7 +220,29 @@ async fn mig_manager(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let mig_config = dir.join("mig-config.yaml");
     std::fs::write(
         &mig_config,
-        "version: v1\nmig-configs:\n  all-1g.5gb:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {\"1g.5gb\": 7}\n  too-many:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {\"1g.5gb\": 8}\n",
+        // One name for every GPU model, as NVIDIA's default-mig-parted-config writes it: each
+        // entry's device-filter picks the GPUs it applies to (H100 SXM5 80GB, A100-SXM4-40GB).
+        r#"version: v1
+mig-configs:
+  all-1g:
+    - device-filter: ["0x233010DE", "0x233110DE"]
+      devices: all
+      mig-enabled: true
+      mig-devices: {"1g.10gb": 7}
+    - device-filter: "0x20B010DE"
+      devices: all
+      mig-enabled: true
+      mig-devices: {"1g.5gb": 7}
+  h100-only:
+    - device-filter: "0x233010DE"
+      devices: all
+      mig-enabled: true
+      mig-devices: {"7g.80gb": 1}
+  too-many:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"1g.5gb": 8}
+"#,
     )?;
     let api = Api::<Node>::all(env.client.clone());
     let dp = label::deploy_gate(Component::DevicePlugin);
@@ -251,7 +274,7 @@ async fn mig_manager(cluster: Arc<Cluster>) -> anyhow::Result<()> {
                 .await
             }
         };
-        set("all-1g.5gb").await?;
+        set("all-1g").await?;
         // While the layout changes, the GPU clients are paused; `false` gates are left alone.
         wait_labels(
             &env.client,
@@ -277,6 +300,30 @@ async fn mig_manager(cluster: Arc<Cluster>) -> anyhow::Result<()> {
             ],
         )
         .await?;
+        // A layout with no entry for this node's GPUs leaves them as they are and succeeds, as
+        // mig-parted does (it walks only the GPUs an entry selects).
+        set("h100-only").await?;
+        wait_labels(
+            &env.client,
+            &node,
+            &[(label::MIG_CONFIG_STATE, mig_config_state::PENDING)],
+        )
+        .await?;
+        wait_labels(
+            &env.client,
+            &node,
+            &[
+                (label::MIG_CONFIG_STATE, mig_config_state::SUCCESS),
+                (dp.as_str(), "true"),
+                ("nvidia.com/mig-1g.5gb.count", "28"),
+            ],
+        )
+        .await?;
+        let l = node_labels(&api.get(&node).await?);
+        anyhow::ensure!(
+            !l.contains_key("nvidia.com/mig-7g.40gb.count"),
+            "the A100s were changed by an H100-only layout: {l:?}"
+        );
         // A layout that cannot fit fails, and the clients are restored all the same.
         set("too-many").await?;
         wait_labels(

@@ -3,6 +3,7 @@
 //! Both sit behind [`GpuBackend`]; the rest of the agent only ever sees an [`Inventory`].
 
 mod nvml;
+mod nvml_mig;
 mod simulated;
 
 pub use nvml::NvmlBackend;

@@ -15,8 +15,9 @@ use nvml_wrapper::enums::device::DeviceArchitecture;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 
+use super::nvml_mig::MigGpu;
 use super::{BackendError, GpuBackend};
-use crate::inventory::{Gpu, GpuModel, Inventory, MigDevice, Telemetry};
+use crate::inventory::{Gpu, GpuModel, Inventory, MigDevice, MigProfile, Telemetry};
 use crate::mig::MigPlan;
 
 pub struct NvmlBackend {
@@ -24,6 +25,8 @@ pub struct NvmlBackend {
     /// GPU UUID -> (XID, when last seen).
     xids: Arc<Mutex<BTreeMap<String, (u64, Instant)>>>,
     xid_hold: Duration,
+    /// GPU UUID -> (MIG mode on, its MIG profiles): read once per mode, not on every poll.
+    profiles: Mutex<BTreeMap<String, (bool, Vec<MigProfile>)>>,
 }
 
 fn err(call: &'static str) -> impl Fn(NvmlError) -> BackendError {
@@ -50,6 +53,7 @@ impl NvmlBackend {
             nvml: Arc::new(nvml),
             xids: Arc::default(),
             xid_hold,
+            profiles: Mutex::default(),
         };
         backend.watch_xids();
         Ok(backend)
@@ -143,6 +147,11 @@ impl NvmlBackend {
         };
         let mig_enabled = dev.mig_mode().map(|m| m.current == 1).unwrap_or(false);
         let mig_capable = dev.mig_mode().is_ok();
+        let mig_profiles = if mig_capable {
+            self.mig_profiles(dev, index, &uuid, mig_enabled, mem.total / (1024 * 1024))
+        } else {
+            Vec::new()
+        };
         let mut mig_devices = Vec::new();
         if mig_enabled {
             let n = dev.mig_device_count().unwrap_or(0);
@@ -193,13 +202,13 @@ impl NvmlBackend {
             pci_bus_id: pci.bus_id,
             model: GpuModel {
                 product: dev.name().map_err(err("nvmlDeviceGetName"))?,
+                pci_device_id: Some(pci.pci_device_id),
                 memory_mib: mem.total / (1024 * 1024),
                 family,
                 compute_capability: format!("{}.{}", cc.major, cc.minor),
                 multiprocessors: 0,
                 mig_capable,
-                // Profile details need the GPU-instance-profile calls nvml-wrapper does not wrap.
-                mig_profiles: Vec::new(),
+                mig_profiles,
             },
             mig_enabled,
             mig_devices,
@@ -207,6 +216,43 @@ impl NvmlBackend {
             xids,
             telemetry,
         })
+    }
+}
+
+impl NvmlBackend {
+    /// The GPU's MIG profiles through the raw GPU-instance-profile calls, cached per MIG mode.
+    /// Where the driver does not list them (some drivers only do with MIG on) the list is empty
+    /// and the MIG planner leaves the profile check to the apply step.
+    fn mig_profiles(
+        &self,
+        dev: &Device<'_>,
+        index: u32,
+        uuid: &str,
+        mig_enabled: bool,
+        total_memory_mib: u64,
+    ) -> Vec<MigProfile> {
+        let mut cache = self.profiles.lock().expect("profile cache");
+        if let Some((mode, p)) = cache.get(uuid)
+            && *mode == mig_enabled
+        {
+            return p.clone();
+        }
+        let gpu = MigGpu {
+            lib: self.nvml.lib(),
+            // SAFETY: the handle stays valid while `self.nvml` is alive, which outlives this call.
+            device: unsafe { dev.handle() },
+            index,
+            total_memory_mib,
+        };
+        let profiles = match gpu.profiles() {
+            Ok(p) => p.into_iter().map(|(_, m)| m).collect(),
+            Err(e) => {
+                tracing::debug!("reading MIG profiles: {e}");
+                Vec::new()
+            }
+        };
+        cache.insert(uuid.to_string(), (mig_enabled, profiles.clone()));
+        profiles
     }
 }
 
@@ -272,11 +318,24 @@ impl GpuBackend for NvmlBackend {
         })
     }
 
-    fn apply_mig(&self, _plan: &MigPlan) -> Result<(), BackendError> {
-        Err(BackendError::Unsupported(
-            "changing MIG layouts through NVML is not implemented in this build of the agent; \
-             apply the layout with nvidia-mig-parted, or disable gpu-pilot's MIG manager"
-                .into(),
-        ))
+    fn apply_mig(&self, plan: &MigPlan) -> Result<(), BackendError> {
+        for gpu_plan in &plan.gpus {
+            let dev = self
+                .nvml
+                .device_by_index(gpu_plan.index)
+                .map_err(err("nvmlDeviceGetHandleByIndex"))?;
+            let mem = dev.memory_info().map_err(err("nvmlDeviceGetMemoryInfo"))?;
+            let gpu = MigGpu {
+                lib: self.nvml.lib(),
+                // SAFETY: the handle stays valid while `self.nvml` is alive.
+                device: unsafe { dev.handle() },
+                index: gpu_plan.index,
+                total_memory_mib: mem.total / (1024 * 1024),
+            };
+            gpu.apply(gpu_plan)?;
+        }
+        // MIG mode or devices changed: read the profiles again next time.
+        self.profiles.lock().expect("profile cache").clear();
+        Ok(())
     }
 }

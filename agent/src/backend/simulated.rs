@@ -135,17 +135,30 @@ impl GpuBackend for SimulatedBackend {
                     gpu_plan.index
                 )));
             };
-            let mut devices = Vec::new();
-            for (profile, count) in &gpu_plan.devices {
-                for n in 0..*count {
-                    // Stable, recognisable UUIDs: MIG-<gpu uuid without prefix>-<profile>-<n>.
-                    let base = gpu.uuid.trim_start_matches("GPU-");
-                    devices.push(MigDevice {
-                        uuid: format!("MIG-{base}-{profile}-{n}"),
-                        profile: profile.clone(),
-                    });
-                }
-            }
+            // The same placement rules as on a GPU: a layout that cannot be placed fails here too.
+            let offered = crate::mig_layout::simulated_profiles(&gpu.model.mig_profiles);
+            let steps = if gpu_plan.mig_enabled {
+                crate::mig_layout::steps(&gpu_plan.devices, &offered).map_err(|e| {
+                    BackendError::Unsupported(format!("GPU {}: {e}", gpu_plan.index))
+                })?
+            } else {
+                Vec::new()
+            };
+            // Stable, recognisable UUIDs: MIG-<gpu uuid without prefix>-<profile>-<n>.
+            let base = gpu.uuid.trim_start_matches("GPU-");
+            let mut seen: std::collections::BTreeMap<&str, u32> = Default::default();
+            let devices: Vec<MigDevice> = steps
+                .iter()
+                .map(|s| {
+                    let n = seen.entry(s.profile.as_str()).or_default();
+                    let d = MigDevice {
+                        uuid: format!("MIG-{base}-{}-{n}", s.profile),
+                        profile: s.profile.clone(),
+                    };
+                    *n += 1;
+                    d
+                })
+                .collect();
             state.mig.retain(|(i, _, _)| *i != gpu_plan.index);
             state
                 .mig
@@ -169,6 +182,40 @@ mod tests {
         assert!(b.inventory().unwrap().gpus[0].xids.is_empty());
         std::fs::write(&path, text.replace("xids: []", "xids: [79]")).unwrap();
         assert_eq!(b.inventory().unwrap().gpus[0].xids, vec![79]);
+    }
+
+    #[test]
+    fn applies_layouts_with_the_placement_rules_of_a_gpu() {
+        use crate::mig::GpuMigPlan;
+        let b = SimulatedBackend::open("a100-40gb").unwrap();
+        let plan = |devices: &[(&str, u32)]| MigPlan {
+            gpus: vec![GpuMigPlan {
+                index: 1,
+                mig_enabled: true,
+                devices: devices.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+            }],
+        };
+        b.apply_mig(&plan(&[("3g.20gb", 1), ("2g.10gb", 2)]))
+            .unwrap();
+        let inv = b.inventory().unwrap();
+        let profiles: Vec<_> = inv.gpus[1]
+            .mig_devices
+            .iter()
+            .map(|d| d.profile.as_str())
+            .collect();
+        assert_eq!(profiles, ["2g.10gb", "2g.10gb", "3g.20gb"]);
+        assert!(inv.gpus[1].mig_enabled && !inv.gpus[0].mig_enabled);
+        assert_eq!(
+            inv.gpus[1].mig_devices[1].uuid,
+            "MIG-0cb1e29c-658c-4a14-95e6-0af593bd04cf-2g.10gb-1"
+        );
+        let e = b
+            .apply_mig(&plan(&[("4g.20gb", 1), ("3g.20gb", 1), ("1g.5gb", 1)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("GPU 1: the MIG devices"), "{e}");
+        // The failed layout changed nothing.
+        assert_eq!(b.inventory().unwrap(), inv);
     }
 
     #[test]
