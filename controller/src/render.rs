@@ -124,15 +124,15 @@ pub fn render(policy: &ClusterPolicy, namespace: &str) -> Desired {
             })))
         })
         .collect();
-    // The agent labels its own Node; RBAC cannot narrow that to one node, so the agent itself
-    // only ever patches the node it runs on (its NODE_NAME).
+    // The agent reads (GET, no list or watch) and labels its own Node; RBAC cannot narrow that
+    // to one node, so the agent itself only ever touches the node it runs on (its NODE_NAME).
+    // Kept equal to agent/deploy/rbac.yaml.
     let agent_role: ClusterRole = from(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": meta("gpu-pilot-agent", "agent", None),
         "rules": [
-            { "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "watch", "list", "patch"] },
-            { "apiGroups": ["gpupilot.io"], "resources": ["clusterpolicies"], "verbs": ["get", "list", "watch"] },
+            { "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"] },
         ],
     }));
     let agent_role_binding: ClusterRoleBinding = from(json!({
