@@ -242,13 +242,16 @@ fn shape(spec: &ClusterPolicySpec, c: Component) -> Shape {
             ],
             gpu_runtime: true,
         },
+        // The device plugin also serves the agent's NVML metrics (dcgm-exporter's names, with
+        // pod labels from the kubelet's pod-resources API) on :9401; NVIDIA's dcgm-exporter
+        // (the dcgmExporter component, :9400) adds DCGM's profiling metrics where wanted.
         Component::DevicePlugin => Shape {
             agent_args: Some(&[
                 "run",
                 "--no-labels",
                 "--no-mig-manager",
                 "--metrics-addr",
-                "off",
+                "0.0.0.0:9401",
             ]),
             privileged: true,
             host_pid: false,
@@ -258,6 +261,12 @@ fn shape(spec: &ClusterPolicySpec, c: Component) -> Shape {
                     "/var/lib/kubelet/device-plugins".into(),
                     "/var/lib/kubelet/device-plugins",
                     false,
+                ),
+                (
+                    "pod-resources",
+                    "/var/lib/kubelet/pod-resources".into(),
+                    "/var/lib/kubelet/pod-resources",
+                    true,
                 ),
                 ("driver-root", driver_root, "/run/nvidia/driver", true),
                 ("cdi-root", "/var/run/cdi".into(), "/var/run/cdi", false),
@@ -672,7 +681,7 @@ mod tests {
                 "--no-labels",
                 "--no-mig-manager",
                 "--metrics-addr",
-                "off",
+                "0.0.0.0:9401",
                 "--mig-strategy",
                 "mixed",
                 "--config",
