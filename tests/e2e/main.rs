@@ -5,6 +5,7 @@
 mod agent;
 mod controller;
 mod foundation;
+mod helm;
 mod webhook;
 
 use std::future::Future;
@@ -23,6 +24,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(controller::tests());
     all.extend(agent::tests());
     all.extend(webhook::tests());
+    all.extend(helm::tests());
     all
 }
 
