@@ -1,9 +1,11 @@
 //! Install values: the Helm chart's keys, read the way Helm reads them.
 //!
 //! The defaults are the chart's own `values.yaml` (compiled in), so `kubectl gpu install` and
-//! `helm install` start from the same file. `-f` files are deep-merged over them in order (maps
-//! merge, lists and scalars replace, `null` removes a key), then every `--set` in order. The
-//! result is checked against the chart's `values.schema.json` (generated here, from the Rust
+//! `helm install` start from the same file. As in Helm, the user's values are built first: `-f`
+//! files deep-merged in order (maps merge, lists and scalars replace), then every `--set` written
+//! into that tree; then they are laid over the defaults (maps merge, anything else replaces,
+//! `null` removes the default). So `--set daemonsets.tolerations[0].key=x` replaces the default
+//! list with a one-element list, as `helm install` does. The result is checked against the chart's `values.schema.json` (generated here, from the Rust
 //! types and the CRD's schema), so a misspelt key is an error, never silently ignored.
 
 use std::collections::BTreeMap;
@@ -183,13 +185,14 @@ impl Values {
         })
     }
 
-    /// Defaults, then each `-f` file, then each `--set`, `--set-string`.
+    /// Each `-f` file, then each `--set`, `--set-string`, laid over the defaults (Helm's order).
     pub fn load(
         files: &[std::path::PathBuf],
         sets: &[String],
         set_strings: &[String],
     ) -> Result<Values, ValuesError> {
-        let mut tree = default_tree();
+        // The user's values alone; nulls stay in it until they remove defaults below.
+        let mut user = Value::Object(Map::new());
         for path in files {
             let shown = path.display().to_string();
             let text = if shown == "-" {
@@ -216,7 +219,7 @@ impl Values {
                 })?
             };
             match overlay {
-                Value::Object(_) => merge(&mut tree, overlay),
+                Value::Object(_) => merge_user(&mut user, overlay),
                 Value::Null => {}
                 other => {
                     return Err(ValuesError::NotAMap {
@@ -227,11 +230,13 @@ impl Values {
             }
         }
         for expr in sets {
-            apply_set(&mut tree, expr, false)?;
+            set_values(&mut user, expr, false, true)?;
         }
         for expr in set_strings {
-            apply_set(&mut tree, expr, true)?;
+            set_values(&mut user, expr, true, true)?;
         }
+        let mut tree = default_tree();
+        merge(&mut tree, user);
         Values::from_tree(tree)
     }
 
@@ -300,7 +305,28 @@ pub fn spec_json(tree: &Value) -> Value {
     Value::Object(spec)
 }
 
-/// Helm's merge: maps merge key by key, anything else replaces, `null` deletes.
+/// Merging `-f` files into the user's values (Helm's mergeMaps): maps merge key by key,
+/// anything else replaces, and a `null` stays so that it removes the default later.
+fn merge_user(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) if existing.is_object() && v.is_object() => {
+                        merge_user(existing, v)
+                    }
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// Helm's merge of values over defaults: maps merge key by key, anything else replaces, `null`
+/// deletes.
 pub fn merge(base: &mut Value, overlay: Value) {
     match (base, overlay) {
         (Value::Object(b), Value::Object(o)) => {
@@ -338,8 +364,22 @@ enum Seg {
     Index(usize),
 }
 
-/// Apply one `--set` argument (`a.b=1,c[0]=x,d={p,q}`) the way Helm does.
+/// Apply one `--set` argument (`a.b=1,c[0]=x,d={p,q}`) to a complete tree, in place: lists are
+/// indexed as they stand and `null` removes the key. (`--set` on the command line goes through
+/// [`Values::load`], which writes into the user's values first, as Helm does.)
 pub fn apply_set(tree: &mut Value, expr: &str, string_only: bool) -> Result<(), ValuesError> {
+    set_values(tree, expr, string_only, false)
+}
+
+/// Write one `--set` argument into `tree`. With `keep_null`, `key=null` stores a null (which
+/// removes the default when the user's values are laid over the defaults) instead of removing
+/// the key.
+fn set_values(
+    tree: &mut Value,
+    expr: &str,
+    string_only: bool,
+    keep_null: bool,
+) -> Result<(), ValuesError> {
     let err = |why: String| ValuesError::Set {
         expr: expr.to_string(),
         why,
@@ -365,7 +405,7 @@ pub fn apply_set(tree: &mut Value, expr: &str, string_only: bool) -> Result<(), 
         } else {
             typed_scalar(&unescape(raw), string_only)
         };
-        set_path(tree, &path, value).map_err(err)?;
+        set_path(tree, &path, value, keep_null).map_err(err)?;
     }
     Ok(())
 }
@@ -485,7 +525,7 @@ fn parse_path(key: &str) -> Result<Vec<Seg>, String> {
     Ok(segs)
 }
 
-fn set_path(tree: &mut Value, path: &[Seg], value: Value) -> Result<(), String> {
+fn set_path(tree: &mut Value, path: &[Seg], value: Value, keep_null: bool) -> Result<(), String> {
     let (last, parents) = path.split_last().expect("paths are never empty");
     let mut cur = tree;
     for (i, seg) in parents.iter().enumerate() {
@@ -533,7 +573,7 @@ fn set_path(tree: &mut Value, path: &[Seg], value: Value) -> Result<(), String> 
                 *cur = Value::Object(Map::new());
             }
             let map = cur.as_object_mut().expect("just made a map");
-            if value.is_null() {
+            if value.is_null() && !keep_null {
                 map.remove(k);
             } else {
                 map.insert(k.clone(), value);
@@ -862,6 +902,45 @@ mod tests {
         assert!(e.to_string().contains("must be a YAML map"), "{e}");
         let e = Values::load(&[dir.path().join("missing.yaml")], &[], &[]).unwrap_err();
         assert!(e.to_string().contains("cannot read values file"), "{e}");
+    }
+
+    #[test]
+    fn set_writes_into_the_users_values_as_helm_does() {
+        // An index into a list the user did not give starts a new list, which replaces the
+        // default one (helm install does the same).
+        let v = Values::load(
+            &[],
+            &[
+                "daemonsets.tolerations[0].key=gpu,daemonsets.tolerations[0].operator=Exists"
+                    .into(),
+                "operator.resources=null".into(),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            v.spec_json["daemonsets"]["tolerations"],
+            json!([{"key": "gpu", "operator": "Exists"}])
+        );
+        assert!(v.operator.resources.is_none(), "null removes the default");
+        // Into a list from a -f file, the index edits that list.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("v.yaml");
+        std::fs::write(
+            &f,
+            "daemonsets:\n  tolerations:\n  - key: a\n    operator: Exists\n    effect: NoSchedule\n",
+        )
+        .unwrap();
+        let v = Values::load(
+            std::slice::from_ref(&f),
+            &["daemonsets.tolerations[0].key=b".into()],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            v.spec_json["daemonsets"]["tolerations"],
+            json!([{"key": "b", "operator": "Exists", "effect": "NoSchedule"}])
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod agent;
 mod controller;
 mod foundation;
+mod helm;
 mod plugin;
 mod webhook;
 
@@ -24,6 +25,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(controller::tests());
     all.extend(agent::tests());
     all.extend(webhook::tests());
+    all.extend(helm::tests());
     all.extend(plugin::tests());
     all
 }

@@ -1,0 +1,134 @@
+{{/*
+Shared pieces of the gpu-pilot chart. Every object carries the labels `kubectl gpu install` gives
+it (app.kubernetes.io/managed-by: gpu-pilot, part-of, component), so the plugin, the controller
+and this chart select the same objects; Helm tracks its release through its own annotations.
+Object names are fixed (gpu-pilot-controller, gpu-pilot-webhook, cluster-policy): one install
+per cluster, as the single ClusterPolicy implies.
+*/}}
+
+{{/* Labels of an object; the argument is its component, e.g. (include "gpu-pilot.labels" "controller"). */}}
+{{- define "gpu-pilot.labels" -}}
+app.kubernetes.io/component: {{ . | quote }}
+app.kubernetes.io/managed-by: gpu-pilot
+app.kubernetes.io/part-of: gpu-pilot
+{{- end }}
+
+{{/* Selector of a workload; the argument is its name. */}}
+{{- define "gpu-pilot.selector" -}}
+app.kubernetes.io/name: {{ . | quote }}
+app.kubernetes.io/part-of: gpu-pilot
+{{- end }}
+
+{{/* Labels of a workload's pods: (list name component). */}}
+{{- define "gpu-pilot.podLabels" -}}
+app.kubernetes.io/component: {{ index . 1 | quote }}
+{{ include "gpu-pilot.selector" (index . 0) }}
+{{- end }}
+
+{{/*
+An image reference from a values section with repository, image and version:
+(list section .Chart). An empty version means "v" + the chart's appVersion; a sha256: version is
+a digest (@), anything else a tag (:); an empty repository leaves the image name alone.
+*/}}
+{{- define "gpu-pilot.image" -}}
+{{- $v := index . 0 -}}
+{{- $chart := index . 1 -}}
+{{- $version := $v.version | default (printf "v%s" $chart.AppVersion) | toString -}}
+{{- $sep := ternary "@" ":" (hasPrefix "sha256:" $version) -}}
+{{- if $v.repository -}}
+{{- printf "%s/%s%s%s" (regexReplaceAll "/+$" $v.repository "") $v.image $sep $version -}}
+{{- else -}}
+{{- printf "%s%s%s" $v.image $sep $version -}}
+{{- end -}}
+{{- end }}
+
+{{/* imagePullSecrets from a list of Secret names, as a flow list ([] when there are none). */}}
+{{- define "gpu-pilot.pullSecrets" -}}
+{{- $out := list -}}
+{{- range . -}}
+{{- $out = append $out (dict "name" .) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end }}
+
+{{/* The restricted Pod Security profile, for the pod and for its container. */}}
+{{- define "gpu-pilot.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "gpu-pilot.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+  - ALL
+{{- end }}
+
+{{/* The webhook's ServiceAccount, roles, Service, Deployment and both configurations. */}}
+{{- define "gpu-pilot.webhookName" -}}
+gpu-pilot-webhook
+{{- end }}
+
+{{/*
+Where the apiserver sends one webhook's reviews: the in-cluster Service, or webhook.url (trailing
+slashes dropped) plus the path; the argument is (list $ path).
+*/}}
+{{- define "gpu-pilot.webhookClientConfig" -}}
+{{- $ := index . 0 -}}
+{{- $path := index . 1 -}}
+{{- with $.Values.webhook -}}
+{{- if .url }}
+url: {{ printf "%s%s" (regexReplaceAll "/+$" .url "") $path | quote }}
+{{- else }}
+service:
+  name: {{ include "gpu-pilot.webhookName" $ }}
+  namespace: {{ $.Release.Namespace | quote }}
+  path: {{ $path | quote }}
+  port: 443
+{{- end }}
+{{- if .caBundle }}
+caBundle: {{ .caBundle | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The apiserver calls the pod webhook only for pods that ask for a GPU: a GPU resource in a
+container or init container, or one of gpu-pilot's request annotations.
+*/}}
+{{- define "gpu-pilot.gpuResourceKey" -}}
+k == 'nvidia.com/gpu' || k.startsWith('nvidia.com/mig-') || k == 'nvidia.com/gpu.shared'
+{{- end }}
+
+{{- define "gpu-pilot.gpuContainerCEL" -}}
+{{- $k := include "gpu-pilot.gpuResourceKey" . -}}
+has(c.resources) && ((has(c.resources.limits) && c.resources.limits.exists(k, {{ $k }})) || (has(c.resources.requests) && c.resources.requests.exists(k, {{ $k }})))
+{{- end }}
+
+{{- define "gpu-pilot.gpuPodCEL" -}}
+{{- $c := include "gpu-pilot.gpuContainerCEL" . -}}
+(has(object.metadata.annotations) && ('gpupilot.io/mig-profile' in object.metadata.annotations || 'gpupilot.io/gpu-memory' in object.metadata.annotations)) || object.spec.containers.exists(c, {{ $c }}) || (has(object.spec.initContainers) && object.spec.initContainers.exists(c, {{ $c }}))
+{{- end }}
+
+{{/*
+The ClusterPolicy spec: the policy sections of the values verbatim, and operator.defaultRuntime,
+runtimeClass, labels and annotations as spec.operator (kubectl-gpu's values::spec_json).
+*/}}
+{{- define "gpu-pilot.policySpec" -}}
+{{- $operator := dict -}}
+{{- range $key := list "defaultRuntime" "runtimeClass" "labels" "annotations" -}}
+{{- if hasKey $.Values.operator $key -}}
+{{- $_ := set $operator $key (get $.Values.operator $key) -}}
+{{- end -}}
+{{- end -}}
+{{- $spec := dict "operator" $operator -}}
+{{- range $key := list "daemonsets" "driver" "toolkit" "devicePlugin" "dcgmExporter" "gfd" "migManager" "mig" "validator" "cdi" "hostPaths" -}}
+{{- if hasKey $.Values $key -}}
+{{- $_ := set $spec $key (get $.Values $key) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $spec -}}
+{{- end }}
