@@ -180,14 +180,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error(
-        "the serving certificate PEM holds no certificate ({0}); the TLS Secret is damaged: delete it and the webhook makes a new one"
+        "the serving certificate PEM holds no certificate ({0}); from the webhook's own Secret: delete the Secret and the webhook makes a new one; from --tls-cert-file: check what writes it (cert-manager's Certificate)"
     )]
     Certificate(String),
     #[error(
-        "the serving key PEM holds no private key ({0}); the TLS Secret is damaged: delete it and the webhook makes a new one"
+        "the serving key PEM holds no private key ({0}); from the webhook's own Secret: delete the Secret and the webhook makes a new one; from --tls-key-file: check what writes it (cert-manager's Certificate)"
     )]
     Key(String),
-    #[error("rustls refused the certificate and key: {0}")]
+    #[error(
+        "rustls refused the certificate and key: {0} (a key mismatch means the key is not the certificate's, e.g. one file was replaced before the other)"
+    )]
     Rustls(#[from] rustls::Error),
 }
 
