@@ -117,6 +117,20 @@ fn mutate(view: &dyn ClusterView, request: &review::Request) -> Result<Verdict, 
             request.kind
         )));
     }
+    if request.operation == Operation::Update {
+        let (Some(old), Some(new)) = (&request.old_object, &request.object) else {
+            return Ok(Verdict::allow());
+        };
+        return Ok(
+            match (
+                serde_json::from_value::<Pod>(old.clone()),
+                serde_json::from_value::<Pod>(new.clone()),
+            ) {
+                (Ok(old), Ok(new)) => mutate::keep_on_update(&old, &new),
+                _ => Verdict::allow(),
+            },
+        );
+    }
     if request.operation != Operation::Create {
         return Ok(Verdict::allow());
     }
