@@ -6,6 +6,8 @@ mod agent;
 mod controller;
 mod foundation;
 mod webhook;
+mod webhook_reinvocation;
+mod webhook_tls;
 
 use std::future::Future;
 use std::pin::Pin;
