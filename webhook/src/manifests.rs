@@ -8,7 +8,9 @@
 //! ordinary pods are created as usual and only GPU pods wait; admitting a GPU pod without its
 //! runtime class would start it without GPU access, which is worse than a clear error. The
 //! ClusterPolicy webhook guards against edits that break running GPU work; while it is down an
-//! admin who must edit the policy anyway can delete the ValidatingWebhookConfiguration.
+//! admin who must edit the policy anyway can delete the ValidatingWebhookConfiguration. The pod
+//! UPDATE entry ([`KEEP_ON_UPDATE_WEBHOOK`]) uses `Ignore`: pod updates never wait for gpu-pilot,
+//! and without it a re-applied manifest is refused just as it would be with no webhook at all.
 
 use gpu_pilot_api::names::{GPU_TAINT_KEY, GROUP, annotation, label, resource, webhook};
 use k8s_openapi::api::admissionregistration::v1::{
