@@ -86,7 +86,8 @@ pub fn mutate_pod(
         return Verdict::invalid("the pod has no containers; a Pod needs at least one container");
     }
     let strategy = policy.mig.strategy;
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let no_annotations = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&no_annotations);
     let mut ops = Vec::new();
     let mut warnings = Vec::new();
 

@@ -219,7 +219,13 @@ pub async fn serve(
     router: Router,
     handle: axum_server::Handle<SocketAddr>,
 ) -> std::io::Result<()> {
-    let mut server = axum_server::bind_rustls(addr, tls).handle(handle);
+    // TCP_NODELAY: axum-server's default acceptor leaves Nagle's algorithm on. HTTP/2 (what the
+    // apiserver speaks) writes a response's HEADERS and DATA frames separately, and Nagle holds
+    // the second write until the apiserver's delayed ACK comes: the apiserver measured ~13 ms
+    // per review where the handler took 0.2 ms.
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    let mut server = axum_server::bind(addr).acceptor(acceptor).handle(handle);
     // A slow client may not hold a connection open forever before its headers arrive. hyper
     // needs a timer for that, or it panics on the first HTTP/1.1 connection.
     server
