@@ -219,10 +219,10 @@ pub async fn serve(
     router: Router,
     handle: axum_server::Handle<SocketAddr>,
 ) -> std::io::Result<()> {
-    // TCP_NODELAY: axum-server's default acceptor leaves Nagle's algorithm on. HTTP/2 (what the
-    // apiserver speaks) writes a response's HEADERS and DATA frames separately, and Nagle holds
-    // the second write until the apiserver's delayed ACK comes: the apiserver measured ~13 ms
-    // per review where the handler took 0.2 ms.
+    // TCP_NODELAY: axum-server's default acceptor leaves Nagle's algorithm on, which may hold a
+    // small write (an HTTP/2 DATA frame after its HEADERS) until the peer's delayed ACK. Request/
+    // response servers turn it off; on the 2-core test box it made no difference that the noise
+    // of the machine's other load let us see (docs/architecture.md, the webhook's figures).
     let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
         .acceptor(axum_server::accept::NoDelayAcceptor::new());
     let mut server = axum_server::bind(addr).acceptor(acceptor).handle(handle);
