@@ -8,6 +8,8 @@ mod foundation;
 mod helm;
 mod plugin;
 mod webhook;
+mod webhook_reinvocation;
+mod webhook_tls;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -34,9 +34,9 @@ use crate::TestFn;
 use crate::foundation::ensure_crd;
 
 /// Marks the ClusterPolicies and Nodes one test's webhook looks at.
-const TEST_LABEL: &str = "gpupilot.io/e2e-webhook";
-const TLS_SECRET: &str = "webhook-tls";
-const MUTATE_ENDPOINT: &str = "mutate_pods";
+pub(crate) const TEST_LABEL: &str = "gpupilot.io/e2e-webhook";
+pub(crate) const TLS_SECRET: &str = "webhook-tls";
+pub(crate) const MUTATE_ENDPOINT: &str = "mutate_pods";
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
@@ -52,9 +52,16 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             Box::pin(policy_rules(c))
         }),
         (
-            "webhook::reapplied_and_double_registered_pods_stay_single",
-            |c| Box::pin(no_duplicates(c)),
+            "webhook::reinvoked_after_another_webhook_and_reapplied_pods_stay_single",
+            |c| Box::pin(crate::webhook_reinvocation::reinvoked_after_another_webhook(c)),
         ),
+        (
+            "webhook::cert_manager_files_rotate_under_load_fails_no_request",
+            |c| Box::pin(crate::webhook_tls::cert_files_rotate_under_load(c)),
+        ),
+        ("webhook::two_replicas_race_to_one_ca", |c| {
+            Box::pin(crate::webhook_tls::replicas_race_to_one_ca(c))
+        }),
         (
             "webhook::certificate_rotation_under_load_fails_no_request",
             |c| Box::pin(rotation_under_load(c)),
@@ -69,7 +76,7 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
 }
 
 /// Certificates that live long enough not to rotate during a test.
-fn steady_certs(env: &TestEnv) -> CertSettings {
+pub(crate) fn steady_certs(env: &TestEnv) -> CertSettings {
     CertSettings {
         namespace: env.namespace.clone(),
         secret: TLS_SECRET.into(),
@@ -85,18 +92,18 @@ fn steady_certs(env: &TestEnv) -> CertSettings {
 }
 
 /// One test's webhook, its registration and the objects made for it.
-struct Fixture {
-    client: Client,
-    id: String,
-    running: Option<Running>,
-    registration: Registration,
-    made_nodes: Vec<String>,
+pub(crate) struct Fixture {
+    pub(crate) client: Client,
+    pub(crate) id: String,
+    pub(crate) running: Option<Running>,
+    pub(crate) registration: Registration,
+    pub(crate) made_nodes: Vec<String>,
 }
 
 impl Fixture {
     /// Starts a webhook for the test: a RuntimeClass and ClusterPolicy of its own (named after
     /// the namespace), then the server.
-    async fn start(
+    pub(crate) async fn start(
         env: &TestEnv,
         policy_spec: Value,
         certs: CertSettings,
@@ -111,6 +118,16 @@ impl Fixture {
         certs: CertSettings,
         webhook_client: Client,
     ) -> anyhow::Result<Fixture> {
+        let mut fx = Fixture::prepare(env, policy_spec).await?;
+        let running = start_webhook(env, CertSource::Secret(certs), webhook_client).await?;
+        fx.registration.target = Target::Url(format!("https://{}", running.addr));
+        fx.running = Some(running);
+        Ok(fx)
+    }
+
+    /// The test's RuntimeClass and ClusterPolicy (named after the namespace) and a registration
+    /// for a webhook not started yet (its URL is set once it listens).
+    pub(crate) async fn prepare(env: &TestEnv, policy_spec: Value) -> anyhow::Result<Fixture> {
         ensure_crd(&env.client).await?;
         let id = env.namespace.clone();
         let rc: RuntimeClass = serde_json::from_value(json!({
@@ -123,10 +140,10 @@ impl Fixture {
         let mut spec = policy_spec;
         spec["operator"] = json!({ "runtimeClass": id });
         create_policy(&env.client, &id, &id, spec).await?;
-        let running = start_webhook(env, certs, webhook_client).await?;
         let registration = Registration {
             name: id.clone(),
-            target: Target::Url(format!("https://{}", running.addr)),
+            // Port 1 refuses connections: nothing is called before the real URL is set.
+            target: Target::Url("https://127.0.0.1:1".into()),
             excluded_namespaces: Vec::new(),
             namespace_match: vec![
                 json!({"key": names::NAMESPACE_NAME_LABEL, "operator": "In", "values": [id]}),
@@ -138,19 +155,30 @@ impl Fixture {
         Ok(Fixture {
             client: env.client.clone(),
             id,
-            running: Some(running),
+            running: None,
             registration,
             made_nodes: Vec::new(),
         })
     }
 
-    fn running(&self) -> &Running {
+    pub(crate) fn running(&self) -> &Running {
         self.running.as_ref().expect("the webhook runs")
     }
 
     /// Registers the pod webhook and waits until the apiserver calls it.
-    async fn register_mutating(&mut self, ns: &str) -> anyhow::Result<()> {
-        self.registration.ca_bundle = Some(ca_bundle(&self.client, ns).await?);
+    pub(crate) async fn register_mutating(&mut self, ns: &str) -> anyhow::Result<()> {
+        let bundle = ca_bundle(&self.client, ns).await?;
+        self.register_mutating_with(ns, bundle).await
+    }
+
+    /// Registers the pod webhook with `bundle` as its caBundle and waits until the apiserver
+    /// calls it.
+    pub(crate) async fn register_mutating_with(
+        &mut self,
+        ns: &str,
+        bundle: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        self.registration.ca_bundle = Some(bundle);
         Api::<MutatingWebhookConfiguration>::all(self.client.clone())
             .create(&PostParams::default(), &self.registration.mutating())
             .await
@@ -180,7 +208,7 @@ impl Fixture {
     }
 
     /// Registers the ClusterPolicy webhook and waits until the apiserver calls it.
-    async fn register_validating(&mut self, ns: &str) -> anyhow::Result<()> {
+    pub(crate) async fn register_validating(&mut self, ns: &str) -> anyhow::Result<()> {
         self.registration.ca_bundle = Some(ca_bundle(&self.client, ns).await?);
         Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
             .create(&PostParams::default(), &self.registration.validating())
@@ -216,7 +244,7 @@ impl Fixture {
     }
 
     /// Stops the server and removes everything the fixture made.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
@@ -247,9 +275,9 @@ impl Fixture {
     }
 }
 
-async fn start_webhook(
+pub(crate) async fn start_webhook(
     env: &TestEnv,
-    certs: CertSettings,
+    certs: CertSource,
     client: Client,
 ) -> anyhow::Result<Running> {
     let selector = format!("{TEST_LABEL}={}", env.namespace);
@@ -261,7 +289,7 @@ async fn start_webhook(
             node_selector: selector,
             pod_namespaces: vec![env.namespace.clone()],
         },
-        certs: CertSource::Secret(certs),
+        certs,
         limits: Limits::default(),
         check_interval: Duration::from_secs(1),
         startup_timeout: Duration::from_secs(60),
@@ -269,7 +297,7 @@ async fn start_webhook(
     Ok(Running::start(client, opts).await?)
 }
 
-async fn ca_bundle(client: &Client, ns: &str) -> anyhow::Result<Vec<u8>> {
+pub(crate) async fn ca_bundle(client: &Client, ns: &str) -> anyhow::Result<Vec<u8>> {
     let secret = Api::<Secret>::namespaced(client.clone(), ns)
         .get(TLS_SECRET)
         .await
@@ -282,7 +310,7 @@ async fn ca_bundle(client: &Client, ns: &str) -> anyhow::Result<Vec<u8>> {
         .clone())
 }
 
-fn policy(name: &str, id: &str, spec: Value) -> anyhow::Result<ClusterPolicy> {
+pub(crate) fn policy(name: &str, id: &str, spec: Value) -> anyhow::Result<ClusterPolicy> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy",
         "metadata": { "name": name, "labels": { (TEST_LABEL): id } },
@@ -290,7 +318,12 @@ fn policy(name: &str, id: &str, spec: Value) -> anyhow::Result<ClusterPolicy> {
     }))?)
 }
 
-async fn create_policy(client: &Client, name: &str, id: &str, spec: Value) -> anyhow::Result<()> {
+pub(crate) async fn create_policy(
+    client: &Client,
+    name: &str,
+    id: &str,
+    spec: Value,
+) -> anyhow::Result<()> {
     Api::<ClusterPolicy>::all(client.clone())
         .create(&PostParams::default(), &policy(name, id, spec)?)
         .await
@@ -298,7 +331,7 @@ async fn create_policy(client: &Client, name: &str, id: &str, spec: Value) -> an
     Ok(())
 }
 
-fn gpu_pod(name: &str, annotations: Value, limits: Value) -> Value {
+pub(crate) fn gpu_pod(name: &str, annotations: Value, limits: Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": { "name": name, "annotations": annotations },
@@ -309,7 +342,7 @@ fn gpu_pod(name: &str, annotations: Value, limits: Value) -> Value {
     })
 }
 
-async fn dry_run(pods: &Api<Pod>, pod: Value) -> anyhow::Result<Pod> {
+pub(crate) async fn dry_run(pods: &Api<Pod>, pod: Value) -> anyhow::Result<Pod> {
     let pod: Pod = serde_json::from_value(pod)?;
     let pp = PostParams {
         dry_run: true,
@@ -320,7 +353,7 @@ async fn dry_run(pods: &Api<Pod>, pod: Value) -> anyhow::Result<Pod> {
 
 /// Runs the real kubectl with `stdin`, returning (success, stdout, stderr). Async, because the
 /// webhook it ends up calling runs on this same runtime.
-async fn kubectl(
+pub(crate) async fn kubectl(
     cluster: &Cluster,
     args: &[&str],
     stdin: Option<&Value>,
@@ -344,7 +377,7 @@ async fn kubectl(
     ))
 }
 
-fn gpu_tolerations(pod: &Pod) -> usize {
+pub(crate) fn gpu_tolerations(pod: &Pod) -> usize {
     pod.spec
         .as_ref()
         .and_then(|s| s.tolerations.as_ref())
@@ -357,7 +390,7 @@ fn gpu_tolerations(pod: &Pod) -> usize {
 }
 
 /// Runs `body`, then always tears down the fixture and namespace.
-async fn with_cleanup<F>(env: TestEnv, fx: Fixture, body: F) -> anyhow::Result<()>
+pub(crate) async fn with_cleanup<F>(env: TestEnv, fx: Fixture, body: F) -> anyhow::Result<()>
 where
     F: Future<Output = anyhow::Result<()>>,
 {
@@ -367,7 +400,7 @@ where
     result
 }
 
-async fn gpu_pods_mutated(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+pub(crate) async fn gpu_pods_mutated(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "webhook-mutate").await?;
     let mut fx = Fixture::start(&env, json!({}), steady_certs(&env)).await?;
     fx.register_mutating(&env.namespace).await?;
@@ -451,7 +484,11 @@ async fn gpu_pods_mutated(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     with_cleanup(env, fx, body).await
 }
 
-async fn set_strategy(client: &Client, name: &str, strategy: &str) -> anyhow::Result<()> {
+pub(crate) async fn set_strategy(
+    client: &Client,
+    name: &str,
+    strategy: &str,
+) -> anyhow::Result<()> {
     Api::<ClusterPolicy>::all(client.clone())
         .patch(
             name,
@@ -463,7 +500,7 @@ async fn set_strategy(client: &Client, name: &str, strategy: &str) -> anyhow::Re
 }
 
 /// Waits until the webhook has seen `strategy` (it reads the policy from a watch cache).
-async fn until_strategy(pods: &Api<Pod>, strategy: &str) -> anyhow::Result<()> {
+pub(crate) async fn until_strategy(pods: &Api<Pod>, strategy: &str) -> anyhow::Result<()> {
     eventually(
         &format!("the webhook sees mig.strategy {strategy}"),
         Duration::from_secs(30),
@@ -505,7 +542,7 @@ async fn until_strategy(pods: &Api<Pod>, strategy: &str) -> anyhow::Result<()> {
     .await
 }
 
-async fn mig_and_memory(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+pub(crate) async fn mig_and_memory(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "webhook-mig").await?;
     let mut fx = Fixture::start(
         &env,
@@ -688,7 +725,7 @@ async fn mig_and_memory(cluster: Arc<Cluster>) -> anyhow::Result<()> {
 }
 
 /// Runs kubectl and checks it failed with `phrase` in its error output.
-async fn refused(
+pub(crate) async fn refused(
     cluster: &Cluster,
     what: &str,
     args: &[&str],
@@ -705,7 +742,7 @@ async fn refused(
 }
 
 /// Runs kubectl and checks it succeeded, with `warning` in its error output when given.
-async fn admitted(
+pub(crate) async fn admitted(
     cluster: &Cluster,
     what: &str,
     args: &[&str],
@@ -722,7 +759,7 @@ async fn admitted(
     Ok(())
 }
 
-async fn policy_rules(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+pub(crate) async fn policy_rules(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "webhook-policy").await?;
     let mut fx = Fixture::start(
         &env,
@@ -876,110 +913,7 @@ async fn policy_rules(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     with_cleanup(env, fx, body).await
 }
 
-async fn no_duplicates(cluster: Arc<Cluster>) -> anyhow::Result<()> {
-    let env = TestEnv::new(&cluster, "webhook-idempotent").await?;
-    let mut fx = Fixture::start(&env, json!({}), steady_certs(&env)).await?;
-    fx.register_mutating(&env.namespace).await?;
-    // The same webhook registered a second time, with reinvocation: it runs on the first one's
-    // output, and must change nothing.
-    let mut second = fx.registration.clone();
-    second.name = format!("{}-again", fx.id);
-    second.ca_bundle = Some(ca_bundle(&env.client, &env.namespace).await?);
-    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
-        .create(&PostParams::default(), &second.mutating())
-        .await?;
-    let ns = env.namespace.clone();
-    let client = env.client.clone();
-    let body = async {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-        let calls = fx.running().metrics.total(MUTATE_ENDPOINT);
-        // Wait until both configurations are in force (two calls per pod).
-        eventually(
-            "both configurations call the webhook",
-            Duration::from_secs(30),
-            || {
-                let pods = pods.clone();
-                let m = fx.running().metrics.clone();
-                async move {
-                    let before = m.total(MUTATE_ENDPOINT);
-                    dry_run(
-                        &pods,
-                        gpu_pod("probe", json!({}), json!({"nvidia.com/gpu": "1"})),
-                    )
-                    .await?;
-                    let n = m.total(MUTATE_ENDPOINT) - before;
-                    Ok(if n >= 2 {
-                        Ok(())
-                    } else {
-                        Err(format!("{n} call(s) per pod"))
-                    })
-                }
-            },
-        )
-        .await?;
-        ensure!(fx.running().metrics.total(MUTATE_ENDPOINT) > calls);
-
-        // Applied twice with kubectl: one toleration, one runtime class.
-        let mut spec = gpu_pod("applied", json!({}), json!({"nvidia.com/gpu": "1"}));
-        spec["spec"]["tolerations"] = json!([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, {"key": "other", "operator": "Exists"}]);
-        for round in 0..2 {
-            let (ok, _, err) =
-                kubectl(&cluster, &["-n", &ns, "apply", "-f", "-"], Some(&spec)).await?;
-            ensure!(ok, "kubectl apply round {round}: {err}");
-        }
-        let stored = pods.get("applied").await?;
-        ensure!(
-            gpu_tolerations(&stored) == 1,
-            "tolerations {:?}",
-            stored.spec.unwrap().tolerations
-        );
-        let tols = stored
-            .spec
-            .as_ref()
-            .unwrap()
-            .tolerations
-            .clone()
-            .unwrap_or_default();
-        ensure!(
-            tols.iter()
-                .filter(|t| t.key.as_deref() == Some("other"))
-                .count()
-                == 1
-        );
-
-        // A MIG pod through both registrations: the resource renamed once, nothing doubled.
-        set_strategy(&client, &fx.id, "mixed").await?;
-        until_strategy(&pods, "mixed").await?;
-        let p = dry_run(
-            &pods,
-            gpu_pod(
-                "mig",
-                json!({"gpupilot.io/mig-profile": "1g.10gb"}),
-                json!({"nvidia.com/gpu": "3"}),
-            ),
-        )
-        .await?;
-        ensure!(gpu_tolerations(&p) == 1);
-        let limits = p.spec.unwrap().containers[0]
-            .resources
-            .clone()
-            .unwrap()
-            .limits
-            .unwrap();
-        ensure!(
-            limits.len() == 1 && limits["nvidia.com/mig-1g.10gb"].0 == "3",
-            "{limits:?}"
-        );
-        Ok(())
-    };
-    let result = body.await;
-    let _ = Api::<MutatingWebhookConfiguration>::all(env.client.clone())
-        .delete(&second.name, &DeleteParams::default())
-        .await;
-    with_cleanup(env, fx, async { result }).await
-}
-
-async fn rotation_under_load(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+pub(crate) async fn rotation_under_load(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "webhook-rotation").await?;
     // Short lives: a new serving certificate every ~8 s, a new CA staged after ~30 s and promoted
     // 5 s later.
@@ -1122,7 +1056,7 @@ async fn rotation_under_load(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     with_cleanup(env, fx, body).await
 }
 
-async fn webhook_down(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+pub(crate) async fn webhook_down(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "webhook-down").await?;
     let mut fx = Fixture::start(&env, json!({}), steady_certs(&env)).await?;
     fx.register_mutating(&env.namespace).await?;
@@ -1160,7 +1094,7 @@ async fn webhook_down(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     with_cleanup(env, fx, body).await
 }
 
-async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()> {
+pub(crate) async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "webhook-rbac").await?;
     let id = env.namespace.clone();
     // The shipped RBAC, named for this test, and a client that acts as its ServiceAccount.
@@ -1277,7 +1211,7 @@ async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     with_cleanup(env, fx, async { result }).await
 }
 
-async fn cleanup_rbac(client: &Client, id: &str) {
+pub(crate) async fn cleanup_rbac(client: &Client, id: &str) {
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
     let dp = DeleteParams::default();
     let _ = Api::<ClusterRoleBinding>::all(client.clone())

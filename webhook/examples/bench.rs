@@ -4,8 +4,10 @@
 //!    clients posting a GPU pod review; requests per second and p50/p99 latency at 1, 16 and 64
 //!    concurrent connections.
 //! 2. Through the apiserver (with `--kubeconfig`, e.g. from `scripts/local-cluster up`): pods
-//!    created per second in a namespace the webhook mutates versus one it does not, alternating
-//!    rounds in the same run.
+//!    created per second in a namespace the webhook mutates versus one it does not, and versus
+//!    the already-mutated pod in that namespace, alternating rounds in the same run, with the CPU
+//!    the apiserver and this process spent per pod and the time the apiserver spent calling the
+//!    webhook (its own metrics).
 //!
 //!     cargo run --release -p gpu-pilot-webhook --example bench -- [--seconds 5] [--kubeconfig PATH --pods 200]
 
@@ -118,9 +120,9 @@ async fn direct(seconds: u64) -> anyhow::Result<()> {
         "status": {"capacity": {"nvidia.com/mig-1g.10gb": "7", "nvidia.com/mig-3g.40gb": "2"}}
     }))?];
     let view = StaticView {
-        policy: Some(serde_json::from_value(
+        policy: Some(Arc::new(serde_json::from_value(
             json!({"metadata": {"name": "cp"}, "spec": {"mig": {"strategy": "mixed"}}}),
-        )?),
+        )?)),
         inventory: gpu_pilot_webhook::inventory::MigInventory::from_nodes(&nodes),
         facts: Default::default(),
     };
@@ -129,7 +131,7 @@ async fn direct(seconds: u64) -> anyhow::Result<()> {
         metrics: Arc::new(Metrics::default()),
         ready: Arc::new(AtomicBool::new(true)),
     });
-    let app = server::router(state, Limits::default());
+    let app = server::router(state.clone(), Limits::default());
     let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config(
         cert.as_bytes(),
         key.as_bytes(),
@@ -157,12 +159,13 @@ async fn direct(seconds: u64) -> anyhow::Result<()> {
         "direct over TLS (rustls, HTTP/1.1 keep-alive), POST /mutate/pods with a gpu-memory pod, {seconds}s per level:"
     );
     println!(
-        "{:>12} {:>10} {:>10} {:>10} {:>10}",
-        "connections", "requests", "req/s", "p50", "p99"
+        "{:>12} {:>10} {:>10} {:>10} {:>10} {:>14}",
+        "connections", "requests", "req/s", "p50", "p99", "CPU/request"
     );
     for conns in [1usize, 16, 64] {
         let until = Instant::now() + Duration::from_secs(seconds);
         let started = Instant::now();
+        let cpu_before = process_cpu_seconds();
         let tasks: Vec<_> = (0..conns)
             .map(|_| tokio::spawn(client_loop(addr, connector.clone(), until, body.clone())))
             .collect();
@@ -172,15 +175,37 @@ async fn direct(seconds: u64) -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed().as_secs_f64();
         all.sort();
+        let cpu_us = (process_cpu_seconds() - cpu_before) * 1e6 / all.len().max(1) as f64;
         println!(
-            "{:>12} {:>10} {:>10.0} {:>10.3?} {:>10.3?}",
+            "{:>12} {:>10} {:>10.0} {:>10.3?} {:>10.3?} {:>11.1} us",
             conns,
             all.len(),
             all.len() as f64 / elapsed,
             percentile(&all, 0.50),
-            percentile(&all, 0.99)
+            percentile(&all, 0.99),
+            cpu_us
         );
     }
+    println!(
+        "CPU/request is this whole process (client and server, user and system time) per request; the machine's other load shows in p99, not in it."
+    );
+    let text = state.metrics.render();
+    let handler = |suffix: &str| -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "gpupilot_webhook_request_duration_seconds_{suffix}{{endpoint=\"mutate_pods\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    println!(
+        "the handler itself (body read to answer built): mean {:.1} us over {} reviews",
+        handler("sum") / handler("count").max(1.0) * 1e6,
+        handler("count")
+    );
     handle.shutdown();
     Ok(())
 }
@@ -314,10 +339,24 @@ async fn through_apiserver(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let pod = |name: String| -> Pod {
+    // Scheduling gates keep the pods out of the scheduler, whose retries of unschedulable pods
+    // would otherwise load the apiserver in the background, more with every round.
+    let plain = |name: String| -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": name},
-            "spec": {"nodeSelector": {"gpupilot.io/bench": "nowhere"}, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
+            "spec": {"schedulingGates": [{"name": "gpupilot.io/bench"}],
+                     "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
+        }))
+        .unwrap()
+    };
+    // The pod as the webhook leaves it: the same object stored, without the call.
+    let premutated = |name: String| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"schedulingGates": [{"name": "gpupilot.io/bench"}],
+                     "runtimeClassName": "nvidia-bench",
+                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                     "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
         }))
         .unwrap()
     };
@@ -345,40 +384,110 @@ async fn through_apiserver(
         Ok(n as f64 / start.elapsed().as_secs_f64())
     }
     println!(
-        "\nthrough the apiserver: {pods} GPU pods per round, {parallel} in flight, alternating rounds:"
+        "\nthrough the apiserver: {pods} GPU pods per round, {parallel} in flight, rounds alternating:\n  \
+         A  plain pod, namespace the webhook is not registered for\n  \
+         B  plain pod, namespace the webhook mutates (runtimeClassName, toleration)\n  \
+         C  the pod B stores, sent pre-mutated to A's namespace (same stored object, no webhook call)\n  \
+         D  that pre-mutated pod in B's namespace (the webhook is called and answers without a patch)\n\
+         apiserver CPU from its process_cpu_seconds_total; bench CPU is this process (client and webhook)"
     );
-    let mut with = Vec::new();
-    let mut without = Vec::new();
+    println!(
+        "{:>6} {:>4} {:>8} {:>14} {:>14} {:>14} {:>14}",
+        "round", "", "pods/s", "apiserver ms", "bench ms", "webhook calls", "apiserver sees"
+    );
+    println!(
+        "{:>6} {:>4} {:>8} {:>14} {:>14} {:>14} {:>14}",
+        "", "", "", "CPU/pod", "CPU/pod", "", "webhook mean"
+    );
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    let mut apiserver_cpu: [f64; 4] = [0.0; 4];
+    let mut bench_cpu: [f64; 4] = [0.0; 4];
+    let calls = || running.metrics.total("mutate_pods");
     for r in 0..5 {
-        let a = round(
-            Api::namespaced(client.clone(), &without_ns),
-            pod,
-            &format!("r{r}"),
-            pods,
-            parallel,
-        )
-        .await?;
-        let b = round(
-            Api::namespaced(client.clone(), &with_ns),
-            pod,
-            &format!("r{r}"),
-            pods,
-            parallel,
-        )
-        .await?;
-        println!("  round {r}: without webhook {a:.1} pods/s, with webhook {b:.1} pods/s");
-        without.push(a);
-        with.push(b);
+        for (k, label) in ["A", "B", "C", "D"].iter().enumerate() {
+            let (ns, make): (&str, &dyn Fn(String) -> Pod) = match k {
+                0 => (&without_ns, &plain),
+                1 => (&with_ns, &plain),
+                2 => (&without_ns, &premutated),
+                _ => (&with_ns, &premutated),
+            };
+            let (api_before, seen_before) = apiserver_facts(&client).await?;
+            let (cpu_before, calls_before) = (process_cpu_seconds(), calls());
+            let rate = round(
+                Api::namespaced(client.clone(), ns),
+                make,
+                &format!("r{r}{}", label.to_lowercase()),
+                pods,
+                parallel,
+            )
+            .await?;
+            let (cpu_after, calls_after) = (process_cpu_seconds(), calls());
+            let (api_after, seen_after) = apiserver_facts(&client).await?;
+            let n_calls = calls_after - calls_before;
+            let want = if k % 2 == 1 { pods as u64 } else { 0 };
+            anyhow::ensure!(
+                n_calls == want,
+                "round {r}{label}: the webhook answered {n_calls} reviews, expected {want}"
+            );
+            let api_ms = (api_after - api_before) * 1000.0 / pods as f64;
+            let bench_ms = (cpu_after - cpu_before) * 1000.0 / pods as f64;
+            let seen = if seen_after.1 > seen_before.1 {
+                format!(
+                    "{:.2} ms",
+                    (seen_after.0 - seen_before.0) * 1000.0 / (seen_after.1 - seen_before.1)
+                )
+            } else {
+                "-".into()
+            };
+            println!(
+                "{:>6} {label:>4} {rate:>8.1} {api_ms:>14.2} {bench_ms:>14.2} {n_calls:>14} {seen:>14}",
+                r
+            );
+            rates[k].push(rate);
+            apiserver_cpu[k] += api_ms / 5.0;
+            bench_cpu[k] += bench_ms / 5.0;
+        }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let mutated = running
-        .metrics
-        .requests("mutate_pods", gpu_pilot_webhook::metrics::Outcome::Patched);
+    let (a, b, c, d) = (
+        mean(&rates[0]),
+        mean(&rates[1]),
+        mean(&rates[2]),
+        mean(&rates[3]),
+    );
     println!(
-        "  mean: without {:.1} pods/s, with {:.1} pods/s, ratio {:.3} (webhook patched {mutated} pods)",
-        mean(&without),
-        mean(&with),
-        mean(&with) / mean(&without)
+        "  mean pods/s: A {a:.1}, B {b:.1}, C {c:.1}, D {d:.1}; ratio B/A {:.3} (with vs without the webhook), B/C {:.3} (same stored pod), D/C {:.3} (a call that changes nothing)",
+        b / a,
+        b / c,
+        d / c
+    );
+    println!(
+        "  mean CPU per pod: apiserver A {:.2} ms, B {:.2} ms, C {:.2} ms, D {:.2} ms; bench process A {:.2} ms, B {:.2} ms, C {:.2} ms, D {:.2} ms",
+        apiserver_cpu[0],
+        apiserver_cpu[1],
+        apiserver_cpu[2],
+        apiserver_cpu[3],
+        bench_cpu[0],
+        bench_cpu[1],
+        bench_cpu[2],
+        bench_cpu[3]
+    );
+    let text = running.metrics.render();
+    let handler = |suffix: &str| -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "gpupilot_webhook_request_duration_seconds_{suffix}{{endpoint=\"mutate_pods\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    println!(
+        "  the webhook's own handler time: mean {:.1} us over {} reviews",
+        handler("sum") / handler("count").max(1.0) * 1e6,
+        handler("count")
     );
     running.stop().await;
     let _ = mwcs.delete(&id, &DeleteParams::default()).await;
@@ -387,6 +496,47 @@ async fn through_apiserver(
         let _ = namespaces.delete(ns, &DeleteParams::background()).await;
     }
     Ok(())
+}
+
+/// CPU time (user + system) of this process so far, in seconds.
+fn process_cpu_seconds() -> f64 {
+    // Fields 14 and 15 of /proc/self/stat, in clock ticks (100 per second on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// From the apiserver's own /metrics: its CPU seconds, and the sum and count of the time it spent
+/// calling the pod webhook.
+async fn apiserver_facts(client: &kube::Client) -> anyhow::Result<(f64, (f64, f64))> {
+    let req = axum::http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(req).await?;
+    let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+    let mut cpu = 0.0;
+    let (mut sum, mut count) = (0.0, 0.0);
+    for line in text.lines() {
+        if line.starts_with("process_cpu_seconds_total ") {
+            cpu = value(line).unwrap_or(0.0);
+        } else if line.contains("name=\"pods.gpupilot.io\"")
+            && line.contains("operation=\"CREATE\"")
+        {
+            if line.starts_with("apiserver_admission_webhook_admission_duration_seconds_sum") {
+                sum += value(line).unwrap_or(0.0);
+            } else if line
+                .starts_with("apiserver_admission_webhook_admission_duration_seconds_count")
+            {
+                count += value(line).unwrap_or(0.0);
+            }
+        }
+    }
+    Ok((cpu, (sum, count)))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -37,6 +37,8 @@ use crate::server::tls_config;
 const CA_COMMON_NAME: &str = "gpu-pilot-webhook-ca";
 /// Certificates start a little in the past, so a node whose clock is behind accepts them.
 const BACKDATE: time::Duration = time::Duration::minutes(5);
+/// Writes that lose a race (409) are retried from a fresh read this many times in one pass.
+const CONFLICT_ATTEMPTS: u32 = 5;
 
 /// How certificates are made and kept.
 #[derive(Debug, Clone)]
@@ -450,7 +452,15 @@ impl CertManager {
                     break next;
                 }
                 // Another replica wrote first: read again and go from its result.
-                Err(kube::Error::Api(e)) if (e.code == 409) && attempts < 5 => continue,
+                Err(kube::Error::Api(e)) if e.code == 409 && attempts < CONFLICT_ATTEMPTS => {
+                    self.metrics.write_conflict();
+                    tracing::debug!(
+                        "Secret {}/{} was written by another replica; reading it again",
+                        s.namespace,
+                        s.secret
+                    );
+                    continue;
+                }
                 Err(e) => {
                     return Err(CertError::Kube {
                         what: format!("writing Secret {}/{}", s.namespace, s.secret),
@@ -467,24 +477,36 @@ impl CertManager {
         let bundle = ByteString(bundle.to_vec());
         if let Some(name) = &self.settings.mutating_config {
             let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-            sync_one(&api, name, &bundle, |cfg| {
-                cfg.webhooks
-                    .iter_mut()
-                    .flatten()
-                    .map(|w| &mut w.client_config)
-                    .collect()
-            })
+            sync_one(
+                &api,
+                name,
+                &bundle,
+                |cfg| {
+                    cfg.webhooks
+                        .iter_mut()
+                        .flatten()
+                        .map(|w| &mut w.client_config)
+                        .collect()
+                },
+                &self.metrics,
+            )
             .await?;
         }
         if let Some(name) = &self.settings.validating_config {
             let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-            sync_one(&api, name, &bundle, |cfg| {
-                cfg.webhooks
-                    .iter_mut()
-                    .flatten()
-                    .map(|w| &mut w.client_config)
-                    .collect()
-            })
+            sync_one(
+                &api,
+                name,
+                &bundle,
+                |cfg| {
+                    cfg.webhooks
+                        .iter_mut()
+                        .flatten()
+                        .map(|w| &mut w.client_config)
+                        .collect()
+                },
+                &self.metrics,
+            )
             .await?;
         }
         Ok(())
@@ -493,11 +515,16 @@ impl CertManager {
 
 /// Sets `bundle` as the caBundle of every webhook in one configuration, writing only when one
 /// differs. The two configuration kinds differ only in how their webhooks are reached.
+///
+/// Replicas starting together all write the same bundle; the write carries the resourceVersion
+/// read, so a replica that loses the race (409 Conflict) reads the configuration again and
+/// usually finds nothing left to do.
 async fn sync_one<K>(
     api: &Api<K>,
     name: &str,
     bundle: &ByteString,
     client_configs: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
+    metrics: &Metrics,
 ) -> Result<(), CertError>
 where
     K: kube::Resource<DynamicType = ()>
@@ -507,36 +534,50 @@ where
         + std::fmt::Debug,
 {
     let what = format!("{} {name}", K::kind(&()));
-    let Some(mut cfg) = api.get_opt(name).await.map_err(|source| CertError::Kube {
-        what: what.clone(),
-        source,
-    })?
-    else {
-        return Ok(());
-    };
-    let mut changed = false;
-    for c in client_configs(&mut cfg) {
-        if c.ca_bundle.as_ref() != Some(bundle) {
-            c.ca_bundle = Some(bundle.clone());
-            changed = true;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let Some(mut cfg) = api.get_opt(name).await.map_err(|source| CertError::Kube {
+            what: what.clone(),
+            source,
+        })?
+        else {
+            return Ok(());
+        };
+        let mut changed = false;
+        for c in client_configs(&mut cfg) {
+            if c.ca_bundle.as_ref() != Some(bundle) {
+                c.ca_bundle = Some(bundle.clone());
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        match api.replace(name, &PostParams::default(), &cfg).await {
+            Ok(_) => {
+                tracing::info!("caBundle updated in {what}");
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 && attempts < CONFLICT_ATTEMPTS => {
+                metrics.write_conflict();
+                tracing::debug!("{what} changed while the caBundle was written; reading it again");
+            }
+            Err(source) => {
+                return Err(CertError::Kube {
+                    what: what.clone(),
+                    source,
+                });
+            }
         }
     }
-    if changed {
-        api.replace(name, &PostParams::default(), &cfg)
-            .await
-            .map_err(|source| CertError::Kube {
-                what: what.clone(),
-                source,
-            })?;
-        tracing::info!("caBundle updated in {what}");
-    }
-    Ok(())
 }
 
 /// Serves a certificate and hot-swaps it when what it is built from changes.
 pub struct Reloader {
     pub tls: axum_server::tls_rustls::RustlsConfig,
-    served: std::sync::Mutex<String>,
+    /// The certificate and key PEM served now, and what the certificate says of itself.
+    served: std::sync::Mutex<(String, String, Option<CertSummary>)>,
     metrics: Arc<Metrics>,
 }
 
@@ -553,13 +594,24 @@ impl Reloader {
         )?);
         Ok(Reloader {
             tls,
-            served: std::sync::Mutex::new(cert_pem.to_string()),
+            served: std::sync::Mutex::new((
+                cert_pem.to_string(),
+                key_pem.to_string(),
+                CertSummary::from_pem(cert_pem),
+            )),
             metrics,
         })
     }
 
+    /// Serial number and expiry of the certificate served now.
+    pub fn served(&self) -> Option<CertSummary> {
+        self.served.lock().expect("reloader lock").2.clone()
+    }
+
     /// Serves the new pair if it differs from the served one. Connections already open keep the
-    /// old one; new handshakes get the new one, so no request fails.
+    /// old one; new handshakes get the new one, so no request fails. A pair rustls refuses (no
+    /// certificate, no key, a key that does not belong to the certificate) is an error and the
+    /// served pair stays. `not_after` is read from the certificate when not given.
     pub fn update(
         &self,
         cert_pem: &str,
@@ -567,17 +619,110 @@ impl Reloader {
         not_after: Option<OffsetDateTime>,
     ) -> Result<bool, CertError> {
         let mut served = self.served.lock().expect("reloader lock");
-        if *served == cert_pem {
+        if served.0 == cert_pem && served.1 == key_pem {
             return Ok(false);
         }
         let config = tls_config(cert_pem.as_bytes(), key_pem.as_bytes())?;
         self.tls.reload_from_config(config);
-        *served = cert_pem.to_string();
+        let summary = CertSummary::from_pem(cert_pem);
+        let not_after = not_after.or(summary.as_ref().map(|s| s.not_after));
+        *served = (cert_pem.to_string(), key_pem.to_string(), summary.clone());
         self.metrics
             .certificate_reloaded(not_after.map(|t| t.unix_timestamp()).unwrap_or(0));
-        tracing::info!("serving a new certificate");
+        match summary {
+            Some(s) => {
+                tracing::info!(serial = %s.serial, not_after = %s.not_after, "serving a new certificate")
+            }
+            None => tracing::info!("serving a new certificate"),
+        }
         Ok(true)
     }
+}
+
+/// What a certificate says of itself that matters for running it: which one it is and until when
+/// it is valid. Read from the DER by hand (a few fixed fields), for logs, metrics and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// The serial number, lowercase hex of its DER bytes.
+    pub serial: String,
+    pub not_after: OffsetDateTime,
+}
+
+impl CertSummary {
+    /// The first certificate of a PEM chain; `None` when there is none or it does not parse.
+    pub fn from_pem(pem: &str) -> Option<CertSummary> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+        CertSummary::from_der(&der)
+    }
+
+    /// An X.509 certificate: `SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    /// serialNumber INTEGER, signature, issuer, validity SEQUENCE { notBefore, notAfter }, ... } ... }`.
+    pub fn from_der(der: &[u8]) -> Option<CertSummary> {
+        let (0x30, cert, _) = der_tlv(der)? else {
+            return None;
+        };
+        let (0x30, tbs, _) = der_tlv(cert)? else {
+            return None;
+        };
+        let (mut tag, mut value, mut rest) = der_tlv(tbs)?;
+        if tag == 0xa0 {
+            (tag, value, rest) = der_tlv(rest)?;
+        }
+        if tag != 0x02 {
+            return None;
+        }
+        let serial = value.iter().map(|b| format!("{b:02x}")).collect();
+        let (_signature, _, rest) = der_tlv(rest)?;
+        let (_issuer, _, rest) = der_tlv(rest)?;
+        let (0x30, validity, _) = der_tlv(rest)? else {
+            return None;
+        };
+        let (_not_before, _, validity) = der_tlv(validity)?;
+        let (tag, value, _) = der_tlv(validity)?;
+        Some(CertSummary {
+            serial,
+            not_after: der_time(tag, value)?,
+        })
+    }
+}
+
+/// One DER tag-length-value: (tag, value, what follows).
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// UTCTime (`YYMMDDHHMMSSZ`, years 1950-2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
+fn der_time(tag: u8, value: &[u8]) -> Option<OffsetDateTime> {
+    let text = std::str::from_utf8(value).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        0x17 if text.len() == 12 => {
+            let yy: i32 = text[..2].parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+        }
+        0x18 if text.len() == 14 => (text[..4].parse().ok()?, &text[4..]),
+        _ => return None,
+    };
+    let num = |i: usize| -> Option<u8> { rest.get(i..i + 2)?.parse().ok() };
+    let date =
+        time::Date::from_calendar_date(year, time::Month::try_from(num(0)?).ok()?, num(2)?).ok()?;
+    let t = time::Time::from_hms(num(4)?, num(6)?, num(8)?).ok()?;
+    Some(time::PrimitiveDateTime::new(date, t).assume_utc())
 }
 
 /// Keeps the certificates current: every `interval`, one [`CertManager::reconcile`] pass and a
@@ -589,7 +734,8 @@ pub async fn run_secret_loop(manager: CertManager, reloader: Arc<Reloader>, inte
             Ok(st) => {
                 if let Err(e) = reloader.update(&st.cert_pem, &st.key_pem, Some(st.cert_not_after))
                 {
-                    tracing::error!(error = %e, "the certificate in the Secret cannot be served");
+                    reloader.metrics.reload_failed();
+                    tracing::error!(error = %e, "the certificate in the Secret cannot be served; still serving the previous one");
                 }
             }
             Err(e) => {
@@ -601,21 +747,47 @@ pub async fn run_secret_loop(manager: CertManager, reloader: Arc<Reloader>, inte
 
 /// For certificates made by someone else (cert-manager): re-read the files every `interval` and
 /// serve them when they change.
+///
+/// Files are polled rather than watched: the kubelet updates a mounted Secret by swapping a
+/// symlink to a new directory, which file watches follow badly, and reading two small files once
+/// an interval costs nothing. Whoever writes them may be caught half-way (a new certificate with
+/// the old key, an empty or truncated file); such a pair is refused, the previous certificate
+/// stays in service, the problem is logged once, and the next read tries again.
 pub async fn run_file_loop(
     cert: PathBuf,
     key: PathBuf,
     reloader: Arc<Reloader>,
     interval: Duration,
 ) {
+    let mut failing: Option<String> = None;
     loop {
         tokio::time::sleep(interval).await;
-        match read_pair(&cert, &key).await {
-            Ok((c, k)) => {
-                if let Err(e) = reloader.update(&c, &k, None) {
-                    tracing::error!(error = %e, "the certificate files cannot be served");
+        let result = match read_pair(&cert, &key).await {
+            Ok((c, k)) => reloader.update(&c, &k, None).map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                if failing.take().is_some() {
+                    tracing::info!(cert = %cert.display(), key = %key.display(), "the certificate files can be served again");
                 }
             }
-            Err(e) => tracing::error!(error = %e, "reading the certificate files failed"),
+            Err(e) => {
+                reloader.metrics.reload_failed();
+                let message = e.to_string();
+                if failing.as_deref() != Some(message.as_str()) {
+                    let served = reloader.served();
+                    tracing::warn!(
+                        error = %e,
+                        cert = %cert.display(),
+                        key = %key.display(),
+                        serving_serial = served.as_ref().map(|s| s.serial.as_str()).unwrap_or("?"),
+                        serving_not_after = %served.as_ref().map(|s| s.not_after.to_string()).unwrap_or_default(),
+                        "the certificate files are incomplete, mismatched or invalid; still serving the previous certificate, reading them again every {interval:?}"
+                    );
+                }
+                failing = Some(message);
+            }
         }
     }
 }
@@ -795,5 +967,49 @@ mod tests {
                 )
                 .is_err()
         );
+    }
+
+    #[test]
+    fn cert_summary_reads_serial_and_expiry() {
+        let s = settings();
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let ca = new_ca(now, Duration::from_secs(1000)).unwrap();
+        // rcgen writes UTCTime before 2050 and GeneralizedTime from 2050 on.
+        for validity in [100u64, 40 * 365 * 86400] {
+            let (pem, _, not_after) =
+                new_serving_cert(&ca, &s.names, now, Duration::from_secs(validity)).unwrap();
+            let summary = CertSummary::from_pem(&pem).expect("a summary");
+            assert_eq!(summary.not_after, not_after.min(ca.not_after));
+            assert!(!summary.serial.is_empty());
+        }
+        let far = new_ca(now, Duration::from_secs(40 * 365 * 86400)).unwrap();
+        assert_eq!(
+            CertSummary::from_pem(&far.cert_pem).unwrap().not_after,
+            far.not_after
+        );
+        let mut params = CertificateParams::new(vec!["x".to_string()]).unwrap();
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x01, 0xab, 0xcd]));
+        let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        assert_eq!(CertSummary::from_pem(&cert.pem()).unwrap().serial, "01abcd");
+        assert_eq!(CertSummary::from_pem("no PEM here"), None);
+        assert_eq!(CertSummary::from_der(&[0x30, 0x82, 0x01]), None);
+    }
+
+    #[test]
+    fn a_mismatched_or_broken_pair_keeps_the_served_certificate() {
+        let s = settings();
+        let now = OffsetDateTime::now_utc();
+        let ca = new_ca(now, Duration::from_secs(1000)).unwrap();
+        let (c1, k1, _) = new_serving_cert(&ca, &s.names, now, Duration::from_secs(100)).unwrap();
+        let (c2, k2, _) = new_serving_cert(&ca, &s.names, now, Duration::from_secs(200)).unwrap();
+        let reloader = Reloader::new(&c1, &k1, Arc::new(Metrics::default())).unwrap();
+        let first = reloader.served().unwrap();
+        // The new certificate with the old key, half a file, an empty key.
+        assert!(reloader.update(&c2, &k1, None).is_err());
+        assert!(reloader.update(&c2[..c2.len() / 2], &k2, None).is_err());
+        assert!(reloader.update(&c2, "", None).is_err());
+        assert_eq!(reloader.served().unwrap(), first);
+        assert!(reloader.update(&c2, &k2, None).unwrap());
+        assert_ne!(reloader.served().unwrap(), first);
     }
 }

@@ -153,22 +153,18 @@ pub fn gpu_pod(pod: &Pod) -> Option<GpuPod> {
 }
 
 impl ClusterView for KubeView {
-    fn active_policy(&self) -> Option<ClusterPolicy> {
+    fn active_policy(&self) -> Option<std::sync::Arc<ClusterPolicy>> {
         // There should be one; if a second slipped in before the webhook ran, the oldest wins.
-        self.policies
-            .state()
-            .into_iter()
-            .min_by(|a, b| {
-                (
-                    a.metadata.creation_timestamp.as_ref(),
-                    a.metadata.name.as_ref(),
-                )
-                    .cmp(&(
-                        b.metadata.creation_timestamp.as_ref(),
-                        b.metadata.name.as_ref(),
-                    ))
-            })
-            .map(|p| (*p).clone())
+        self.policies.state().into_iter().min_by(|a, b| {
+            (
+                a.metadata.creation_timestamp.as_ref(),
+                a.metadata.name.as_ref(),
+            )
+                .cmp(&(
+                    b.metadata.creation_timestamp.as_ref(),
+                    b.metadata.name.as_ref(),
+                ))
+        })
     }
 
     fn mig_inventory(&self) -> MigInventory {

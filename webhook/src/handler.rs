@@ -3,10 +3,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::GROUP;
 use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
 
 use crate::inventory::MigInventory;
 use crate::metrics::Outcome;
@@ -55,8 +57,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What the handler needs from the cluster. The real one reads watch caches and the API; tests
 /// use a fixed one.
 pub trait ClusterView: Send + Sync + 'static {
-    /// The ClusterPolicy in force, if any.
-    fn active_policy(&self) -> Option<ClusterPolicy>;
+    /// The ClusterPolicy in force, if any (shared, not copied: it is read for every GPU pod).
+    fn active_policy(&self) -> Option<Arc<ClusterPolicy>>;
     /// The MIG profiles the nodes offer.
     fn mig_inventory(&self) -> MigInventory;
     /// Facts for the ClusterPolicy rules. `policy_name` is excluded from `other_policies`.
@@ -74,6 +76,37 @@ pub async fn handle(
     endpoint: Endpoint,
     body: &[u8],
 ) -> Result<(ReviewOut, Outcome), RequestError> {
+    if endpoint == Endpoint::MutatePods {
+        // The hot path: the pods are read straight into their type, in one pass, with no JSON
+        // value tree in between. Whatever it cannot read takes the general path below, which says
+        // precisely what is wrong.
+        if let Ok(ReviewIn {
+            api_version,
+            kind,
+            request: Some(request),
+        }) = serde_json::from_slice::<ReviewIn<Pod>>(body)
+            && api_version == review::API_VERSION
+            && kind == review::KIND
+        {
+            let verdict = mutate_pods(
+                view,
+                &request.kind,
+                request.operation,
+                Ok(request.object),
+                Ok(request.old_object),
+            );
+            return Ok(answer(&request.uid, Ok(verdict)));
+        }
+    }
+    handle_general(view, endpoint, body).await
+}
+
+/// Answers one review read as JSON values first: every endpoint, every malformed input.
+async fn handle_general(
+    view: &dyn ClusterView,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<(ReviewOut, Outcome), RequestError> {
     let review: ReviewIn =
         serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
     if review.api_version != review::API_VERSION || review.kind != review::KIND {
@@ -87,6 +120,11 @@ pub async fn handle(
         Endpoint::MutatePods => mutate(view, &request),
         Endpoint::ValidatePolicy => validate(view, &request).await,
     };
+    Ok(answer(&request.uid, verdict))
+}
+
+/// Wraps a verdict, or the reason facts were missing, into the answer and its metric outcome.
+fn answer(uid: &str, verdict: Result<Verdict, FactsError>) -> (ReviewOut, Outcome) {
     let (verdict, outcome) = match verdict {
         Ok(v) => {
             let outcome = match &v {
@@ -107,38 +145,58 @@ pub async fn handle(
             Outcome::Error,
         ),
     };
-    Ok((ReviewOut::new(&request.uid, verdict), outcome))
+    (ReviewOut::new(uid, verdict), outcome)
 }
 
 fn mutate(view: &dyn ClusterView, request: &review::Request) -> Result<Verdict, FactsError> {
-    if !request.kind.group.is_empty() || request.kind.kind != "Pod" {
-        return Ok(Verdict::invalid(format!(
-            "this endpoint mutates core/v1 Pods but was sent a {}; the webhook configuration's rules must select only pods",
-            request.kind
-        )));
-    }
-    if request.operation != Operation::Create {
-        return Ok(Verdict::allow());
-    }
-    let Some(object) = request.object.clone() else {
-        return Ok(Verdict::invalid(
-            "a CREATE review must carry the pod in request.object",
-        ));
-    };
-    let pod: Pod = match serde_json::from_value(object) {
-        Ok(p) => p,
-        Err(e) => {
-            return Ok(Verdict::invalid(format!(
-                "request.object is not a valid Pod: {e}"
-            )));
+    let read = |v: &Option<serde_json::Value>| -> Result<Option<Pod>, String> {
+        match v {
+            None => Ok(None),
+            Some(v) => Pod::deserialize(v).map(Some).map_err(|e| e.to_string()),
         }
     };
-    let policy = view.active_policy();
-    Ok(mutate::mutate_pod(
-        &pod,
-        policy.as_ref().map(|p| &p.spec),
-        || view.mig_inventory(),
+    Ok(mutate_pods(
+        view,
+        &request.kind,
+        request.operation,
+        read(&request.object),
+        read(&request.old_object),
     ))
+}
+
+/// The pod rules on pods already read (`Err`: why `object` or `oldObject` is not a Pod).
+fn mutate_pods(
+    view: &dyn ClusterView,
+    kind: &review::Gvk,
+    operation: Operation,
+    object: Result<Option<Pod>, String>,
+    old_object: Result<Option<Pod>, String>,
+) -> Verdict {
+    if !kind.group.is_empty() || kind.kind != "Pod" {
+        return Verdict::invalid(format!(
+            "this endpoint mutates core/v1 Pods but was sent a {kind}; the webhook configuration's rules must select only pods"
+        ));
+    }
+    if operation == Operation::Update {
+        return match (old_object, object) {
+            (Ok(Some(old)), Ok(Some(new))) => mutate::keep_on_update(&old, &new),
+            _ => Verdict::allow(),
+        };
+    }
+    if operation != Operation::Create {
+        return Verdict::allow();
+    }
+    let pod = match object {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Verdict::invalid("a CREATE review must carry the pod in request.object");
+        }
+        Err(e) => return Verdict::invalid(format!("request.object is not a valid Pod: {e}")),
+    };
+    let policy = view.active_policy();
+    mutate::mutate_pod(&pod, policy.as_ref().map(|p| &p.spec), || {
+        view.mig_inventory()
+    })
 }
 
 async fn validate(
@@ -192,13 +250,13 @@ async fn validate(
 /// A view over fixed data, for tests, benchmarks and the property test.
 #[derive(Default, Clone)]
 pub struct StaticView {
-    pub policy: Option<ClusterPolicy>,
+    pub policy: Option<Arc<ClusterPolicy>>,
     pub inventory: MigInventory,
     pub facts: validate::Facts,
 }
 
 impl ClusterView for StaticView {
-    fn active_policy(&self) -> Option<ClusterPolicy> {
+    fn active_policy(&self) -> Option<Arc<ClusterPolicy>> {
         self.policy.clone()
     }
     fn mig_inventory(&self) -> MigInventory {
@@ -219,13 +277,13 @@ impl ClusterView for StaticView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn view() -> StaticView {
         StaticView {
-            policy: Some(
+            policy: Some(Arc::new(
                 serde_json::from_value(json!({"metadata": {"name": "cp"}, "spec": {}})).unwrap(),
-            ),
+            )),
             ..Default::default()
         }
     }
@@ -320,5 +378,41 @@ mod tests {
                 .message
                 .contains("not a valid ClusterPolicy")
         );
+    }
+
+    #[tokio::test]
+    async fn the_fast_pod_path_answers_as_the_general_one() {
+        let gpu = json!({"metadata": {"name": "p", "annotations": {"gpupilot.io/gpu-memory": "20Gi"}}, "spec": {"containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1"}}}], "tolerations": [{"key": "x", "operator": "Exists"}]}});
+        let plain = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}});
+        let pod_kind = json!({"group": "", "version": "v1", "kind": "Pod"});
+        let mut bodies = vec![
+            review(pod_kind.clone(), "CREATE", gpu.clone()),
+            review(pod_kind.clone(), "CREATE", plain),
+            review(pod_kind.clone(), "CREATE", json!(null)),
+            review(
+                pod_kind.clone(),
+                "CREATE",
+                json!({"spec": {"containers": 3}}),
+            ),
+            review(pod_kind.clone(), "DELETE", gpu.clone()),
+            review(
+                json!({"group": "apps", "version": "v1", "kind": "Deployment"}),
+                "CREATE",
+                gpu.clone(),
+            ),
+        ];
+        let mut update: Value =
+            serde_json::from_slice(&review(pod_kind, "UPDATE", gpu.clone())).unwrap();
+        let mut old = gpu.clone();
+        old["spec"]["tolerations"] = json!([{"key": "x", "operator": "Exists"}, {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]);
+        update["request"]["oldObject"] = old;
+        bodies.push(serde_json::to_vec(&update).unwrap());
+        for body in bodies {
+            let fast = handle(&view(), Endpoint::MutatePods, &body).await.unwrap();
+            let general = handle_general(&view(), Endpoint::MutatePods, &body)
+                .await
+                .unwrap();
+            assert_eq!(fast, general, "{}", String::from_utf8_lossy(&body));
+        }
     }
 }

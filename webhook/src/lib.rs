@@ -101,6 +101,16 @@ pub async fn run(
             CertSource::Files { cert, key } => {
                 let (c, k) = certs::read_pair(cert, key).await?;
                 let reloader = Arc::new(Reloader::new(&c, &k, metrics.clone())?);
+                let served = reloader.served();
+                metrics.certificate_reloaded(
+                    served.as_ref().map_or(0, |s| s.not_after.unix_timestamp()),
+                );
+                tracing::info!(
+                    cert = %cert.display(),
+                    serial = served.as_ref().map_or("?", |s| s.serial.as_str()),
+                    "serving the certificate files; they are read again every {:?}",
+                    opts.check_interval
+                );
                 let upkeep = tokio::spawn(certs::run_file_loop(
                     cert.clone(),
                     key.clone(),

@@ -53,6 +53,8 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
     rotations: AtomicU64,
     reloads: AtomicU64,
+    reload_failures: AtomicU64,
+    write_conflicts: AtomicU64,
     cert_not_after: AtomicI64,
 }
 
@@ -110,6 +112,28 @@ impl Metrics {
         self.reloads.load(Ordering::Relaxed)
     }
 
+    pub fn certificate_rotations(&self) -> u64 {
+        self.rotations.load(Ordering::Relaxed)
+    }
+
+    /// A new certificate (from the Secret or the files) could not be served; the old one stays.
+    pub fn reload_failed(&self) {
+        self.reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
+    }
+
+    /// A write to the Secret or a webhook configuration lost a race with another writer (409).
+    pub fn write_conflict(&self) {
+        self.write_conflicts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn write_conflicts(&self) -> u64 {
+        self.write_conflicts.load(Ordering::Relaxed)
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -161,6 +185,20 @@ impl Metrics {
             out,
             "gpupilot_webhook_certificate_reloads_total {}",
             self.reloads()
+        );
+        out.push_str("# HELP gpupilot_webhook_certificate_reload_failures_total New certificates that could not be served (incomplete, mismatched or invalid); the previous one stayed.\n");
+        out.push_str("# TYPE gpupilot_webhook_certificate_reload_failures_total counter\n");
+        let _ = writeln!(
+            out,
+            "gpupilot_webhook_certificate_reload_failures_total {}",
+            self.reload_failures()
+        );
+        out.push_str("# HELP gpupilot_webhook_certificate_write_conflicts_total Writes of the TLS Secret or caBundle that lost a race with another replica and were redone from a fresh read.\n");
+        out.push_str("# TYPE gpupilot_webhook_certificate_write_conflicts_total counter\n");
+        let _ = writeln!(
+            out,
+            "gpupilot_webhook_certificate_write_conflicts_total {}",
+            self.write_conflicts()
         );
         out.push_str("# HELP gpupilot_webhook_certificate_not_after_seconds Expiry of the serving certificate, Unix time.\n");
         out.push_str("# TYPE gpupilot_webhook_certificate_not_after_seconds gauge\n");

@@ -86,7 +86,8 @@ pub fn mutate_pod(
         return Verdict::invalid("the pod has no containers; a Pod needs at least one container");
     }
     let strategy = policy.mig.strategy;
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let no_annotations = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&no_annotations);
     let mut ops = Vec::new();
     let mut warnings = Vec::new();
 
@@ -235,6 +236,103 @@ pub fn gpu_toleration() -> Toleration {
         effect: Some("NoSchedule".into()),
         ..Default::default()
     }
+}
+
+/// Keeps, on an update, what the webhook added when the pod was created.
+///
+/// A pod's spec is almost immutable, yet applying the same manifest again sends fields back:
+/// client-side `kubectl apply` and server-side apply replace the whole `tolerations` list (it has
+/// no merge key) with the manifest's, dropping the GPU toleration the webhook added, and merge the
+/// manifest's `nvidia.com/gpu` back next to the MIG resource the webhook renamed it to. The
+/// apiserver would refuse either change ("existing toleration can not be modified", "pod updates
+/// may not change fields"); putting the old values back turns the update into what the user
+/// meant, no change to those fields. A real change (another GPU count) is left for the apiserver
+/// to refuse.
+pub fn keep_on_update(old: &Pod, new: &Pod) -> Verdict {
+    let (Some(old_spec), Some(new_spec)) = (old.spec.as_ref(), new.spec.as_ref()) else {
+        return Verdict::allow();
+    };
+    let mut ops = Vec::new();
+    let new_tols = new_spec.tolerations.as_deref().unwrap_or_default();
+    let mut listed = new_spec.tolerations.is_some();
+    for t in old_spec.tolerations.iter().flatten() {
+        let ours = t.key.as_deref() == Some(GPU_TAINT_KEY);
+        if ours && !new_tols.iter().any(|n| same_toleration(t, n)) {
+            let value = serde_json::to_value(t).expect("toleration serializes");
+            ops.push(if listed {
+                PatchOp::add("/spec/tolerations/-", value)
+            } else {
+                listed = true;
+                PatchOp::add("/spec/tolerations", Value::Array(vec![value]))
+            });
+        }
+    }
+    for (field, old_list, new_list) in [
+        (
+            "containers",
+            Some(&old_spec.containers),
+            Some(&new_spec.containers),
+        ),
+        (
+            "initContainers",
+            old_spec.init_containers.as_ref(),
+            new_spec.init_containers.as_ref(),
+        ),
+    ] {
+        for (i, n) in new_list.into_iter().flatten().enumerate() {
+            let Some(o) = old_list.into_iter().flatten().find(|o| o.name == n.name) else {
+                continue;
+            };
+            if o.resources != n.resources
+                && gpu_put_back(o.resources.as_ref(), n.resources.as_ref())
+            {
+                ops.push(PatchOp::add(
+                    format!("/spec/{field}/{i}/resources"),
+                    serde_json::to_value(&o.resources).expect("resources serialize"),
+                ));
+            }
+        }
+    }
+    Verdict::Allow {
+        patch: ops,
+        warnings: Vec::new(),
+    }
+}
+
+/// Equal but for `tolerationSeconds`, the one field an update may change.
+fn same_toleration(a: &Toleration, b: &Toleration) -> bool {
+    let mut a = a.clone();
+    a.toleration_seconds = b.toleration_seconds;
+    a == *b
+}
+
+/// True when `new` is `old` with the `nvidia.com/gpu` quantity the webhook renamed to a MIG
+/// resource merged back in, and nothing else changed.
+fn gpu_put_back(old: Option<&ResourceRequirements>, new: Option<&ResourceRequirements>) -> bool {
+    let (Some(old), Some(new)) = (old, new) else {
+        return false;
+    };
+    let map_ok = |o: Option<&BTreeMap<String, Quantity>>,
+                  n: Option<&BTreeMap<String, Quantity>>| {
+        let (o, n) = (
+            o.cloned().unwrap_or_default(),
+            n.cloned().unwrap_or_default(),
+        );
+        if o == n {
+            return true;
+        }
+        let mut n = n;
+        let Some(gpu) = n.remove(resource::GPU) else {
+            return false;
+        };
+        n == o
+            && o.iter()
+                .filter(|(k, _)| k.starts_with(resource::MIG_PREFIX))
+                .any(|(_, q)| *q == gpu)
+    };
+    old.claims == new.claims
+        && map_ok(old.limits.as_ref(), new.limits.as_ref())
+        && map_ok(old.requests.as_ref(), new.requests.as_ref())
 }
 
 fn tolerates_gpu_taint(tols: &[Toleration]) -> bool {
@@ -619,5 +717,63 @@ mod tests {
             }
             d => panic!("{d:?}"),
         }
+    }
+
+    #[test]
+    fn a_reapplied_manifest_keeps_what_the_webhook_added() {
+        let manifest: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "annotations": {"gpupilot.io/mig-profile": "1g.10gb"}},
+            "spec": {
+                "tolerations": [{"key": "other", "operator": "Exists"}],
+                "containers": [{"name": "c", "resources": {
+                    "limits": {"nvidia.com/gpu": "2", "cpu": "1"},
+                    "requests": {"nvidia.com/gpu": "2"}}}]
+            }
+        }))
+        .unwrap();
+        let inv = MigInventory::default();
+        let Verdict::Allow { patch, .. } =
+            mutate_pod(&manifest, Some(&policy(MigStrategy::Mixed)), || inv.clone())
+        else {
+            panic!("denied")
+        };
+        let mut created = serde_json::to_value(&manifest).unwrap();
+        apply(&mut created, &patch);
+        let created: Pod = serde_json::from_value(created).unwrap();
+        // What kubectl apply sends back: the manifest's toleration list replaces the stored one,
+        // its resources merge into the stored ones.
+        let mut reapplied = serde_json::to_value(&created).unwrap();
+        reapplied["spec"]["tolerations"] = json!([{"key": "other", "operator": "Exists"}]);
+        reapplied["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = json!("2");
+        reapplied["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] = json!("2");
+        let Verdict::Allow { patch, .. } = keep_on_update(
+            &created,
+            &serde_json::from_value(reapplied.clone()).unwrap(),
+        ) else {
+            panic!("denied")
+        };
+        assert_eq!(patch.len(), 2, "{patch:?}");
+        apply(&mut reapplied, &patch);
+        let kept: Pod = serde_json::from_value(reapplied).unwrap();
+        assert_eq!(
+            kept.spec.as_ref().unwrap().containers[0].resources,
+            created.spec.as_ref().unwrap().containers[0].resources
+        );
+        let mut tols = kept.spec.unwrap().tolerations.unwrap();
+        let mut want = created.spec.clone().unwrap().tolerations.unwrap();
+        tols.sort_by_key(|t| t.key.clone());
+        want.sort_by_key(|t| t.key.clone());
+        assert_eq!(tols, want);
+
+        // An unchanged pod, or a real change of the GPU count, is left alone.
+        assert_eq!(keep_on_update(&created, &created), Verdict::allow());
+        let mut more = serde_json::to_value(&created).unwrap();
+        more["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = json!("3");
+        let Verdict::Allow { patch, .. } =
+            keep_on_update(&created, &serde_json::from_value(more).unwrap())
+        else {
+            panic!("denied")
+        };
+        assert!(patch.is_empty(), "{patch:?}");
     }
 }

@@ -12,13 +12,15 @@ use serde_json::Value;
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
 
-/// What the apiserver posts.
+/// What the apiserver posts. `O` is how the objects are read: as JSON values by default, or
+/// straight into their type (the pod endpoint's fast path).
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct ReviewIn {
+#[serde(bound(deserialize = "O: Deserialize<'de>"))]
+pub struct ReviewIn<O = Value> {
     pub api_version: String,
     pub kind: String,
-    pub request: Option<Request>,
+    pub request: Option<Request<O>>,
 }
 
 /// Group, version and kind of the object under review.
@@ -55,7 +57,8 @@ pub enum Operation {
 /// The part of the review the decision is made on.
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct Request {
+#[serde(bound(deserialize = "O: Deserialize<'de>"))]
+pub struct Request<O = Value> {
     pub uid: String,
     pub kind: Gvk,
     pub operation: Operation,
@@ -63,12 +66,16 @@ pub struct Request {
     pub name: Option<String>,
     #[serde(default)]
     pub namespace: Option<String>,
-    #[serde(default)]
-    pub object: Option<Value>,
-    #[serde(default)]
-    pub old_object: Option<Value>,
+    #[serde(default = "none")]
+    pub object: Option<O>,
+    #[serde(default = "none")]
+    pub old_object: Option<O>,
     #[serde(default)]
     pub dry_run: Option<bool>,
+}
+
+fn none<O>() -> Option<O> {
+    None
 }
 
 /// One RFC 6902 operation. Only the three the webhook needs.

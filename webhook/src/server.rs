@@ -180,14 +180,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error(
-        "the serving certificate PEM holds no certificate ({0}); the TLS Secret is damaged: delete it and the webhook makes a new one"
+        "the serving certificate PEM holds no certificate ({0}); from the webhook's own Secret: delete the Secret and the webhook makes a new one; from --tls-cert-file: check what writes it (cert-manager's Certificate)"
     )]
     Certificate(String),
     #[error(
-        "the serving key PEM holds no private key ({0}); the TLS Secret is damaged: delete it and the webhook makes a new one"
+        "the serving key PEM holds no private key ({0}); from the webhook's own Secret: delete the Secret and the webhook makes a new one; from --tls-key-file: check what writes it (cert-manager's Certificate)"
     )]
     Key(String),
-    #[error("rustls refused the certificate and key: {0}")]
+    #[error(
+        "rustls refused the certificate and key: {0} (a key mismatch means the key is not the certificate's, e.g. one file was replaced before the other)"
+    )]
     Rustls(#[from] rustls::Error),
 }
 
@@ -217,7 +219,13 @@ pub async fn serve(
     router: Router,
     handle: axum_server::Handle<SocketAddr>,
 ) -> std::io::Result<()> {
-    let mut server = axum_server::bind_rustls(addr, tls).handle(handle);
+    // TCP_NODELAY: axum-server's default acceptor leaves Nagle's algorithm on, which may hold a
+    // small write (an HTTP/2 DATA frame after its HEADERS) until the peer's delayed ACK. Request/
+    // response servers turn it off; on the 2-core test box it made no difference that the noise
+    // of the machine's other load let us see (docs/architecture.md, the webhook's figures).
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    let mut server = axum_server::bind(addr).acceptor(acceptor).handle(handle);
     // A slow client may not hold a connection open forever before its headers arrive. hyper
     // needs a timer for that, or it panics on the first HTTP/1.1 connection.
     server

@@ -178,10 +178,12 @@ fn view(strategy: &str, with_policy: bool, inventory_kind: u8) -> StaticView {
     };
     StaticView {
         policy: with_policy.then(|| {
-            serde_json::from_value(
-                json!({"metadata": {"name": "cp"}, "spec": {"mig": {"strategy": strategy}}}),
+            std::sync::Arc::new(
+                serde_json::from_value(
+                    json!({"metadata": {"name": "cp"}, "spec": {"mig": {"strategy": strategy}}}),
+                )
+                .unwrap(),
             )
-            .unwrap()
         }),
         inventory: MigInventory::from_nodes(&nodes),
         facts: Default::default(),
