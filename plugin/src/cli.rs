@@ -53,6 +53,9 @@ pub enum Command {
     /// Print the JSON schema of the install values (charts/gpu-pilot/values.schema.json).
     #[command(hide = true)]
     ValuesSchema,
+    /// Print a CEL expression the chart reads from files/cel/ (gpu-pod or keep-on-update).
+    #[command(hide = true)]
+    Cel { which: String },
 }
 
 /// Run a command; the result is the process exit code.
@@ -70,6 +73,15 @@ pub async fn run(cli: Cli) -> i32 {
             clap_complete::generate(shell, &mut cmd, "kubectl-gpu", &mut std::io::stdout());
             Ok(0)
         }
+        Command::Cel { which } => match crate::render::chart_cel(&which) {
+            Some(text) => {
+                println!("{text}");
+                Ok(0)
+            }
+            None => Err(anyhow::anyhow!(
+                "no CEL expression {which:?}; use gpu-pod or keep-on-update"
+            )),
+        },
         Command::ValuesSchema => {
             let text = serde_json::to_string_pretty(&crate::values::schema())
                 .expect("the schema serializes");

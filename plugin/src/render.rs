@@ -228,7 +228,10 @@ pub fn webhook_configurations(namespace: &str, values: &Values) -> Vec<Value> {
     for o in &mut out {
         if let Some(hooks) = o["webhooks"].as_array_mut() {
             for h in hooks {
-                h["failurePolicy"] = json!(policy);
+                // The UPDATE entry that keeps what the webhook added is always `Ignore`.
+                if h["name"] != gpu_pilot_webhook::manifests::KEEP_ON_UPDATE_WEBHOOK {
+                    h["failurePolicy"] = json!(policy);
+                }
                 if !w.ca_bundle.is_empty() {
                     h["clientConfig"]["caBundle"] = json!(w.ca_bundle);
                 }
@@ -274,55 +277,21 @@ pub fn mig_parted_config(namespace: &str) -> Value {
     })
 }
 
-/// The standard layouts. Profiles that exist only on some GPUs fail on the others, which the MIG
-/// manager reports as `nvidia.com/mig.config.state=failed` with the reason.
-pub const MIG_PARTED_LAYOUTS: &str = "version: v1
-mig-configs:
-  all-disabled:
-  - devices: all
-    mig-enabled: false
-  all-enabled:
-  - devices: all
-    mig-enabled: true
-    mig-devices: {}
-  all-1g.10gb:
-  - devices: all
-    mig-enabled: true
-    mig-devices:
-      1g.10gb: 7
-  all-1g.5gb:
-  - devices: all
-    mig-enabled: true
-    mig-devices:
-      1g.5gb: 7
-  all-2g.20gb:
-  - devices: all
-    mig-enabled: true
-    mig-devices:
-      2g.20gb: 3
-  all-3g.40gb:
-  - devices: all
-    mig-enabled: true
-    mig-devices:
-      3g.40gb: 2
-  all-3g.20gb:
-  - devices: all
-    mig-enabled: true
-    mig-devices:
-      3g.20gb: 2
-  all-7g.80gb:
-  - devices: all
-    mig-enabled: true
-    mig-devices:
-      7g.80gb: 1
-  all-balanced:
-  - devices: all
-    mig-enabled: true
-    mig-devices:
-      1g.10gb: 2
-      2g.20gb: 1
-      3g.40gb: 1
-";
+/// The standard layouts (the chart's `files/mig-parted-config.yaml`, one copy for both tools).
+/// Profiles that exist only on some GPUs fail on the others, which the MIG manager reports as
+/// `nvidia.com/mig.config.state=failed` with the reason.
+pub const MIG_PARTED_LAYOUTS: &str =
+    include_str!("../../charts/gpu-pilot/files/mig-parted-config.yaml");
+
+/// The webhook's CEL match conditions, which the chart reads from `files/cel/<name>.cel`
+/// (written by `kubectl-gpu cel <name>`, test-checked), so they are spelled once in Rust.
+pub fn chart_cel(name: &str) -> Option<String> {
+    match name {
+        "gpu-pod" => Some(gpu_pilot_webhook::manifests::gpu_pod_cel()),
+        "keep-on-update" => Some(gpu_pilot_webhook::manifests::update_drops_cel()),
+        _ => None,
+    }
+}
 
 /// The one ClusterPolicy, its spec spelled as the values spell it.
 pub fn cluster_policy(values: &Values) -> Value {
@@ -453,6 +422,25 @@ mod tests {
             .unwrap();
         let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
         assert!(args.contains("--tls-cert-file"), "{args}");
+    }
+
+    #[test]
+    fn the_charts_cel_files_are_current() {
+        for (name, committed) in [
+            (
+                "gpu-pod",
+                include_str!("../../charts/gpu-pilot/files/cel/gpu-pod.cel"),
+            ),
+            (
+                "keep-on-update",
+                include_str!("../../charts/gpu-pilot/files/cel/keep-on-update.cel"),
+            ),
+        ] {
+            assert!(
+                committed.trim_end() == chart_cel(name).unwrap(),
+                "charts/gpu-pilot/files/cel/{name}.cel is stale: run `cargo run -p kubectl-gpu -- cel {name} > charts/gpu-pilot/files/cel/{name}.cel`"
+            );
+        }
     }
 
     #[test]

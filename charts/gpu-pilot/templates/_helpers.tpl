@@ -96,24 +96,6 @@ caBundle: {{ .caBundle | quote }}
 {{- end }}
 
 {{/*
-The apiserver calls the pod webhook only for pods that ask for a GPU: a GPU resource in a
-container or init container, or one of gpu-pilot's request annotations.
-*/}}
-{{- define "gpu-pilot.gpuResourceKey" -}}
-k == 'nvidia.com/gpu' || k.startsWith('nvidia.com/mig-') || k == 'nvidia.com/gpu.shared'
-{{- end }}
-
-{{- define "gpu-pilot.gpuContainerCEL" -}}
-{{- $k := include "gpu-pilot.gpuResourceKey" . -}}
-has(c.resources) && ((has(c.resources.limits) && c.resources.limits.exists(k, {{ $k }})) || (has(c.resources.requests) && c.resources.requests.exists(k, {{ $k }})))
-{{- end }}
-
-{{- define "gpu-pilot.gpuPodCEL" -}}
-{{- $c := include "gpu-pilot.gpuContainerCEL" . -}}
-(has(object.metadata.annotations) && ('gpupilot.io/mig-profile' in object.metadata.annotations || 'gpupilot.io/gpu-memory' in object.metadata.annotations)) || object.spec.containers.exists(c, {{ $c }}) || (has(object.spec.initContainers) && object.spec.initContainers.exists(c, {{ $c }}))
-{{- end }}
-
-{{/*
 The ClusterPolicy spec: the policy sections of the values verbatim, and operator.defaultRuntime,
 runtimeClass, labels and annotations as spec.operator (kubectl-gpu's values::spec_json).
 */}}
