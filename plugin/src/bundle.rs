@@ -513,3 +513,65 @@ fn tempfile_in(dir: &Path, target: &Path) -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| "bundle.tar.gz".into());
     Ok(dir.join(format!(".{name}.{}.partial", std::process::id())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_logs_are_redacted() {
+        let text = "start\nconnecting with token=abc123 to x\nAuthorization: Bearer eyJhbGci.x.y\n\
+                    {\"password\": \"hunter2\", \"user\": \"a\"}\n-----BEGIN EC PRIVATE KEY-----\nMHcC\n\
+                    -----END EC PRIVATE KEY-----\ntokens are fine as a word\n";
+        let r = redact(text);
+        for secret in ["abc123", "eyJhbGci", "hunter2", "MHcC"] {
+            assert!(!r.contains(secret), "{secret} leaked: {r}");
+        }
+        assert!(r.contains("Authorization: Bearer <redacted>"), "{r}");
+        assert!(r.contains("tokens are fine as a word"), "{r}");
+        assert!(r.contains("start\n"));
+    }
+
+    #[test]
+    fn a_bundle_lists_every_file_in_its_readme() {
+        let snap = Snapshot {
+            namespace: "gpu-pilot".into(),
+            ..Default::default()
+        };
+        let report = Report::from_findings(&snap, crate::doctor::checks::run_all(&snap));
+        let mut entries = objects(&snap, &report).unwrap();
+        entries.push(Entry {
+            name: "logs/p/c.log".into(),
+            about: "a log".into(),
+            data: b"hello".to_vec(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.tar.gz");
+        let w = write_tar(&path, entries).unwrap();
+        assert_eq!(w.files, 15, "13 snapshot files, a log and the README");
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+            std::fs::File::open(&path).unwrap(),
+        ));
+        let mut names = Vec::new();
+        let mut readme = String::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            if name.ends_with("README.txt") {
+                std::io::Read::read_to_string(&mut e, &mut readme).unwrap();
+            }
+            names.push(name);
+        }
+        assert_eq!(names[0], "gpu-pilot-bundle/README.txt");
+        for n in &names[1..] {
+            let short = n.trim_start_matches("gpu-pilot-bundle/");
+            assert!(readme.contains(short), "{short} not in README:\n{readme}");
+        }
+        assert!(names.iter().any(|n| n.ends_with("findings.json")));
+        // No stray temporary file next to it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A folder that does not exist is a clear error.
+        let e = write_tar(&dir.path().join("nope/b.tar.gz"), vec![]).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+}
