@@ -4,6 +4,7 @@
 
 mod agent;
 mod controller;
+mod doctor;
 mod foundation;
 mod webhook;
 
@@ -23,6 +24,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(controller::tests());
     all.extend(agent::tests());
     all.extend(webhook::tests());
+    all.extend(doctor::tests());
     all
 }
 

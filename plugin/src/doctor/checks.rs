@@ -785,7 +785,7 @@ fn stage_stuck(s: &Snapshot) -> Vec<Finding> {
                 .get(&f.node)
                 .and_then(|n| node_annotation(n, annotation::STAGE_REASON))
                 .is_none()
-            && pod_age(s, p).is_none_or(|a| a < 120)
+            && pod_age(s, p).is_none_or(|a| a < INIT_STUCK_SECONDS)
         {
             continue;
         }
@@ -930,6 +930,9 @@ fn stage_stuck(s: &Snapshot) -> Vec<Finding> {
     }
     out
 }
+
+/// An operand pod still in its init containers after this long counts as stuck.
+pub const INIT_STUCK_SECONDS: i64 = 60;
 
 fn pod_age(s: &Snapshot, p: &Pod) -> Option<i64> {
     age_seconds(s, p.metadata.creation_timestamp.as_ref().map(|t| t.0))
