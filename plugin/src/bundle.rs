@@ -498,6 +498,23 @@ fn write_tar(path: &Path, mut entries: Vec<Entry>) -> anyhow::Result<Written> {
     })
 }
 
+/// Fails, saying what to do, when a bundle cannot be written at `path` (checked before the
+/// doctor reads the cluster).
+pub fn check_path(path: &Path) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if path.is_dir() {
+        anyhow::bail!(
+            "--bundle {} is a folder; give a file name such as {}",
+            path.display(),
+            path.join("gpu-pilot-support.tar.gz").display()
+        );
+    }
+    tempfile_in(dir, path).map(|_| ())
+}
+
 /// A temporary file name next to the target, so the final rename is atomic.
 fn tempfile_in(dir: &Path, target: &Path) -> anyhow::Result<PathBuf> {
     if !dir.is_dir() {

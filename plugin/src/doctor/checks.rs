@@ -942,9 +942,15 @@ fn rollout_in_progress(s: &Snapshot) -> Vec<Finding> {
     if active_policy(s).is_none() {
         return vec![];
     }
+    let failing: BTreeSet<String> = operand_pods(s)
+        .into_iter()
+        .filter(|(_, f)| f.reason.as_deref().is_some_and(is_failure))
+        .map(|(_, f)| f.node)
+        .collect();
     let mut by_stage: BTreeMap<Stage, Vec<String>> = BTreeMap::new();
     for n in managed_gpu_nodes(s) {
-        if node_annotation(n, annotation::STAGE_REASON).is_some() {
+        if node_annotation(n, annotation::STAGE_REASON).is_some() || failing.contains(&n.name_any())
+        {
             continue;
         }
         match node_label(n, label::STAGE).and_then(Stage::parse) {
@@ -1690,13 +1696,14 @@ fn pending_gpu_pods(s: &Snapshot) -> Vec<Finding> {
         let asked: Vec<String> = req.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         let mut evidence = vec![
             format!("scheduler: {message}"),
-            format!("pod {} asks for {}", pod_ref(p), asked.join(", ")),
+            format!(
+                "pod {}/{} asks for {}",
+                p.namespace().unwrap_or_default(),
+                p.name_any(),
+                asked.join(", ")
+            ),
         ];
-        let mut fix = format!(
-            "kubectl -n {} describe pod {} shows the scheduler's events",
-            p.namespace().unwrap_or_default(),
-            p.name_any()
-        );
+        let mut fixes: Vec<String> = Vec::new();
         if message.contains(&format!("Insufficient {}", resource::GPU)) {
             let per_pod = req.get(resource::GPU).copied().unwrap_or(0);
             evidence.push(format!(
@@ -1705,7 +1712,7 @@ fn pending_gpu_pods(s: &Snapshot) -> Vec<Finding> {
                 biggest.map(|(n, _)| n.name_any()).unwrap_or_default(),
                 biggest.map(|(_, q)| q).unwrap_or(0)
             ));
-            fix = if per_pod > biggest.map(|(_, q)| q).unwrap_or(0) {
+            fixes.push(if per_pod > biggest.map(|(_, q)| q).unwrap_or(0) {
                 format!(
                     "No node has {per_pod} GPUs: lower the pod's {} request to at most {}, or add bigger GPU nodes",
                     resource::GPU,
@@ -1713,7 +1720,7 @@ fn pending_gpu_pods(s: &Snapshot) -> Vec<Finding> {
                 )
             } else {
                 "The GPUs are taken: wait for other GPU pods to finish, free some (kubectl get pods -A -o wide), or add GPU nodes".to_string()
-            };
+            });
         }
         if mig_only && req.contains_key(resource::GPU) {
             evidence.push(format!(
@@ -1721,12 +1728,12 @@ fn pending_gpu_pods(s: &Snapshot) -> Vec<Finding> {
                 resource::GPU,
                 resource::MIG_PREFIX
             ));
-            fix = format!(
+            fixes.push(format!(
                 "Ask for a MIG device instead: resources {}<profile> (e.g. {}), or the annotation {}: <profile>",
                 resource::MIG_PREFIX,
                 resource::mig("1g.10gb"),
                 annotation::MIG_PROFILE
-            );
+            ));
         }
         if message.contains("untolerated taint") {
             let gpu_taints: BTreeSet<String> = gpu_nodes(s)
@@ -1747,10 +1754,10 @@ fn pending_gpu_pods(s: &Snapshot) -> Vec<Finding> {
                     gpu_taints.into_iter().collect::<Vec<_>>().join(", ")
                 ));
             }
-            fix = format!(
+            fixes.push(format!(
                 "Add a toleration for the GPU nodes' taints to the pod (the webhook adds {}:NoSchedule to GPU pods when it is installed)",
                 gpu_pilot_api::names::GPU_TAINT_KEY
-            );
+            ));
         }
         if message.contains("node affinity/selector") || message.contains("node selector") {
             if let Some(sel) = p.spec.as_ref().and_then(|sp| sp.node_selector.as_ref()) {
@@ -1770,7 +1777,7 @@ fn pending_gpu_pods(s: &Snapshot) -> Vec<Finding> {
                         .join(",")
                 ));
             }
-            fix = "Correct the pod's nodeSelector/affinity to labels GPU nodes carry (kubectl get nodes --show-labels), e.g. nvidia.com/gpu.product".to_string();
+            fixes.push("Correct the pod's nodeSelector/affinity to labels GPU nodes carry (kubectl get nodes --show-labels), e.g. nvidia.com/gpu.product".to_string());
         }
         out.push(
             Finding::new(
@@ -1783,7 +1790,15 @@ fn pending_gpu_pods(s: &Snapshot) -> Vec<Finding> {
             )
             .objects(pods.iter().map(|(p, _)| pod_ref(p)))
             .evidence(evidence)
-            .fix(fix),
+            .fix(if fixes.is_empty() {
+                format!(
+                    "kubectl -n {} describe pod {} shows the scheduler's events",
+                    p.namespace().unwrap_or_default(),
+                    p.name_any()
+                )
+            } else {
+                fixes.join("\n")
+            }),
         );
     }
     out

@@ -214,21 +214,20 @@ pub async fn run(g: &Global, args: DoctorArgs) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
+    if let Some(path) = &args.bundle {
+        // Say so before reading the cluster, not after.
+        if let Err(e) = crate::bundle::check_path(path) {
+            eprintln!("error: {e:#}");
+            return Ok(2);
+        }
+    }
     let result = async {
         let kube = Kube::connect(g).await?;
-        let (mut report, snap) = diagnose(&kube, &g.namespace).await?;
-        let bundle = match &args.bundle {
-            Some(path) => {
-                let written = crate::bundle::write(&kube, &snap, &report, path).await?;
-                report.requests = kube.requests();
-                Some(written)
-            }
-            None => None,
-        };
-        anyhow::Ok((report, bundle))
+        let (report, snap) = diagnose(&kube, &g.namespace).await?;
+        anyhow::Ok((kube, report, snap))
     }
     .await;
-    let (report, bundle) = match result {
+    let (kube, report, snap) = match result {
         Ok(r) => r,
         Err(e) => {
             // An unreachable cluster is the worst finding of all: exit 2, and say what to do.
@@ -245,14 +244,23 @@ pub async fn run(g: &Global, args: DoctorArgs) -> anyhow::Result<i32> {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
         Output::Yaml => write!(out, "{}", serde_yaml::to_string(&report)?)?,
     }
-    if let Some(b) = bundle {
+    out.flush()?;
+    if let Some(path) = &args.bundle {
+        let before = kube.requests();
+        let line = match crate::bundle::write(&kube, &snap, &report, path).await {
+            Ok(b) => format!(
+                "Support bundle written to {} ({} files, {} KiB, {} more API requests for logs). Attach it to your bug report; it holds no Secret data.",
+                b.path.display(),
+                b.files,
+                b.bytes.div_ceil(1024),
+                kube.requests() - before
+            ),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return Ok(2);
+            }
+        };
         // On stderr for machine formats, so stdout stays parseable.
-        let line = format!(
-            "Support bundle written to {} ({} files, {} KiB). Attach it to your bug report; it holds no Secret data.",
-            b.path.display(),
-            b.files,
-            b.bytes.div_ceil(1024)
-        );
         if g.output == Output::Table {
             writeln!(out, "{line}")?;
         } else {

@@ -492,6 +492,12 @@ fn stuck_stage_names_the_image_or_the_logs() {
     );
     assert!(f.evidence.iter().any(|e| e.contains("7 restarts")), "{f:?}");
     assert!(f.fix.contains("--previous"), "{}", f.fix);
+    // A node held by a failure is not "still moving".
+    assert!(
+        found(&s, "rollout-in-progress").is_empty(),
+        "{:?}",
+        found(&s, "rollout-in-progress")
+    );
 }
 
 #[test]
@@ -791,6 +797,14 @@ fn pending_gpu_pods_say_why() {
             .iter()
             .any(|e| e.contains("nodeSelector pool=h100 matches 0")),
         "{f:?}"
+    );
+    // Both causes get a fix.
+    assert!(
+        f.fix
+            .contains("lower the pod's nvidia.com/gpu request to at most 8")
+            && f.fix.contains("nodeSelector"),
+        "{}",
+        f.fix
     );
     // A pod asking for no GPU is not the doctor's business.
     let mut s = healthy();
