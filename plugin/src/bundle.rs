@@ -187,7 +187,7 @@ fn objects(snap: &Snapshot, report: &Report) -> anyhow::Result<Vec<Entry>> {
     );
     add(
         "events.yaml",
-        format!("{} events in {}", snap.events.len(), snap.namespace),
+        format!("{} Warning events in {}", snap.events.len(), snap.namespace),
         yaml_list(&snap.events)?,
     );
     let hooks: Vec<Value> = [

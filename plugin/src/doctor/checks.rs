@@ -883,13 +883,20 @@ fn stage_stuck(s: &Snapshot) -> Vec<Finding> {
             Finding::new(
                 "stage-stuck",
                 Severity::Error,
-                format!(
-                    "{} held at stage {}: {} pod {}",
-                    count_phrase(node_names.len(), "GPU node", "GPU nodes"),
-                    if stage.is_empty() { "?" } else { &stage },
-                    component.gate_name(),
-                    reason
-                ),
+                if stage == Stage::Ready.as_str() {
+                    format!(
+                        "{} pod {reason} on {}",
+                        component.gate_name(),
+                        count_phrase(node_names.len(), "ready GPU node", "ready GPU nodes"),
+                    )
+                } else {
+                    format!(
+                        "{} held at stage {}: {} pod {reason}",
+                        count_phrase(node_names.len(), "GPU node", "GPU nodes"),
+                        if stage.is_empty() { "?" } else { &stage },
+                        component.gate_name(),
+                    )
+                },
             )
             .objects(node_names.iter().map(|n| format!("Node/{n}")))
             .evidence(evidence)
@@ -1059,13 +1066,25 @@ fn daemonset_unavailable(s: &Snapshot) -> Vec<Finding> {
         }
     }
     if !short.is_empty() {
+        // While nodes still move through the stages, new pods are expected to be starting;
+        // failing pods are reported by stage-stuck either way.
+        let rolling = !rollout_in_progress(s).is_empty();
         out.push(
             Finding::new(
                 "operand-daemonset-unavailable",
-                Severity::Warning,
+                if rolling {
+                    Severity::Info
+                } else {
+                    Severity::Warning
+                },
                 format!(
-                    "{} without a ready pod on every node they want",
-                    count_phrase(short.len(), "operand DaemonSet", "operand DaemonSets")
+                    "{} without a ready pod on every node they want{}",
+                    count_phrase(short.len(), "operand DaemonSet", "operand DaemonSets"),
+                    if rolling {
+                        " (the rollout is in progress)"
+                    } else {
+                        ""
+                    }
                 ),
             )
             .objects(short)
@@ -1653,7 +1672,8 @@ fn tolerates(tols: &[Toleration], t: &Taint) -> bool {
 }
 
 fn pending_gpu_pods(s: &Snapshot) -> Vec<Finding> {
-    let mut groups: BTreeMap<String, Vec<(&Pod, BTreeMap<String, i64>)>> = BTreeMap::new();
+    type Asked<'a> = Vec<(&'a Pod, BTreeMap<String, i64>)>;
+    let mut groups: BTreeMap<String, Asked> = BTreeMap::new();
     for p in &s.pending_pods {
         let req = gpu_requests(p);
         if req.is_empty() || p.spec.as_ref().is_some_and(|sp| sp.node_name.is_some()) {
@@ -2307,7 +2327,7 @@ fn warning_events(s: &Snapshot) -> Vec<Finding> {
         return vec![];
     }
     let mut sorted: Vec<_> = groups.into_iter().collect();
-    sorted.sort_by(|a, b| b.1.0.cmp(&a.1.0));
+    sorted.sort_by_key(|g| std::cmp::Reverse(g.1.0));
     let total: i32 = sorted.iter().map(|(_, v)| v.0).sum();
     vec![
         Finding::new(

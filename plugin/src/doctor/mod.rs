@@ -207,7 +207,8 @@ pub async fn diagnose(kube: &Kube, namespace: &str) -> anyhow::Result<(Report, S
 
 /// Run the doctor; the exit code is 0 healthy, 1 warnings, 2 errors.
 pub async fn run(g: &Global, args: DoctorArgs) -> anyhow::Result<i32> {
-    let mut out = std::io::stdout().lock();
+    // Not a lock: this future must stay Send (the tests run it on a runtime).
+    let mut out = std::io::stdout();
     if args.list_checks {
         for c in checks::CHECKS {
             writeln!(out, "{:<30} {:<8} {}", c.id, c.severity, c.about)?;

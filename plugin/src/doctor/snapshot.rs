@@ -24,6 +24,9 @@ use kube::{Api, ResourceExt};
 
 use crate::context::{Kube, explain};
 
+/// Requests one snapshot takes: the version, 15 lists or gets, the TLS Secret's metadata and the
+/// two of [`crate::install::gpu_operator_signs`]. Log reads of failing pods come on top.
+pub const SNAPSHOT_REQUESTS: u64 = 19;
 /// Logs are fetched for at most this many failing operand pods.
 pub const MAX_LOG_PODS: usize = 5;
 /// Lines of log kept per failing container.
@@ -60,7 +63,7 @@ pub struct Snapshot {
     pub validating: Option<ValidatingWebhookConfiguration>,
     /// The webhook's TLS Secret: metadata only (its data is never read).
     pub tls_secret: Option<ObjectMeta>,
-    /// Events in gpu-pilot's namespace.
+    /// Warning events in gpu-pilot's namespace.
     pub events: Vec<Event>,
     pub lease: Option<Lease>,
     /// Signs of NVIDIA's GPU Operator, as sentences.
@@ -127,7 +130,9 @@ impl Snapshot {
     pub async fn gather(kube: &Kube, namespace: &str) -> anyhow::Result<Snapshot> {
         let c = kube.client.clone();
         let ns = namespace;
-        let all = ListParams::default();
+        // Served from the apiserver's watch cache (resourceVersion=0): a doctor can live with a
+        // view a moment old, and the big lists (nodes, pods) cost the apiserver far less.
+        let all = ListParams::default().match_any();
         // The version first: it tells "cannot reach the cluster" apart from everything else.
         let version = crate::install::server_version(kube).await?;
 
@@ -162,7 +167,9 @@ impl Snapshot {
             list(Api::<Pod>::namespaced(c.clone(), ns), all.clone()),
             list(
                 Api::<Pod>::all(c.clone()),
-                ListParams::default().fields("status.phase=Pending")
+                ListParams::default()
+                    .match_any()
+                    .fields("status.phase=Pending")
             ),
             list(Api::<DaemonSet>::namespaced(c.clone(), ns), all.clone()),
             list(Api::<Deployment>::namespaced(c.clone(), ns), all.clone()),
@@ -173,7 +180,11 @@ impl Snapshot {
             mwc_api.get_opt(webhook::NAME),
             vwc_api.get_opt(webhook::NAME),
             secret_api.get_metadata_opt(webhook::TLS_SECRET),
-            list(Api::<Event>::namespaced(c.clone(), ns), all.clone()),
+            // Only Warnings: a rollout leaves thousands of Normal events (Scheduled, Pulled...).
+            list(
+                Api::<Event>::namespaced(c.clone(), ns),
+                all.clone().fields("type=Warning")
+            ),
             lease_api.get_opt(CONTROLLER_LEASE),
             crate::install::gpu_operator_signs(kube),
         );
