@@ -1,6 +1,7 @@
 //! `kubectl gpu`: install, inspect and fix gpu-pilot. The library holds every command, so the
 //! end-to-end tests and the benchmarks call the same code the binary runs.
 
+pub mod bundle;
 pub mod cli;
 pub mod context;
 pub mod doctor;

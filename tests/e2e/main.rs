@@ -4,6 +4,7 @@
 
 mod agent;
 mod controller;
+mod doctor;
 mod foundation;
 mod helm;
 mod plugin;
@@ -29,6 +30,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(webhook::tests());
     all.extend(helm::tests());
     all.extend(plugin::tests());
+    all.extend(doctor::tests());
     all
 }
 

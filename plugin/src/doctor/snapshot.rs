@@ -1,0 +1,465 @@
+//! One read of everything the checks look at. Every list is one request whatever the cluster's
+//! size (no pagination, no per-node calls), all sent at once; the only extra requests are the
+//! logs of at most [`MAX_LOG_PODS`] failing operand pods and a TLS probe of a webhook URL (no API
+//! request). The checks then run as pure functions over this value.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gpu_pilot_api::ClusterPolicy;
+use gpu_pilot_api::names::{label, webhook};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, LogParams};
+use kube::{Api, ResourceExt};
+
+use crate::context::{Kube, explain};
+
+/// Requests one snapshot takes: the version, 15 lists or gets, the TLS Secret's metadata and the
+/// two of [`crate::install::gpu_operator_signs`]. Log reads of failing pods come on top.
+pub const SNAPSHOT_REQUESTS: u64 = 19;
+/// Logs are fetched for at most this many failing operand pods.
+pub const MAX_LOG_PODS: usize = 5;
+/// Lines of log kept per failing container.
+pub const LOG_TAIL_LINES: i64 = 20;
+/// The controller's Lease (leader election) in the operand namespace.
+pub const CONTROLLER_LEASE: &str = "gpu-pilot-controller";
+
+/// Everything the checks need, read once.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// gpu-pilot's namespace (`-n`).
+    pub namespace: String,
+    /// When the snapshot was taken.
+    pub now: Option<Timestamp>,
+    /// The apiserver URL.
+    pub server: String,
+    /// Kubernetes major, minor and gitVersion.
+    pub version: Option<(u32, u32, String)>,
+    /// Names of every CustomResourceDefinition.
+    pub crds: Vec<String>,
+    pub policies: Vec<ClusterPolicy>,
+    pub nodes: Vec<Node>,
+    /// Every pod in gpu-pilot's namespace.
+    pub pods: Vec<Pod>,
+    /// Pods in phase Pending, cluster-wide.
+    pub pending_pods: Vec<Pod>,
+    pub daemonsets: Vec<DaemonSet>,
+    pub deployments: Vec<Deployment>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub config_maps: Vec<ConfigMap>,
+    pub runtime_classes: Vec<String>,
+    pub mutating: Option<MutatingWebhookConfiguration>,
+    pub validating: Option<ValidatingWebhookConfiguration>,
+    /// The webhook's TLS Secret: metadata only (its data is never read).
+    pub tls_secret: Option<ObjectMeta>,
+    /// Warning events in gpu-pilot's namespace.
+    pub events: Vec<Event>,
+    pub lease: Option<Lease>,
+    /// Signs of NVIDIA's GPU Operator, as sentences.
+    pub gpu_operator_signs: Vec<String>,
+    /// Result of a TLS handshake with each webhook URL target: `Err(why)` when it failed.
+    pub url_probes: BTreeMap<String, Result<(), String>>,
+    /// Last lines of failing operand containers, by `pod/container`.
+    pub logs: BTreeMap<String, String>,
+    /// Parts that could not be read (forbidden, ...), with why: the checks that need them say so.
+    pub unreadable: Vec<String>,
+}
+
+fn names<K>(items: Vec<kube::core::PartialObjectMeta<K>>) -> Vec<String> {
+    items
+        .into_iter()
+        .map(|m| m.metadata.name.unwrap_or_default())
+        .collect()
+}
+
+/// What a list request gave: the items, or why none.
+fn keep<T>(
+    part: &str,
+    r: Result<Vec<T>, kube::Error>,
+    unreadable: &mut Vec<String>,
+    server: &str,
+) -> Vec<T> {
+    match r {
+        Ok(v) => v,
+        // A resource the apiserver does not serve (no CRD yet) is simply empty.
+        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
+        Err(e) => {
+            unreadable.push(explain(&e, server, &format!("reading {part}")));
+            Vec::new()
+        }
+    }
+}
+
+fn keep_opt<T>(
+    part: &str,
+    r: Result<Option<T>, kube::Error>,
+    unreadable: &mut Vec<String>,
+    server: &str,
+) -> Option<T> {
+    match r {
+        Ok(v) => v,
+        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        Err(e) => {
+            unreadable.push(explain(&e, server, &format!("reading {part}")));
+            None
+        }
+    }
+}
+
+async fn list<K>(api: Api<K>, lp: ListParams) -> Result<Vec<K>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api.list(&lp).await?.items)
+}
+
+impl Snapshot {
+    /// Reads the cluster. Fails only when the cluster cannot be reached at all (with what to do);
+    /// a part that cannot be read is recorded in `unreadable` and the rest is still checked.
+    pub async fn gather(kube: &Kube, namespace: &str) -> anyhow::Result<Snapshot> {
+        let c = kube.client.clone();
+        let ns = namespace;
+        // Served from the apiserver's watch cache (resourceVersion=0): a doctor can live with a
+        // view a moment old, and the big lists (nodes, pods) cost the apiserver far less.
+        let all = ListParams::default().match_any();
+        // The version first: it tells "cannot reach the cluster" apart from everything else.
+        let version = crate::install::server_version(kube).await?;
+
+        let crd_api = Api::<CustomResourceDefinition>::all(c.clone());
+        let rc_api = Api::<RuntimeClass>::all(c.clone());
+        let mwc_api = Api::<MutatingWebhookConfiguration>::all(c.clone());
+        let vwc_api = Api::<ValidatingWebhookConfiguration>::all(c.clone());
+        let secret_api = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), ns);
+        let lease_api = Api::<Lease>::namespaced(c.clone(), ns);
+        let (
+            crds,
+            policies,
+            nodes,
+            pods,
+            pending,
+            daemonsets,
+            deployments,
+            services,
+            slices,
+            config_maps,
+            runtime_classes,
+            mutating,
+            validating,
+            tls_secret,
+            events,
+            lease,
+            signs,
+        ) = tokio::join!(
+            crd_api.list_metadata(&all),
+            list(Api::<ClusterPolicy>::all(c.clone()), all.clone()),
+            list(Api::<Node>::all(c.clone()), all.clone()),
+            list(Api::<Pod>::namespaced(c.clone(), ns), all.clone()),
+            list(
+                Api::<Pod>::all(c.clone()),
+                ListParams::default()
+                    .match_any()
+                    .fields("status.phase=Pending")
+            ),
+            list(Api::<DaemonSet>::namespaced(c.clone(), ns), all.clone()),
+            list(Api::<Deployment>::namespaced(c.clone(), ns), all.clone()),
+            list(Api::<Service>::namespaced(c.clone(), ns), all.clone()),
+            list(Api::<EndpointSlice>::namespaced(c.clone(), ns), all.clone()),
+            list(Api::<ConfigMap>::namespaced(c.clone(), ns), all.clone()),
+            rc_api.list_metadata(&all),
+            mwc_api.get_opt(webhook::NAME),
+            vwc_api.get_opt(webhook::NAME),
+            secret_api.get_metadata_opt(webhook::TLS_SECRET),
+            // Only Warnings: a rollout leaves thousands of Normal events (Scheduled, Pulled...).
+            list(
+                Api::<Event>::namespaced(c.clone(), ns),
+                all.clone().fields("type=Warning")
+            ),
+            lease_api.get_opt(CONTROLLER_LEASE),
+            crate::install::gpu_operator_signs(kube),
+        );
+        let server = kube.server.clone();
+        let mut u = Vec::new();
+        let mut snap = Snapshot {
+            namespace: ns.to_string(),
+            now: Some(Timestamp::now()),
+            server: server.clone(),
+            version: Some(version),
+            crds: names(keep(
+                "CustomResourceDefinitions",
+                crds.map(|l| l.items),
+                &mut u,
+                &server,
+            )),
+            policies: keep("ClusterPolicies", policies, &mut u, &server),
+            nodes: keep("Nodes", nodes, &mut u, &server),
+            pods: keep(&format!("Pods in {ns}"), pods, &mut u, &server),
+            pending_pods: keep("Pending Pods", pending, &mut u, &server),
+            daemonsets: keep(&format!("DaemonSets in {ns}"), daemonsets, &mut u, &server),
+            deployments: keep(
+                &format!("Deployments in {ns}"),
+                deployments,
+                &mut u,
+                &server,
+            ),
+            services: keep(&format!("Services in {ns}"), services, &mut u, &server),
+            endpoint_slices: keep(&format!("EndpointSlices in {ns}"), slices, &mut u, &server),
+            config_maps: keep(&format!("ConfigMaps in {ns}"), config_maps, &mut u, &server),
+            runtime_classes: names(keep(
+                "RuntimeClasses",
+                runtime_classes.map(|l| l.items),
+                &mut u,
+                &server,
+            )),
+            mutating: keep_opt(
+                "the MutatingWebhookConfiguration",
+                mutating,
+                &mut u,
+                &server,
+            ),
+            validating: keep_opt(
+                "the ValidatingWebhookConfiguration",
+                validating,
+                &mut u,
+                &server,
+            ),
+            tls_secret: keep_opt(
+                "the webhook's TLS Secret (metadata)",
+                tls_secret,
+                &mut u,
+                &server,
+            )
+            .map(|m| m.metadata),
+            events: keep(&format!("Events in {ns}"), events, &mut u, &server),
+            lease: keep_opt("the controller's Lease", lease, &mut u, &server),
+            gpu_operator_signs: match signs {
+                Ok(s) => s,
+                Err(e) => {
+                    u.push(format!("{e:#}"));
+                    Vec::new()
+                }
+            },
+            url_probes: BTreeMap::new(),
+            logs: BTreeMap::new(),
+            unreadable: Vec::new(),
+        };
+        snap.unreadable = u;
+
+        // Webhook URL targets are probed from here (a Service target is judged by its endpoints).
+        let urls = snap.webhook_urls();
+        let probes = futures::future::join_all(urls.iter().map(|(url, ca)| probe_url(url, ca)));
+        let logs = fetch_logs(kube, ns, &snap);
+        let (probes, logs) = tokio::join!(probes, logs);
+        snap.url_probes = urls.into_iter().map(|(u, _)| u).zip(probes).collect();
+        snap.logs = logs;
+        Ok(snap)
+    }
+
+    /// Every distinct URL the webhook configurations call, with their caBundle.
+    pub fn webhook_urls(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (_, _, cc) in self.webhook_client_configs() {
+            if let Some(url) = &cc.url {
+                let ca = cc
+                    .ca_bundle
+                    .as_ref()
+                    .map(|b| b.0.clone())
+                    .unwrap_or_default();
+                out.entry(url.clone()).or_insert(ca);
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// `(configuration kind, webhook name, client config)` of every webhook gpu-pilot registered.
+    pub fn webhook_client_configs(
+        &self,
+    ) -> Vec<(
+        &'static str,
+        String,
+        &k8s_openapi::api::admissionregistration::v1::WebhookClientConfig,
+    )> {
+        let mut out = Vec::new();
+        if let Some(m) = &self.mutating {
+            for w in m.webhooks.iter().flatten() {
+                out.push((
+                    "MutatingWebhookConfiguration",
+                    w.name.clone(),
+                    &w.client_config,
+                ));
+            }
+        }
+        if let Some(v) = &self.validating {
+            for w in v.webhooks.iter().flatten() {
+                out.push((
+                    "ValidatingWebhookConfiguration",
+                    w.name.clone(),
+                    &w.client_config,
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// The operand pods whose logs explain their failure (crash loops and errored containers),
+/// at most [`MAX_LOG_PODS`], with the container and whether to read the previous instance.
+pub fn log_targets(snap: &Snapshot) -> Vec<(String, String, bool)> {
+    let mut out = Vec::new();
+    for p in &snap.pods {
+        if !is_operand(p) {
+            continue;
+        }
+        let statuses = p.status.as_ref().into_iter().flat_map(|s| {
+            s.init_container_statuses
+                .iter()
+                .flatten()
+                .chain(s.container_statuses.iter().flatten())
+        });
+        for cs in statuses {
+            let waiting = cs
+                .state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref());
+            let terminated_error = cs
+                .state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_some_and(|t| t.exit_code != 0);
+            if matches!(waiting, Some("CrashLoopBackOff" | "RunContainerError")) || terminated_error
+            {
+                out.push((p.name_any(), cs.name.clone(), cs.restart_count > 0));
+                break;
+            }
+        }
+        if out.len() >= MAX_LOG_PODS {
+            break;
+        }
+    }
+    out
+}
+
+async fn fetch_logs(kube: &Kube, ns: &str, snap: &Snapshot) -> BTreeMap<String, String> {
+    let api: Api<Pod> = Api::namespaced(kube.client.clone(), ns);
+    let targets = log_targets(snap);
+    let fetched = futures::future::join_all(targets.iter().map(|(pod, container, previous)| {
+        let api = api.clone();
+        async move {
+            let lp = LogParams {
+                container: Some(container.clone()),
+                previous: *previous,
+                tail_lines: Some(LOG_TAIL_LINES),
+                limit_bytes: Some(16 * 1024),
+                ..Default::default()
+            };
+            match api.logs(pod, &lp).await {
+                Ok(text) => text,
+                Err(e) => format!("(no logs: {})", short_error(&e)),
+            }
+        }
+    }))
+    .await;
+    targets
+        .into_iter()
+        .zip(fetched)
+        .map(|((pod, container, _), text)| (format!("{pod}/{container}"), text))
+        .collect()
+}
+
+fn short_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
+        other => other.to_string(),
+    }
+}
+
+/// An operand pod: managed by gpu-pilot and labelled with an operand component.
+pub fn is_operand(p: &Pod) -> bool {
+    let l = p.labels();
+    l.get(label::MANAGED_BY).map(String::as_str) == Some(label::MANAGED_BY_VALUE)
+        && l.get(label::COMPONENT).is_some_and(|c| {
+            gpu_pilot_api::names::Component::ALL
+                .iter()
+                .any(|k| k.gate_name() == c)
+        })
+}
+
+/// Connects to a webhook URL and completes a TLS handshake that trusts only its caBundle.
+async fn probe_url(url: &str, ca_bundle: &[u8]) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url} is not an https:// URL; the apiserver only calls https"))?;
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) => (h.trim_start_matches('[').trim_end_matches(']'), p),
+            Err(_) => (hostport, 443),
+        },
+        _ => (hostport, 443),
+    };
+    let connect = tokio::net::TcpStream::connect((host, port));
+    let tcp = match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Err(_) => return Err(format!("no answer from {host}:{port} within 3 s")),
+        Ok(Err(e)) => return Err(format!("cannot connect to {host}:{port}: {e}")),
+        Ok(Ok(s)) => s,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let mut rest = ca_bundle;
+    let mut any = false;
+    while let Some(der) = next_pem_cert(&mut rest) {
+        if roots.add(der.into()).is_ok() {
+            any = true;
+        }
+    }
+    if !any {
+        // TCP answered; without a CA there is nothing to verify against (reported by another check).
+        return Ok(());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{host} is not a valid TLS server name: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    match tokio::time::timeout(Duration::from_secs(3), tls.connect(name, tcp)).await {
+        Err(_) => Err(format!(
+            "{host}:{port} accepted TCP but no TLS handshake within 3 s"
+        )),
+        Ok(Err(e)) => Err(format!("TLS handshake with {host}:{port} failed: {e}")),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// The next certificate of a PEM bundle, as DER bytes.
+fn next_pem_cert(rest: &mut &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let text = std::str::from_utf8(rest).ok()?;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let start = text.find(BEGIN)? + BEGIN.len();
+    let len = text[start..].find(END)?;
+    let body: String = text[start..start + len]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let consumed = start + len + END.len();
+    *rest = &rest[consumed..];
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()
+        .or_else(|| next_pem_cert(rest))
+}
