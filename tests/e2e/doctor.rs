@@ -143,7 +143,7 @@ async fn label_node(c: &Client, name: &str, key: &str, value: Option<&str>) -> a
     patch_node(c, name, json!({"metadata": {"labels": {key: value}}})).await
 }
 
-async fn add_fault_node(c: &Client, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn add_fault_node(c: &Client, name: &str) -> anyhow::Result<()> {
     let node: Node = serde_json::from_value(json!({
         "metadata": {
             "name": name,
@@ -161,7 +161,7 @@ async fn add_fault_node(c: &Client, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn delete_node(c: &Client, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn delete_node(c: &Client, name: &str) -> anyhow::Result<()> {
     let _ = Api::<Node>::all(c.clone())
         .delete(name, &DeleteParams::default())
         .await;

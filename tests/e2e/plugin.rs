@@ -44,6 +44,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "plugin::preflight_refuses_gpu_operator_and_missing_rights",
             |_| Box::pin(serial(preflight)),
         ),
+        (
+            "plugin::install_stuck_past_timeout_shows_the_doctors_findings",
+            |_| Box::pin(serial(stuck_install)),
+        ),
     ]
 }
 
@@ -654,4 +658,53 @@ async fn preflight(env: Env) -> anyhow::Result<()> {
     crds.delete("clusterpolicies.nvidia.com", &DeleteParams::default())
         .await?;
     result
+}
+
+async fn stuck_install(env: Env) -> anyhow::Result<()> {
+    let ns = env.ns.clone();
+    let node = "fault.driver.imagepull";
+    crate::doctor::add_fault_node(&env.client, node).await?;
+    let ctrl = RunningController::start(env.cluster.kubeconfig(), &ns, "plugin-stuck", false);
+    let result = async {
+        let out = kubectl_gpu(
+            &env,
+            &[
+                "install",
+                "-n",
+                &ns,
+                "--set",
+                "webhook.enabled=false",
+                "--wait",
+                "--timeout",
+                "40s",
+            ],
+        )
+        .await?;
+        let shown = text(&out);
+        ensure!(
+            out.status.code() == Some(1),
+            "a stuck install must exit 1:\n{shown}"
+        );
+        for expected in [
+            "not ready after 40s; what the doctor finds:",
+            node,
+            "ImagePull",
+            "fix:",
+        ] {
+            ensure!(
+                shown.contains(expected),
+                "install output lacks {expected:?}:\n{shown}"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    let out = kubectl_gpu(&env, &["uninstall", "-n", &ns, "--timeout", "60s"]).await;
+    ctrl.stop();
+    crate::doctor::delete_node(&env.client, node).await?;
+    crate::foundation::ensure_crd(&env.client).await?;
+    result?;
+    let out = out?;
+    ensure!(out.status.success(), "uninstall failed:\n{}", text(&out));
+    Ok(())
 }
