@@ -1414,7 +1414,13 @@ fn webhook_cert(s: &Snapshot) -> Vec<Finding> {
 fn webhook_ignore(s: &Snapshot) -> Vec<Finding> {
     let mut hooks = Vec::new();
     if let Some(m) = &s.mutating {
-        for w in m.webhooks.iter().flatten() {
+        // The UPDATE entry that keeps what the webhook added is `Ignore` by design.
+        for w in m
+            .webhooks
+            .iter()
+            .flatten()
+            .filter(|w| w.name != gpu_pilot_webhook::manifests::KEEP_ON_UPDATE_WEBHOOK)
+        {
             if w.failure_policy.as_deref() == Some("Ignore") {
                 hooks.push(format!(
                     "MutatingWebhookConfiguration/{} ({})",

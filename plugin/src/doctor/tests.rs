@@ -728,6 +728,20 @@ fn failure_policy_ignore_is_info() {
 }
 
 #[test]
+fn the_keep_on_update_entry_is_ignore_by_design() {
+    let mut s = healthy();
+    s.mutating =
+        Some(gpu_pilot_webhook::manifests::Registration::in_cluster("gpu-pilot").mutating());
+    let found = crate::doctor::checks::run_all(&s);
+    assert!(
+        !found
+            .iter()
+            .any(|f| f.check == "webhook-failure-policy-ignore"),
+        "{found:?}"
+    );
+}
+
+#[test]
 fn mig_failed_and_pending() {
     let mut s = healthy();
     set_label(
