@@ -228,8 +228,9 @@ pub fn webhook_configurations(namespace: &str, values: &Values) -> Vec<Value> {
     for o in &mut out {
         if let Some(hooks) = o["webhooks"].as_array_mut() {
             for h in hooks {
-                // The UPDATE entry that keeps what the webhook added is always `Ignore`.
-                if h["name"] != gpu_pilot_webhook::manifests::KEEP_ON_UPDATE_WEBHOOK {
+                // The pod UPDATE entry and the policy CREATE entry are `Ignore` by design.
+                let name = h["name"].as_str().unwrap_or_default();
+                if !gpu_pilot_webhook::manifests::IGNORE_BY_DESIGN.contains(&name) {
                     h["failurePolicy"] = json!(policy);
                 }
                 if !w.ca_bundle.is_empty() {
@@ -411,6 +412,26 @@ mod tests {
         );
         assert_eq!(m["webhooks"][0]["failurePolicy"], "Ignore");
         assert_eq!(m["webhooks"][0]["clientConfig"]["caBundle"], "UEVN");
+        let v = objs
+            .iter()
+            .find(|o| o["kind"] == "ValidatingWebhookConfiguration")
+            .unwrap();
+        assert_eq!(v["webhooks"][0]["failurePolicy"], "Ignore", "the value");
+        assert_eq!(
+            v["webhooks"][1]["name"],
+            "create.clusterpolicies.gpupilot.io"
+        );
+        assert_eq!(v["webhooks"][1]["failurePolicy"], "Ignore", "by design");
+        let fail = objects("gpu-pilot", &Values::defaults(), Include::ALL);
+        let v = fail
+            .iter()
+            .find(|o| o["kind"] == "ValidatingWebhookConfiguration")
+            .unwrap();
+        assert_eq!(v["webhooks"][0]["failurePolicy"], "Fail");
+        assert_eq!(
+            v["webhooks"][1]["failurePolicy"], "Ignore",
+            "whatever the value"
+        );
         assert_eq!(
             m["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
             "gpu-pilot/gpu-pilot-webhook"

@@ -1060,6 +1060,7 @@ pub(crate) async fn webhook_down(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "webhook-down").await?;
     let mut fx = Fixture::start(&env, json!({}), steady_certs(&env)).await?;
     fx.register_mutating(&env.namespace).await?;
+    fx.register_validating(&env.namespace).await?;
     let ns = env.namespace.clone();
     let client = env.client.clone();
     // Stop the server; the registration stays.
@@ -1081,6 +1082,33 @@ pub(crate) async fn webhook_down(cluster: Arc<Cluster>) -> anyhow::Result<()> {
             "kubectl said: {err}"
         );
         ensure!(pods.get_opt("gpu").await?.is_none());
+        // A ClusterPolicy create is let through (its entry is Ignore: that is how an install
+        // creates the policy before the webhook's pods are ready); an edit waits for the guard.
+        let policies: Api<ClusterPolicy> = Api::all(client.clone());
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        policies
+            .create(&dry, &policy(&format!("{ns}-down"), &ns, json!({}))?)
+            .await
+            .context("a ClusterPolicy create was refused while the webhook was down")?;
+        let mut dry_patch = PatchParams::default();
+        dry_patch.dry_run = true;
+        match policies
+            .patch(
+                &ns,
+                &dry_patch,
+                &Patch::Merge(json!({"spec": {"mig": {"strategy": "mixed"}}})),
+            )
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.message.contains("failed calling webhook") => {}
+            other => anyhow::bail!(
+                "a policy edit while the webhook was down: {:?}",
+                other.map(|_| "admitted")
+            ),
+        }
         // ...while pods that ask for no GPU never reach the webhook and are created as usual.
         let plain = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain"}, "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}});
         let (ok, _, err) =

@@ -500,7 +500,8 @@ pub(crate) async fn replicas_race_to_one_ca(cluster: Arc<Cluster>) -> anyhow::Re
                 .map(|c| c.ca_bundle.clone().map(|b| b.0).unwrap_or_default())
                 .collect();
             ensure!(
-                in_configs.len() == m.webhooks.iter().flatten().count() + 1
+                in_configs.len()
+                    == m.webhooks.iter().flatten().count() + v.webhooks.iter().flatten().count()
                     && in_configs.iter().all(|b| *b == bundle),
                 "round {round}: the configurations' caBundles are not the Secret's"
             );

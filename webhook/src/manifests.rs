@@ -8,7 +8,12 @@
 //! ordinary pods are created as usual and only GPU pods wait; admitting a GPU pod without its
 //! runtime class would start it without GPU access, which is worse than a clear error. The
 //! ClusterPolicy webhook guards against edits that break running GPU work; while it is down an
-//! admin who must edit the policy anyway can delete the ValidatingWebhookConfiguration. The pod
+//! admin who must edit the policy anyway can delete the ValidatingWebhookConfiguration. Policy
+//! CREATE is its own entry ([`CREATE_POLICY_WEBHOOK`]) with `Ignore`: a create while the webhook
+//! cannot answer is the install itself (Helm applies the policy in the same pass as the webhook,
+//! before its pods are ready), and what the create checks catch is also caught later by the
+//! controller (a second policy is `Ignored` in its status) and by `kubectl gpu doctor` (a missing
+//! ConfigMap). With the webhook up, creates are checked as before. The pod
 //! UPDATE entry ([`KEEP_ON_UPDATE_WEBHOOK`]) uses `Ignore`: pod updates never wait for gpu-pilot,
 //! and without it a re-applied manifest is refused just as it would be with no webhook at all.
 
@@ -23,6 +28,13 @@ pub const DEFAULT_IMAGE: &str = concat!(
     "ghcr.io/gpu-pilot/gpu-pilot-webhook:v",
     env!("CARGO_PKG_VERSION")
 );
+
+/// The ClusterPolicy CREATE entry of the validating configuration (failure policy `Ignore`).
+pub const CREATE_POLICY_WEBHOOK: &str = "create.clusterpolicies.gpupilot.io";
+
+/// The entries whose failure policy is `Ignore` by design, whatever an install chooses for the
+/// others.
+pub const IGNORE_BY_DESIGN: [&str; 2] = [KEEP_ON_UPDATE_WEBHOOK, CREATE_POLICY_WEBHOOK];
 
 /// The second pod webhook in the mutating configuration: pod UPDATEs that would drop what the
 /// first one added at creation (failure policy `Ignore`).
@@ -158,26 +170,32 @@ impl Registration {
 
     /// The ClusterPolicy-validating configuration.
     pub fn validating(&self) -> ValidatingWebhookConfiguration {
-        let mut webhook_entry = json!({
-            "name": webhook::VALIDATE_POLICY_WEBHOOK,
-            "clientConfig": self.client_config(webhook::VALIDATE_POLICY_PATH),
-            "rules": [{
-                "apiGroups": [GROUP], "apiVersions": ["*"], "resources": ["clusterpolicies"],
-                "operations": ["CREATE", "UPDATE", "DELETE"], "scope": "Cluster"
-            }],
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10
-        });
-        if !self.policy_match.is_empty() {
-            webhook_entry["objectSelector"] = json!({ "matchExpressions": self.policy_match });
-        }
+        let entry = |name: &str, operations: Value, failure_policy: &str| {
+            let mut e = json!({
+                "name": name,
+                "clientConfig": self.client_config(webhook::VALIDATE_POLICY_PATH),
+                "rules": [{
+                    "apiGroups": [GROUP], "apiVersions": ["*"], "resources": ["clusterpolicies"],
+                    "operations": operations, "scope": "Cluster"
+                }],
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": failure_policy,
+                "timeoutSeconds": 10
+            });
+            if !self.policy_match.is_empty() {
+                e["objectSelector"] = json!({ "matchExpressions": self.policy_match });
+            }
+            e
+        };
         serde_json::from_value(json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingWebhookConfiguration",
             "metadata": self.metadata(),
-            "webhooks": [webhook_entry]
+            "webhooks": [
+                entry(webhook::VALIDATE_POLICY_WEBHOOK, json!(["UPDATE", "DELETE"]), "Fail"),
+                entry(CREATE_POLICY_WEBHOOK, json!(["CREATE"]), "Ignore"),
+            ]
         }))
         .expect("the validating configuration is well-formed")
     }

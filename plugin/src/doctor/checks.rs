@@ -1414,12 +1414,11 @@ fn webhook_cert(s: &Snapshot) -> Vec<Finding> {
 fn webhook_ignore(s: &Snapshot) -> Vec<Finding> {
     let mut hooks = Vec::new();
     if let Some(m) = &s.mutating {
-        // The UPDATE entry that keeps what the webhook added is `Ignore` by design.
-        for w in m
-            .webhooks
-            .iter()
-            .flatten()
-            .filter(|w| w.name != gpu_pilot_webhook::manifests::KEEP_ON_UPDATE_WEBHOOK)
+        // The pod UPDATE entry and the policy CREATE entry are `Ignore` by design.
+        for w in
+            m.webhooks.iter().flatten().filter(|w| {
+                !gpu_pilot_webhook::manifests::IGNORE_BY_DESIGN.contains(&w.name.as_str())
+            })
         {
             if w.failure_policy.as_deref() == Some("Ignore") {
                 hooks.push(format!(
@@ -1431,7 +1430,11 @@ fn webhook_ignore(s: &Snapshot) -> Vec<Finding> {
         }
     }
     if let Some(v) = &s.validating {
-        for w in v.webhooks.iter().flatten() {
+        for w in
+            v.webhooks.iter().flatten().filter(|w| {
+                !gpu_pilot_webhook::manifests::IGNORE_BY_DESIGN.contains(&w.name.as_str())
+            })
+        {
             if w.failure_policy.as_deref() == Some("Ignore") {
                 hooks.push(format!(
                     "ValidatingWebhookConfiguration/{} ({})",

@@ -728,7 +728,7 @@ fn failure_policy_ignore_is_info() {
 }
 
 #[test]
-fn the_keep_on_update_entry_is_ignore_by_design() {
+fn entries_that_are_ignore_by_design_are_no_finding() {
     let mut s = healthy();
     s.mutating =
         Some(gpu_pilot_webhook::manifests::Registration::in_cluster("gpu-pilot").mutating());
