@@ -1093,8 +1093,10 @@ pub(crate) async fn webhook_down(cluster: Arc<Cluster>) -> anyhow::Result<()> {
             .create(&dry, &policy(&format!("{ns}-down"), &ns, json!({}))?)
             .await
             .context("a ClusterPolicy create was refused while the webhook was down")?;
-        let mut dry_patch = PatchParams::default();
-        dry_patch.dry_run = true;
+        let dry_patch = PatchParams {
+            dry_run: true,
+            ..Default::default()
+        };
         match policies
             .patch(
                 &ns,
