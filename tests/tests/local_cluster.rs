@@ -21,8 +21,10 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn free_base() -> u16 {
-    (19440..60000)
+/// The first block of 6 free loopback ports from `start`. Tests that run at the same time start
+/// from different places, so two of them never pick the same block.
+fn free_base(start: u16) -> u16 {
+    (start..60000)
         .step_by(10)
         .find(|b| (*b..b + 6).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()))
         .expect("free ports")
@@ -40,7 +42,7 @@ fn pid_alive(pid: &str) -> bool {
 fn up_status_down_leaves_nothing_running() {
     gpu_pilot_e2e::build_tools().expect("the control plane's tools build");
     let dir = tempdir("lifecycle");
-    let base = free_base().to_string();
+    let base = free_base(19440).to_string();
     let up = local_cluster(&[
         "up",
         "--dir",
@@ -127,7 +129,7 @@ fn up_status_down_leaves_nothing_running() {
 #[test]
 fn busy_port_fails_clearly_and_leaves_no_state() {
     let dir = tempdir("busy");
-    let base = free_base();
+    let base = free_base(19740);
     let _hold = TcpListener::bind(("127.0.0.1", base + 2)).unwrap();
     let out = local_cluster(&["up", "--dir", &dir, "--port-base", &base.to_string()]);
     assert!(!out.status.success());
