@@ -110,47 +110,13 @@ pub fn load_values(args: &InstallArgs) -> anyhow::Result<Values> {
             apply_set(&mut tree, &format!("{section}.version={v}"), true)?;
         }
     }
-    let mut base = Values::from_tree(tree)?.tree;
     // -f and --set go over the --version defaults.
-    let overlay = Values::load(&args.values, &args.set, &args.set_string)?;
-    let defaults = default_tree();
-    overlay_changes(&mut base, &overlay.tree, &defaults);
-    Ok(Values::from_tree(base)?)
-}
-
-/// Copy into `base` whatever `changed` has that differs from `defaults`.
-fn overlay_changes(base: &mut Value, changed: &Value, defaults: &Value) {
-    match (base, changed) {
-        (Value::Object(b), Value::Object(c)) => {
-            let keys: Vec<String> = b.keys().cloned().collect();
-            for k in keys {
-                if !c.contains_key(&k) {
-                    b.remove(&k);
-                }
-            }
-            for (k, v) in c {
-                let d = defaults.get(k).unwrap_or(&Value::Null);
-                match b.get_mut(k) {
-                    Some(existing) if v.is_object() && existing.is_object() => {
-                        overlay_changes(existing, v, d)
-                    }
-                    Some(existing) => {
-                        if v != d {
-                            *existing = v.clone();
-                        }
-                    }
-                    None => {
-                        b.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (b, c) => {
-            if c != defaults {
-                *b = c.clone();
-            }
-        }
-    }
+    Ok(Values::load_over(
+        tree,
+        &args.values,
+        &args.set,
+        &args.set_string,
+    )?)
 }
 
 pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
@@ -585,6 +551,14 @@ async fn wait_established(kube: &Kube, name: &str) -> anyhow::Result<()> {
     }
 }
 
+fn all_have_ca<'a>(
+    configs: impl Iterator<Item = &'a k8s_openapi::api::admissionregistration::v1::WebhookClientConfig>,
+) -> bool {
+    configs
+        .into_iter()
+        .all(|c| c.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty()))
+}
+
 /// The validating webhook guards the ClusterPolicy: before applying it, wait until the webhook
 /// has published its CA into both configurations (cert-manager does that with certManager on).
 async fn wait_for_webhook(
@@ -604,27 +578,13 @@ async fn wait_for_webhook(
             .await
             .ok()
             .flatten()
-            .is_some_and(|c| {
-                c.webhooks.unwrap_or_default().iter().all(|w| {
-                    w.client_config
-                        .ca_bundle
-                        .as_ref()
-                        .is_some_and(|b| !b.0.is_empty())
-                })
-            });
+            .is_some_and(|c| all_have_ca(c.webhooks.iter().flatten().map(|w| &w.client_config)));
         let vb = v
             .get_opt(webhook::NAME)
             .await
             .ok()
             .flatten()
-            .is_some_and(|c| {
-                c.webhooks.unwrap_or_default().iter().all(|w| {
-                    w.client_config
-                        .ca_bundle
-                        .as_ref()
-                        .is_some_and(|b| !b.0.is_empty())
-                })
-            });
+            .is_some_and(|c| all_have_ca(c.webhooks.iter().flatten().map(|w| &w.client_config)));
         if mb && vb {
             if said {
                 out.ok("the webhook published its CA");
@@ -655,17 +615,11 @@ async fn wait_for_webhook(
 /// Delete objects an earlier install created that this one no longer renders (a component
 /// turned off, cert-manager switched off).
 async fn prune(kube: &Kube, namespace: &str, objs: &[Value]) -> anyhow::Result<Vec<String>> {
-    let mut everything = default_tree();
-    apply_set(
-        &mut everything,
-        "webhook.enabled=true,webhook.certManager.enabled=true",
-        false,
-    )?;
-    let all = render::objects(namespace, &Values::from_tree(everything)?, Include::ALL);
+    let all = render::every_possible_object(namespace);
     let wanted: std::collections::BTreeSet<String> = objs.iter().map(key).collect();
     let mut pruned = Vec::new();
     for o in all.iter().filter(|o| !wanted.contains(&key(o))) {
-        if objects::exists(kube, o).await.unwrap_or(false) && objects::delete(kube, o).await? {
+        if objects::delete(kube, o).await? {
             pruned.push(key(o));
         }
     }

@@ -65,6 +65,20 @@ pub fn objects(namespace: &str, values: &Values, include: Include) -> Vec<Value>
     out
 }
 
+/// Every object any install can create in `namespace` (all optional parts on), for pruning and
+/// uninstalling whatever an earlier install chose.
+pub fn every_possible_object(namespace: &str) -> Vec<Value> {
+    let mut tree = crate::values::default_tree();
+    crate::values::apply_set(
+        &mut tree,
+        "webhook.enabled=true,webhook.certManager.enabled=true",
+        false,
+    )
+    .expect("a fixed --set expression");
+    let values = Values::from_tree(tree).expect("the defaults with optional parts on are valid");
+    objects(namespace, &values, Include::ALL)
+}
+
 fn labels(component: &str) -> Value {
     json!(common_labels(component))
 }
@@ -103,54 +117,33 @@ fn resources(r: &Option<k8s_openapi::api::core::v1::ResourceRequirements>) -> Va
 /// The controller's Deployment and the Service in front of its metrics.
 pub fn controller(namespace: &str, values: &Values) -> Vec<Value> {
     let op = &values.operator;
-    let probe =
-        |path: &str| json!({ "httpGet": { "path": path, "port": "metrics" }, "periodSeconds": 10 });
-    vec![
+    service_and_deployment(
+        namespace,
+        Workload {
+            name: CONTROLLER,
+            component: "controller",
+            service_account: gpu_pilot_controller::rbac::SERVICE_ACCOUNT,
+            replicas: op.replicas,
+            image: values.controller_image(),
+            pull_policy: json!(op.image_pull_policy),
+            pull_secrets: &op.image_pull_secrets,
+            resources: &op.resources,
+            port: ("metrics", 8080, 8080),
+            probe_scheme: None,
+            probe_period: 10,
+            volumes: None,
+        },
         json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": { "name": CONTROLLER, "namespace": namespace, "labels": labels("controller") },
-            "spec": {
-                "selector": selector(CONTROLLER),
-                "ports": [{ "name": "metrics", "port": 8080, "targetPort": "metrics" }],
-            },
+            "name": "controller",
+            "args": ["run", "--namespace", namespace, "--metrics-addr", "0.0.0.0:8080", "--log-format", "json"],
+            "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
         }),
-        json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": { "name": CONTROLLER, "namespace": namespace, "labels": labels("controller") },
-            "spec": {
-                "replicas": op.replicas,
-                "selector": { "matchLabels": selector(CONTROLLER) },
-                "template": {
-                    "metadata": { "labels": pod_labels(CONTROLLER, "controller") },
-                    "spec": {
-                        "serviceAccountName": gpu_pilot_controller::rbac::SERVICE_ACCOUNT,
-                        "priorityClassName": "system-cluster-critical",
-                        "securityContext": restricted_pod_security(),
-                        "imagePullSecrets": pull_secrets(&op.image_pull_secrets),
-                        "containers": [{
-                            "name": "controller",
-                            "image": values.controller_image(),
-                            "imagePullPolicy": op.image_pull_policy,
-                            "args": ["run", "--namespace", namespace, "--metrics-addr", "0.0.0.0:8080", "--log-format", "json"],
-                            "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
-                            "ports": [{ "name": "metrics", "containerPort": 8080 }],
-                            "readinessProbe": probe("/readyz"),
-                            "livenessProbe": probe("/healthz"),
-                            "resources": resources(&op.resources),
-                            "securityContext": restricted_container_security(),
-                        }],
-                    },
-                },
-            },
-        }),
-    ]
+    )
 }
 
 /// The webhook's Service and Deployment.
 pub fn webhook_workload(namespace: &str, values: &Values) -> Vec<Value> {
     let w = &values.webhook;
-    let name = webhook::NAME;
-    let probe = |path: &str| json!({ "httpGet": { "path": path, "port": "https", "scheme": "HTTPS" }, "periodSeconds": 5 });
     let mut args = vec![json!("serve"), json!("--namespace"), json!(namespace)];
     let mut volumes = json!([]);
     let mut mounts = json!([]);
@@ -164,42 +157,89 @@ pub fn webhook_workload(namespace: &str, values: &Values) -> Vec<Value> {
         volumes = json!([{ "name": "tls", "secret": { "secretName": CERT_MANAGER_SECRET } }]);
         mounts = json!([{ "name": "tls", "mountPath": "/tls", "readOnly": true }]);
     }
+    service_and_deployment(
+        namespace,
+        Workload {
+            name: webhook::NAME,
+            component: "webhook",
+            service_account: webhook::NAME,
+            replicas: w.replicas,
+            image: values.webhook_image(),
+            pull_policy: json!(w.image_pull_policy),
+            pull_secrets: &w.image_pull_secrets,
+            resources: &w.resources,
+            port: ("https", 443, 8443),
+            probe_scheme: Some("HTTPS"),
+            probe_period: 5,
+            volumes: Some(volumes),
+        },
+        json!({ "name": "webhook", "args": args, "volumeMounts": mounts }),
+    )
+}
+
+/// What differs between gpu-pilot's two Deployments.
+struct Workload<'a> {
+    name: &'a str,
+    component: &'a str,
+    service_account: &'a str,
+    replicas: i32,
+    image: String,
+    pull_policy: Value,
+    pull_secrets: &'a [String],
+    resources: &'a Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Port name, Service port, container port.
+    port: (&'a str, u16, u16),
+    probe_scheme: Option<&'a str>,
+    probe_period: u32,
+    volumes: Option<Value>,
+}
+
+/// A Service in front of one named port and a restricted Deployment; `container` holds the
+/// container's own fields (name, args, env, mounts), the rest is the same for both.
+fn service_and_deployment(namespace: &str, w: Workload, mut container: Value) -> Vec<Value> {
+    let (port_name, service_port, container_port) = w.port;
+    let probe = |path: &str| {
+        let mut get = json!({ "path": path, "port": port_name });
+        if let Some(scheme) = w.probe_scheme {
+            get["scheme"] = json!(scheme);
+        }
+        json!({ "httpGet": get, "periodSeconds": w.probe_period })
+    };
+    container["image"] = json!(w.image);
+    container["imagePullPolicy"] = w.pull_policy;
+    container["ports"] = json!([{ "name": port_name, "containerPort": container_port }]);
+    container["readinessProbe"] = probe("/readyz");
+    container["livenessProbe"] = probe("/healthz");
+    container["resources"] = resources(w.resources);
+    container["securityContext"] = restricted_container_security();
+    let mut pod = json!({
+        "serviceAccountName": w.service_account,
+        "priorityClassName": "system-cluster-critical",
+        "securityContext": restricted_pod_security(),
+        "imagePullSecrets": pull_secrets(w.pull_secrets),
+        "containers": [container],
+    });
+    if let Some(volumes) = w.volumes {
+        pod["volumes"] = volumes;
+    }
     vec![
         json!({
             "apiVersion": "v1", "kind": "Service",
-            "metadata": { "name": name, "namespace": namespace, "labels": labels("webhook") },
+            "metadata": { "name": w.name, "namespace": namespace, "labels": labels(w.component) },
             "spec": {
-                "selector": selector(name),
-                "ports": [{ "name": "https", "port": 443, "targetPort": "https" }],
+                "selector": selector(w.name),
+                "ports": [{ "name": port_name, "port": service_port, "targetPort": port_name }],
             },
         }),
         json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": { "name": name, "namespace": namespace, "labels": labels("webhook") },
+            "metadata": { "name": w.name, "namespace": namespace, "labels": labels(w.component) },
             "spec": {
                 "replicas": w.replicas,
-                "selector": { "matchLabels": selector(name) },
+                "selector": { "matchLabels": selector(w.name) },
                 "template": {
-                    "metadata": { "labels": pod_labels(name, "webhook") },
-                    "spec": {
-                        "serviceAccountName": name,
-                        "priorityClassName": "system-cluster-critical",
-                        "securityContext": restricted_pod_security(),
-                        "imagePullSecrets": pull_secrets(&w.image_pull_secrets),
-                        "volumes": volumes,
-                        "containers": [{
-                            "name": "webhook",
-                            "image": values.webhook_image(),
-                            "imagePullPolicy": w.image_pull_policy,
-                            "args": args,
-                            "ports": [{ "name": "https", "containerPort": 8443 }],
-                            "readinessProbe": probe("/readyz"),
-                            "livenessProbe": probe("/healthz"),
-                            "resources": resources(&w.resources),
-                            "securityContext": restricted_container_security(),
-                            "volumeMounts": mounts,
-                        }],
-                    },
+                    "metadata": { "labels": pod_labels(w.name, w.component) },
+                    "spec": pod,
                 },
             },
         }),

@@ -16,8 +16,7 @@ use serde_json::{Value, json};
 use crate::context::{Global, Kube, explain};
 use crate::install::{Printer, parse_duration};
 use crate::objects;
-use crate::render::{self, Include, key};
-use crate::values::{Values, apply_set, default_tree};
+use crate::render::{self, key};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -53,13 +52,7 @@ pub async fn run(g: &Global, a: UninstallArgs) -> anyhow::Result<i32> {
     removed += cleaned + ds;
 
     out.heading(&format!("what install created (namespace {ns})"));
-    let mut everything = default_tree();
-    apply_set(
-        &mut everything,
-        "webhook.enabled=true,webhook.certManager.enabled=true",
-        false,
-    )?;
-    let objs = render::objects(ns, &Values::from_tree(everything)?, Include::ALL);
+    let objs = render::every_possible_object(ns);
     for o in objs.iter().rev() {
         match o["kind"].as_str() {
             Some("ClusterPolicy") => continue,

@@ -191,6 +191,17 @@ impl Values {
         sets: &[String],
         set_strings: &[String],
     ) -> Result<Values, ValuesError> {
+        Values::load_over(default_tree(), files, sets, set_strings)
+    }
+
+    /// Like [`Values::load`], over `base` instead of the chart's defaults (install's `--version`
+    /// changes the defaults the user's values are laid over).
+    pub fn load_over(
+        base: Value,
+        files: &[std::path::PathBuf],
+        sets: &[String],
+        set_strings: &[String],
+    ) -> Result<Values, ValuesError> {
         // The user's values alone; nulls stay in it until they remove defaults below.
         let mut user = Value::Object(Map::new());
         for path in files {
@@ -235,7 +246,7 @@ impl Values {
         for expr in set_strings {
             set_values(&mut user, expr, true, true)?;
         }
-        let mut tree = default_tree();
+        let mut tree = base;
         merge(&mut tree, user);
         Values::from_tree(tree)
     }

@@ -416,14 +416,23 @@ async fn classic_flags(env: Env) -> anyhow::Result<()> {
             "--dry-run -o yaml differs from the rendered objects"
         );
 
-        let out = kubectl_gpu(&env, &["uninstall", "-n", &ns, "--timeout", "60s"]).await?;
-        ensure!(out.status.success(), "uninstall failed:\n{}", text(&out));
         Ok(())
     }
     .await;
+    let teardown = uninstall_and_stop(&env, ctrl).await;
+    result?;
+    teardown
+}
+
+/// The end of a scenario that installed: uninstall (checked after the scenario's own result),
+/// stop the controller, and put the CRD back for the next scenario.
+async fn uninstall_and_stop(env: &Env, ctrl: RunningController) -> anyhow::Result<()> {
+    let out = kubectl_gpu(env, &["uninstall", "-n", &env.ns, "--timeout", "60s"]).await;
     ctrl.stop();
     crate::foundation::ensure_crd(&env.client).await?;
-    result
+    let out = out?;
+    ensure!(out.status.success(), "uninstall failed:\n{}", text(&out));
+    Ok(())
 }
 
 async fn mig_set(env: Env) -> anyhow::Result<()> {
@@ -574,13 +583,10 @@ async fn mig_set(env: Env) -> anyhow::Result<()> {
             )
             .await;
     }
-    let out = kubectl_gpu(&env, &["uninstall", "-n", &ns, "--timeout", "60s"]).await;
-    ctrl.stop();
+    let teardown = uninstall_and_stop(&env, ctrl).await;
     let _ = std::fs::remove_dir_all(&dir);
-    crate::foundation::ensure_crd(&env.client).await?;
     result?;
-    let out = out?;
-    ensure!(out.status.success(), "uninstall failed:\n{}", text(&out));
+    teardown?;
     let left = leftovers_on_nodes(&env.client).await?;
     ensure!(
         left.is_empty(),
@@ -699,12 +705,8 @@ async fn stuck_install(env: Env) -> anyhow::Result<()> {
         Ok(())
     }
     .await;
-    let out = kubectl_gpu(&env, &["uninstall", "-n", &ns, "--timeout", "60s"]).await;
-    ctrl.stop();
+    let teardown = uninstall_and_stop(&env, ctrl).await;
     crate::doctor::delete_node(&env.client, node).await?;
-    crate::foundation::ensure_crd(&env.client).await?;
     result?;
-    let out = out?;
-    ensure!(out.status.success(), "uninstall failed:\n{}", text(&out));
-    Ok(())
+    teardown
 }
