@@ -105,7 +105,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rbac { namespace } => {
-            print!("{}", gpu_pilot_controller::rbac::yaml(&namespace));
+            print!(
+                "{}",
+                gpu_pilot_core::render::controller_rbac::yaml(&namespace)
+            );
             Ok(())
         }
         Command::Run {

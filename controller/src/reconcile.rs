@@ -19,11 +19,15 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::index::SharedIndex;
+use gpu_pilot_core::facts::pick_active;
+use gpu_pilot_core::index::Indexed;
+use gpu_pilot_core::render::operands::{self as render, Desired};
+use gpu_pilot_core::render::{content_hash, managed_selector};
+use gpu_pilot_core::rollout::{self, NodePlan, NodeState};
+use gpu_pilot_core::status;
+
 use crate::metrics::Metrics;
-use crate::render::{self, Desired, managed_selector};
-use crate::rollout::{self, NodePlan, NodeState};
-use crate::status;
+use crate::watch::SharedIndex;
 
 /// Why a reconcile pass failed, grouped for metrics and Events.
 #[derive(Debug, thiserror::Error)]
@@ -111,25 +115,6 @@ struct Plan {
     active_status: Option<ClusterPolicyStatus>,
 }
 
-/// The oldest policy is the active one (ties broken by name, so every replica agrees).
-pub fn pick_active(policies: &[&ClusterPolicy]) -> Option<usize> {
-    policies
-        .iter()
-        .enumerate()
-        .min_by(|(_, a), (_, b)| {
-            let ka = (
-                a.metadata.creation_timestamp.clone().map(|t| t.0),
-                a.name_any(),
-            );
-            let kb = (
-                b.metadata.creation_timestamp.clone().map(|t| t.0),
-                b.name_any(),
-            );
-            ka.cmp(&kb)
-        })
-        .map(|(i, _)| i)
-}
-
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
@@ -137,7 +122,7 @@ fn now() -> Time {
 fn decide(ctx: &Context) -> Plan {
     let idx = ctx.index.lock().unwrap();
     let policies: Vec<&ClusterPolicy> = idx.policies.values().collect();
-    let Some(active_i) = pick_active(&policies) else {
+    let Some(active) = pick_active(policies.iter().copied()) else {
         return Plan {
             active: None,
             ignored: vec![],
@@ -149,7 +134,7 @@ fn decide(ctx: &Context) -> Plan {
             active_status: None,
         };
     };
-    let active = policies[active_i].clone();
+    let active = active.clone();
     let active_name = active.name_any();
     let t = now();
     let ignored = policies
@@ -314,7 +299,6 @@ async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Er
             })?;
         ctx.metrics.write("daemonset");
         *writes += 1;
-        use crate::index::Indexed;
         applied.upsert(&mut ctx.index.lock().unwrap());
         tracing::info!(daemonset = %name, "applied");
     }
@@ -343,7 +327,7 @@ async fn apply_helpers(ctx: &Context, desired: &Desired) -> Result<usize, Error>
         ($api:expr, $obj:expr, $kind:literal) => {{
             let obj = $obj;
             let key = format!("{}/{}", $kind, obj.name_any());
-            let hash = render::content_hash(obj);
+            let hash = content_hash(obj);
             if applied.get(&key) != Some(&hash) {
                 $api.patch(&obj.name_any(), &ssa, &Patch::Apply(obj))
                     .await
@@ -483,7 +467,6 @@ async fn patch_status(
             source,
         })?;
     ctx.metrics.write("status");
-    use crate::index::Indexed;
     updated.upsert(&mut ctx.index.lock().unwrap());
     Ok(())
 }
@@ -583,8 +566,7 @@ async fn delete_helpers(ctx: &Context) -> Result<usize, Error> {
 async fn publish_failure(ctx: &Context, node: &str, stage: Stage, reason: &str) {
     let policy = {
         let idx = ctx.index.lock().unwrap();
-        let ps: Vec<&ClusterPolicy> = idx.policies.values().collect();
-        pick_active(&ps).map(|i| ps[i].object_ref(&()))
+        pick_active(idx.policies.values()).map(|p| p.object_ref(&()))
     };
     let Some(reference) = policy else { return };
     let ev = Event {

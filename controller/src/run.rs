@@ -16,10 +16,12 @@ use kube::{Api, Client, Config};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::{Notify, watch};
 
-use crate::index::{Index, SharedIndex, run_watch};
+use gpu_pilot_core::index::Index;
+use gpu_pilot_core::render::managed_selector;
+
 use crate::metrics::{self, Metrics};
 use crate::reconcile::{self, Context};
-use crate::render::managed_selector;
+use crate::watch::{SharedIndex, run_watch};
 
 /// How the controller runs.
 #[derive(Debug, Clone)]

@@ -20,8 +20,9 @@ use serde_json::Value;
 
 use crate::context::{Global, Kube, Output, explain};
 use crate::objects::{self, Applied};
-use crate::render::{self, Include, key};
-use crate::values::{Values, apply_set, default_tree};
+use gpu_pilot_core::render::install::{self as render, Include};
+use gpu_pilot_core::render::key;
+use gpu_pilot_core::values::{Values, apply_set, default_tree};
 
 /// The oldest Kubernetes gpu-pilot supports (matchConditions and CEL validation are GA).
 pub const MIN_KUBERNETES: (u32, u32) = (1, 30);
@@ -166,7 +167,7 @@ pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
 /// Print objects for `--dry-run`.
 pub fn print_objects(output: Output, objs: &[Value]) -> anyhow::Result<()> {
     match output {
-        Output::Yaml => print!("{}", render::to_yaml(objs)),
+        Output::Yaml => print!("{}", gpu_pilot_core::render::to_yaml(objs)),
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({

@@ -8,8 +8,6 @@ pub mod doctor;
 pub mod install;
 pub mod mig;
 pub mod objects;
-pub mod render;
 pub mod status;
 pub mod uninstall;
-pub mod values;
 pub mod version;

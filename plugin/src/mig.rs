@@ -223,7 +223,7 @@ async fn known_layouts(kube: &Kube, ns: &str) -> anyhow::Result<Option<(String, 
     let Ok(Some(cm)) = cms.get_opt(&name).await else {
         return Ok(None);
     };
-    Ok(Some((name, gpu_pilot_webhook::validate::mig_layouts(&cm))))
+    Ok(Some((name, gpu_pilot_core::mig_parted::mig_layouts(&cm))))
 }
 
 #[cfg(test)]

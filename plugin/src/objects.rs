@@ -5,7 +5,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::Value;
 
 use crate::context::{Kube, explain};
-use crate::render::key;
+use gpu_pilot_core::render::key;
 
 /// The plural resource name and scope of every kind install renders.
 fn resource_of(kind: &str) -> Option<(&'static str, bool)> {

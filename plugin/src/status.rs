@@ -69,7 +69,7 @@ pub async fn collect(kube: &Kube, namespace: &str) -> anyhow::Result<Status> {
         Err(e) => anyhow::bail!(explain(&e, &kube.server, "listing ClusterPolicies")),
     };
     let deploys: Api<Deployment> = Api::namespaced(kube.client.clone(), namespace);
-    let lp = ListParams::default().labels(&gpu_pilot_controller::render::managed_selector());
+    let lp = ListParams::default().labels(&gpu_pilot_core::render::managed_selector());
     let deployments = deploys
         .list(&lp)
         .await

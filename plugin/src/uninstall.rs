@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{FINALIZER, annotation, label};
-use gpu_pilot_controller::rollout::{NodeFacts, cleanup_node};
+use gpu_pilot_core::facts::NodeFacts;
+use gpu_pilot_core::rollout::cleanup_node;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
@@ -16,7 +17,8 @@ use serde_json::{Value, json};
 use crate::context::{Global, Kube, explain};
 use crate::install::{Printer, parse_duration};
 use crate::objects;
-use crate::render::{self, key};
+use gpu_pilot_core::render::install as render;
+use gpu_pilot_core::render::key;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -254,7 +256,7 @@ async fn clean_leftovers(kube: &Kube, ns: &str) -> anyhow::Result<(usize, usize)
         }
     }
     let ds: Api<DaemonSet> = Api::namespaced(kube.client.clone(), ns);
-    let lp = ListParams::default().labels(&gpu_pilot_controller::render::managed_selector());
+    let lp = ListParams::default().labels(&gpu_pilot_core::render::managed_selector());
     let mut removed = 0;
     if let Ok(list) = ds.list_metadata(&lp).await {
         for d in list.items {
@@ -275,7 +277,7 @@ async fn delete_helpers(kube: &Kube, ns: &str) -> anyhow::Result<usize> {
         gpu_pilot_api::names::DEFAULT_POLICY_NAME,
         Default::default(),
     );
-    let desired = gpu_pilot_controller::render::render(&policy, ns);
+    let desired = gpu_pilot_core::render::operands::render(&policy, ns);
     let mut objs: Vec<Value> = vec![
         serde_json::to_value(&desired.runtime_class)?,
         serde_json::to_value(&desired.agent_role)?,

@@ -92,7 +92,7 @@ async fn cluster_versions(g: &Global, v: &mut Versions) -> anyhow::Result<()> {
     v.kubernetes = Some(git);
     let deploys: Api<Deployment> = Api::namespaced(kube.client.clone(), &g.namespace);
     v.controller = deploys
-        .get_opt(crate::render::CONTROLLER)
+        .get_opt(gpu_pilot_core::render::install::CONTROLLER)
         .await?
         .as_ref()
         .and_then(image_tag);

@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, label, webhook as names};
+use gpu_pilot_core::render::install::{self as render, Include};
+use gpu_pilot_core::render::key;
+use gpu_pilot_core::values::Values;
 use gpu_pilot_e2e::controller::RunningController;
 use gpu_pilot_e2e::eventually;
 use gpu_pilot_webhook::certs::CertSettings;
@@ -19,8 +22,6 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use kubectl_gpu::render::{self, Include, key};
-use kubectl_gpu::values::Values;
 use serde_json::{Value, json};
 
 use crate::TestFn;
@@ -404,8 +405,8 @@ async fn classic_flags(env: Env) -> anyhow::Result<()> {
         let docs: Vec<Value> = serde_yaml::Deserializer::from_slice(&dry.stdout)
             .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))
             .collect::<Result<_, _>>()?;
-        let mut tree = kubectl_gpu::values::default_tree();
-        kubectl_gpu::values::apply_set(
+        let mut tree = gpu_pilot_core::values::default_tree();
+        gpu_pilot_core::values::apply_set(
             &mut tree,
             "webhook.enabled=false,mig.strategy=mixed",
             false,

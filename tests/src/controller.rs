@@ -204,7 +204,7 @@ pub fn restricted_kubeconfig(
     namespace: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
     use std::io::Write;
-    let rbac = gpu_pilot_controller::rbac::yaml(namespace);
+    let rbac = gpu_pilot_core::render::controller_rbac::yaml(namespace);
     let mut apply = cluster
         .kubectl()
         .args(["apply", "-f", "-"])
@@ -221,7 +221,7 @@ pub fn restricted_kubeconfig(
         .args([
             "create",
             "token",
-            gpu_pilot_controller::rbac::SERVICE_ACCOUNT,
+            gpu_pilot_core::render::controller_rbac::SERVICE_ACCOUNT,
             "-n",
             namespace,
             "--duration=1h",

@@ -215,7 +215,7 @@ async fn through_apiserver(
     pods: usize,
     parallel: usize,
 ) -> anyhow::Result<()> {
-    use gpu_pilot_webhook::manifests::{Registration, Target};
+    use gpu_pilot_core::render::webhook::{Registration, Target};
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::api::{DeleteParams, Patch, PatchParams, PostParams};

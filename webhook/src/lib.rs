@@ -8,7 +8,6 @@ pub mod certs;
 pub mod cluster;
 pub mod handler;
 pub mod inventory;
-pub mod manifests;
 pub mod metrics;
 pub mod mutate;
 pub mod review;

@@ -7,10 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gpu_pilot_api::names::{DEFAULT_NAMESPACE, webhook};
+use gpu_pilot_core::render::webhook as manifests;
 use gpu_pilot_webhook::certs::CertSettings;
 use gpu_pilot_webhook::cluster::Scope;
 use gpu_pilot_webhook::server::Limits;
-use gpu_pilot_webhook::{CertSource, Options, manifests, parse_duration};
+use gpu_pilot_webhook::{CertSource, Options, parse_duration};
 
 #[derive(Parser)]
 #[command(

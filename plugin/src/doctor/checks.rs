@@ -8,7 +8,7 @@ use gpu_pilot_api::names::{
     Component, Stage, annotation, gate_value, label, mig_config_state, resource, webhook,
 };
 use gpu_pilot_api::policy::{MigStrategy, PolicyState};
-use gpu_pilot_controller::rollout::{NodeFacts, PodFacts, is_failure};
+use gpu_pilot_core::facts::{NodeFacts, PodFacts, is_failure};
 use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -77,7 +77,7 @@ pub fn run_all(s: &Snapshot) -> Vec<Finding> {
 // ---------------------------------------------------------------------------------------------
 
 const CRD_NAME: &str = "clusterpolicies.gpupilot.io";
-const CONTROLLER: &str = crate::render::CONTROLLER;
+const CONTROLLER: &str = gpu_pilot_core::render::install::CONTROLLER;
 
 fn node_ref(n: &Node) -> String {
     format!("Node/{}", n.name_any())
@@ -1415,11 +1415,9 @@ fn webhook_ignore(s: &Snapshot) -> Vec<Finding> {
     let mut hooks = Vec::new();
     if let Some(m) = &s.mutating {
         // The pod UPDATE entry and the policy CREATE entry are `Ignore` by design.
-        for w in
-            m.webhooks.iter().flatten().filter(|w| {
-                !gpu_pilot_webhook::manifests::IGNORE_BY_DESIGN.contains(&w.name.as_str())
-            })
-        {
+        for w in m.webhooks.iter().flatten().filter(|w| {
+            !gpu_pilot_core::render::webhook::IGNORE_BY_DESIGN.contains(&w.name.as_str())
+        }) {
             if w.failure_policy.as_deref() == Some("Ignore") {
                 hooks.push(format!(
                     "MutatingWebhookConfiguration/{} ({})",
@@ -1430,11 +1428,9 @@ fn webhook_ignore(s: &Snapshot) -> Vec<Finding> {
         }
     }
     if let Some(v) = &s.validating {
-        for w in
-            v.webhooks.iter().flatten().filter(|w| {
-                !gpu_pilot_webhook::manifests::IGNORE_BY_DESIGN.contains(&w.name.as_str())
-            })
-        {
+        for w in v.webhooks.iter().flatten().filter(|w| {
+            !gpu_pilot_core::render::webhook::IGNORE_BY_DESIGN.contains(&w.name.as_str())
+        }) {
             if w.failure_policy.as_deref() == Some("Ignore") {
                 hooks.push(format!(
                     "ValidatingWebhookConfiguration/{} ({})",
@@ -2192,7 +2188,7 @@ fn policy_configmaps(s: &Snapshot) -> Vec<Finding> {
         }
         // The built-in layouts ConfigMap is created by install; without it the MIG manager
         // offers its own standard layouts.
-        if field == "migManager" && cfg.name == crate::render::MIG_PARTED_CONFIG {
+        if field == "migManager" && cfg.name == gpu_pilot_core::render::install::MIG_PARTED_CONFIG {
             continue;
         }
         match config_map_keys(s, &cfg.name) {

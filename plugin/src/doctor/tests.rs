@@ -731,7 +731,7 @@ fn failure_policy_ignore_is_info() {
 fn entries_that_are_ignore_by_design_are_no_finding() {
     let mut s = healthy();
     s.mutating =
-        Some(gpu_pilot_webhook::manifests::Registration::in_cluster("gpu-pilot").mutating());
+        Some(gpu_pilot_core::render::webhook::Registration::in_cluster("gpu-pilot").mutating());
     let found = crate::doctor::checks::run_all(&s);
     assert!(
         !found

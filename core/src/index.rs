@@ -1,32 +1,24 @@
-//! The in-memory view of the cluster, fed by watches. Only the facts the decisions need are
-//! kept (labels, readiness, counts), never whole objects, so 1,000 nodes and their operand pods
-//! fit in a few MiB.
+//! The in-memory view of the cluster: watch events folded into small fact structs. Only the
+//! facts the decisions need are kept (labels, readiness, counts), never whole objects, so 1,000
+//! nodes and their operand pods fit in a few MiB. The fold is pure; the controller's watch tasks
+//! feed it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{Component, label};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::runtime::watcher::{self, Event};
-use kube::{Api, Resource, ResourceExt};
+use kube::runtime::watcher::Event;
+use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
 
-use crate::render::hash_of;
-use crate::rollout::{NodeFacts, PodFacts};
-use crate::status::DaemonSetCounts;
+use crate::facts::{DaemonSetCounts, DaemonSetFacts, NodeFacts, PodFacts};
+use crate::render::operands::hash_of;
 
-/// An operand DaemonSet as observed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DaemonSetFacts {
-    pub component: Option<Component>,
-    pub hash: Option<String>,
-    pub counts: DaemonSetCounts,
-}
+/// The kinds the controller watches; the index is synced once each has listed once.
+const KINDS: usize = 4;
 
 #[derive(Debug, Default)]
 pub struct Index {
@@ -38,11 +30,13 @@ pub struct Index {
     pub policies: HashMap<String, ClusterPolicy>,
     /// Kinds whose first full list has arrived.
     synced: HashSet<&'static str>,
+    /// Keys seen during a (re)list in progress, per kind: what the list did not name is gone.
+    relisting: HashMap<&'static str, HashSet<String>>,
 }
 
 impl Index {
     pub fn is_synced(&self) -> bool {
-        self.synced.len() == 4
+        self.synced.len() == KINDS
     }
 
     /// Operand pods grouped by node.
@@ -53,9 +47,44 @@ impl Index {
         }
         by
     }
-}
 
-pub type SharedIndex = Arc<Mutex<Index>>;
+    /// Folds one watch event in. Returns whether the view changed in a way a pass should see
+    /// (events inside a relist only count once the list is complete).
+    pub fn fold<K: Indexed>(&mut self, event: Event<K>) -> bool {
+        match event {
+            Event::Init => {
+                self.relisting.insert(K::KIND, HashSet::new());
+                false
+            }
+            Event::InitApply(obj) => {
+                if let Some(seen) = self.relisting.get_mut(K::KIND) {
+                    seen.insert(obj.key());
+                }
+                obj.upsert(self);
+                false
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.relisting.remove(K::KIND) {
+                    for k in K::keys(self) {
+                        if !seen.contains(&k) {
+                            K::remove(&k, self);
+                        }
+                    }
+                }
+                self.synced.insert(K::KIND);
+                true
+            }
+            Event::Apply(obj) => {
+                obj.upsert(self);
+                true
+            }
+            Event::Delete(obj) => {
+                K::remove(&obj.key(), self);
+                true
+            }
+        }
+    }
+}
 
 /// How one kind is folded into the index.
 pub trait Indexed: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
@@ -144,53 +173,5 @@ impl Indexed for ClusterPolicy {
     }
     fn keys(index: &Index) -> Vec<String> {
         index.policies.keys().cloned().collect()
-    }
-}
-
-/// Runs one watch forever, folding its events into the index and waking the reconciler.
-pub async fn run_watch<K: Indexed>(
-    api: Api<K>,
-    config: watcher::Config,
-    index: SharedIndex,
-    wake: Arc<Notify>,
-) {
-    let mut relist: Option<HashSet<String>> = None;
-    let mut stream = watcher::watcher(api, config).boxed();
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(Event::Init) => relist = Some(HashSet::new()),
-            Ok(Event::InitApply(obj)) => {
-                if let Some(seen) = relist.as_mut() {
-                    seen.insert(obj.key());
-                }
-                obj.upsert(&mut index.lock().unwrap());
-            }
-            Ok(Event::InitDone) => {
-                let mut idx = index.lock().unwrap();
-                if let Some(seen) = relist.take() {
-                    for k in K::keys(&idx) {
-                        if !seen.contains(&k) {
-                            K::remove(&k, &mut idx);
-                        }
-                    }
-                }
-                idx.synced.insert(K::KIND);
-                drop(idx);
-                wake.notify_one();
-            }
-            Ok(Event::Apply(obj)) => {
-                obj.upsert(&mut index.lock().unwrap());
-                wake.notify_one();
-            }
-            Ok(Event::Delete(obj)) => {
-                K::remove(&obj.key(), &mut index.lock().unwrap());
-                wake.notify_one();
-            }
-            Err(e) => {
-                // The watcher retries by itself; say why so a missing RBAC rule is visible.
-                tracing::warn!(kind = K::KIND, error = %e, "watch failed, retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 /// The chart's values.yaml, the defaults of every install.
-pub const DEFAULT_VALUES: &str = include_str!("../../charts/gpu-pilot/values.yaml");
+pub const DEFAULT_VALUES: &str = include_str!("../../../charts/gpu-pilot/values.yaml");
 
 /// The sections of the values that are ClusterPolicy spec sections under the same key.
 pub const POLICY_SECTIONS: [&str; 11] = [
@@ -967,7 +967,7 @@ mod tests {
     #[test]
     fn the_committed_schema_is_current() {
         let committed: Value =
-            serde_json::from_str(include_str!("../../charts/gpu-pilot/values.schema.json"))
+            serde_json::from_str(include_str!("../../../charts/gpu-pilot/values.schema.json"))
                 .unwrap();
         assert!(
             committed == schema(),
