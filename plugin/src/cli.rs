@@ -4,7 +4,7 @@ use std::io::Write;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::context::Global;
+use crate::global::Global;
 
 #[derive(Parser)]
 #[command(

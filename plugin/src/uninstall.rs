@@ -14,9 +14,10 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
-use crate::context::{Global, Kube, explain};
-use crate::install::{Printer, parse_duration};
-use crate::objects;
+use crate::cluster::objects;
+use crate::cluster::{Kube, explain};
+use crate::global::Global;
+use crate::ui::Printer;
 use gpu_pilot_core::render::install as render;
 use gpu_pilot_core::render::key;
 
@@ -33,7 +34,7 @@ pub struct UninstallArgs {
     #[arg(long)]
     pub force: bool,
     /// How long to wait for the controller to clean up before uninstall does it itself.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = gpu_pilot_core::duration::parse)]
     pub timeout: Duration,
 }
 

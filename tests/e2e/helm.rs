@@ -676,7 +676,7 @@ async fn lint() -> anyhow::Result<()> {
         meta["version"],
         meta["appVersion"]
     );
-    let (major, minor) = kubectl_gpu::install::MIN_KUBERNETES;
+    let (major, minor) = kubectl_gpu::cluster::probe::MIN_KUBERNETES;
     ensure!(
         meta["kubeVersion"] == format!(">={major}.{minor}.0-0"),
         "Chart.yaml kubeVersion {} must be >={major}.{minor}.0-0, the oldest Kubernetes `kubectl gpu install` accepts",

@@ -112,7 +112,7 @@ async fn versions(env: &Env, objs: &[Value]) -> anyhow::Result<BTreeMap<String, 
     let kube = kube_for(env).await?;
     let mut out = BTreeMap::new();
     for o in objs {
-        let api = kubectl_gpu::objects::api_for(&kube, o)?;
+        let api = kubectl_gpu::cluster::objects::api_for(&kube, o)?;
         let name = o["metadata"]["name"].as_str().unwrap_or_default();
         if let Some(m) = api.get_metadata_opt(name).await? {
             out.insert(key(o), m.metadata.resource_version.unwrap_or_default());
@@ -121,15 +121,15 @@ async fn versions(env: &Env, objs: &[Value]) -> anyhow::Result<BTreeMap<String, 
     Ok(out)
 }
 
-async fn kube_for(env: &Env) -> anyhow::Result<kubectl_gpu::context::Kube> {
-    let global = kubectl_gpu::context::Global {
+async fn kube_for(env: &Env) -> anyhow::Result<kubectl_gpu::cluster::Kube> {
+    let global = kubectl_gpu::global::Global {
         kubeconfig: Some(env.cluster.kubeconfig().to_path_buf()),
         context: None,
         namespace: env.ns.clone(),
-        output: kubectl_gpu::context::Output::Table,
-        color: kubectl_gpu::context::ColorChoice::Never,
+        output: kubectl_gpu::ui::Output::Table,
+        color: kubectl_gpu::ui::ColorChoice::Never,
     };
-    kubectl_gpu::context::Kube::connect(&global).await
+    kubectl_gpu::cluster::Kube::connect(&global).await
 }
 
 /// Every gpu-pilot label or annotation left on nodes, as `node: key`.
@@ -228,7 +228,7 @@ async fn install_reinstall_uninstall(env: Env) -> anyhow::Result<()> {
         eventually("every installed object is gone", Duration::from_secs(90), || async {
             let mut left = Vec::new();
             for o in &objs {
-                if kubectl_gpu::objects::exists(&kube, o).await? {
+                if kubectl_gpu::cluster::objects::exists(&kube, o).await? {
                     left.push(key(o));
                 }
             }

@@ -244,7 +244,7 @@ fn kubernetes_version(s: &Snapshot) -> Vec<Finding> {
     let Some((major, minor, git)) = &s.version else {
         return vec![];
     };
-    match crate::install::version_verdict(*major, *minor) {
+    match crate::cluster::probe::version_verdict(*major, *minor) {
         Ok(None) => vec![],
         Ok(Some(note)) => vec![
             Finding::new(

@@ -1151,12 +1151,12 @@ async fn an_unreachable_cluster_exits_2_and_a_bad_bundle_path_is_refused_first()
          users: [{name: u, user: {token: x}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\n",
     )
     .unwrap();
-    let g = crate::context::Global {
+    let g = crate::global::Global {
         kubeconfig: Some(kubeconfig),
         context: None,
         namespace: NS.into(),
-        output: crate::context::Output::Json,
-        color: crate::context::ColorChoice::Never,
+        output: crate::ui::Output::Json,
+        color: crate::ui::ColorChoice::Never,
     };
     let args = |bundle: Option<std::path::PathBuf>| super::DoctorArgs {
         bundle,
@@ -1167,10 +1167,10 @@ async fn an_unreachable_cluster_exits_2_and_a_bad_bundle_path_is_refused_first()
     let bad = dir.path().join("missing/b.tar.gz");
     assert_eq!(super::run(&g, args(Some(bad.clone()))).await.unwrap(), 2);
     assert!(!bad.exists());
-    assert!(crate::bundle::check_path(&bad).is_err());
+    assert!(super::bundle::check_path(&bad).is_err());
     assert!(
-        crate::bundle::check_path(dir.path()).is_err(),
+        super::bundle::check_path(dir.path()).is_err(),
         "a folder is no file name"
     );
-    assert!(crate::bundle::check_path(&dir.path().join("b.tar.gz")).is_ok());
+    assert!(super::bundle::check_path(&dir.path().join("b.tar.gz")).is_ok());
 }

@@ -4,7 +4,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::Value;
 
-use crate::context::{Kube, explain};
+use crate::cluster::{Kube, explain};
 use gpu_pilot_core::render::key;
 
 /// The plural resource name and scope of every kind install renders.
