@@ -7,11 +7,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{annotation, resource};
+use gpu_pilot_core::facts::pick_active;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::ListParams;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
 use crate::handler::{BoxFuture, ClusterView, FactsError};
 use crate::inventory::MigInventory;
@@ -154,17 +155,11 @@ pub fn gpu_pod(pod: &Pod) -> Option<GpuPod> {
 
 impl ClusterView for KubeView {
     fn active_policy(&self) -> Option<std::sync::Arc<ClusterPolicy>> {
-        // There should be one; if a second slipped in before the webhook ran, the oldest wins.
-        self.policies.state().into_iter().min_by(|a, b| {
-            (
-                a.metadata.creation_timestamp.as_ref(),
-                a.metadata.name.as_ref(),
-            )
-                .cmp(&(
-                    b.metadata.creation_timestamp.as_ref(),
-                    b.metadata.name.as_ref(),
-                ))
-        })
+        // There should be one; if a second slipped in before the webhook ran, the controller's
+        // choice holds.
+        let policies = self.policies.state();
+        let active = pick_active(policies.iter().map(AsRef::as_ref))?.name_any();
+        policies.into_iter().find(|p| p.name_any() == active)
     }
 
     fn mig_inventory(&self) -> MigInventory {

@@ -214,7 +214,7 @@ pub async fn run(g: &Global, args: DoctorArgs) -> anyhow::Result<i32> {
     let mut out = std::io::stdout();
     if args.list_checks {
         for c in checks::CHECKS {
-            writeln!(out, "{:<30} {:<8} {}", c.id, c.severity, c.about)?;
+            writeln!(out, "{:<30} {:<8} {}", c.id, c.severity.as_str(), c.about)?;
         }
         return Ok(0);
     }
