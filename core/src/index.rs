@@ -175,3 +175,128 @@ impl Indexed for ClusterPolicy {
         index.policies.keys().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, gpu: bool) -> Node {
+        let labels = if gpu {
+            json!({ (label::NFD_PCI_10DE): "true" })
+        } else {
+            json!({})
+        };
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap()
+    }
+
+    fn pod(name: &str, component: Option<&str>) -> Pod {
+        let labels = match component {
+            Some(c) => json!({ (label::COMPONENT): c }),
+            None => json!({}),
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "gpu-pilot", "labels": labels},
+            "spec": {"nodeName": "gpu-1", "containers": []},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_relist_forgets_what_it_no_longer_names() {
+        let mut idx = Index::default();
+        assert!(!idx.fold(Event::Init::<Node>));
+        assert!(!idx.fold(Event::InitApply(node("a", true))));
+        assert!(!idx.fold(Event::InitApply(node("b", false))));
+        assert!(
+            idx.fold(Event::InitDone::<Node>),
+            "a finished list wakes the pass"
+        );
+        assert_eq!(idx.nodes.len(), 2);
+        assert!(idx.nodes["a"].is_gpu_node() && !idx.nodes["b"].is_gpu_node());
+
+        // The watch restarts and lists again: b is gone, c is new.
+        idx.fold(Event::Init::<Node>);
+        idx.fold(Event::InitApply(node("a", true)));
+        idx.fold(Event::InitApply(node("c", true)));
+        assert_eq!(
+            idx.nodes.len(),
+            3,
+            "nothing is forgotten before the list is complete"
+        );
+        idx.fold(Event::InitDone::<Node>);
+        let mut names: Vec<&str> = idx.nodes.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["a", "c"]);
+    }
+
+    #[test]
+    fn events_update_and_delete_and_sync_needs_every_kind() {
+        let mut idx = Index::default();
+        for done in [
+            idx.fold(Event::InitDone::<Node>),
+            idx.fold(Event::InitDone::<Pod>),
+            idx.fold(Event::InitDone::<DaemonSet>),
+        ] {
+            assert!(done);
+        }
+        assert!(!idx.is_synced(), "three of four kinds listed");
+        idx.fold(Event::InitDone::<ClusterPolicy>);
+        assert!(idx.is_synced());
+
+        assert!(idx.fold(Event::Apply(pod("p1", Some("driver")))));
+        assert!(idx.fold(Event::Apply(pod("p2", None))));
+        assert_eq!(
+            idx.pods.len(),
+            1,
+            "pods without a component are not operands"
+        );
+        assert_eq!(idx.pods["gpu-pilot/p1"].component, Component::Driver);
+        assert_eq!(idx.pods_by_node()["gpu-1"].len(), 1);
+        // A pod that loses its component label leaves the index.
+        idx.fold(Event::Apply(pod("p1", None)));
+        assert!(idx.pods.is_empty());
+
+        idx.fold(Event::Apply(node("a", true)));
+        assert!(idx.fold(Event::Delete(node("a", true))));
+        assert!(idx.nodes.is_empty());
+    }
+
+    #[test]
+    fn daemonsets_and_policies_keep_only_what_is_read() {
+        let mut idx = Index::default();
+        let ds: DaemonSet = serde_json::from_value(json!({
+            "metadata": {"name": "gpu-pilot-driver", "namespace": "gpu-pilot",
+                "labels": {(label::COMPONENT): "driver"},
+                "annotations": {(gpu_pilot_api::names::annotation::SPEC_HASH): "abc"}},
+            "status": {"desiredNumberScheduled": 3, "numberReady": 2, "currentNumberScheduled": 3,
+                "numberMisscheduled": 0},
+        }))
+        .unwrap();
+        idx.fold(Event::Apply(ds));
+        let f = &idx.daemonsets["gpu-pilot-driver"];
+        assert_eq!(f.component, Some(Component::Driver));
+        assert_eq!(f.hash.as_deref(), Some("abc"));
+        assert_eq!(
+            f.counts,
+            DaemonSetCounts {
+                desired: 3,
+                ready: 2
+            }
+        );
+
+        let p: ClusterPolicy = serde_json::from_value(json!({
+            "metadata": {"name": "cluster-policy",
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {},
+        }))
+        .unwrap();
+        idx.fold(Event::Apply(p));
+        assert!(
+            idx.policies["cluster-policy"]
+                .metadata
+                .managed_fields
+                .is_none()
+        );
+    }
+}

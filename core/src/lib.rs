@@ -10,6 +10,7 @@
 //!   webhook's RBAC and webhook configurations, and the install manifests.
 //! - [`values`]: the Helm chart's values, read the way Helm reads them.
 
+pub mod decide;
 pub mod duration;
 pub mod facts;
 pub mod index;

@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::doctor::snapshot::{Snapshot, is_operand};
 use super::{Finding, Severity};
+use crate::doctor::snapshot::{Snapshot, is_operand};
 
 mod admission;
 mod config;
