@@ -32,7 +32,8 @@ pub struct Options {
     pub metrics_addr: SocketAddr,
     pub leader_elect: bool,
     pub identity: String,
-    pub lease_duration: u64,
+    /// How long a leader's Lease lasts without renewal (whole seconds, at least one).
+    pub lease_duration: Duration,
     pub resync: Duration,
 }
 
@@ -141,12 +142,13 @@ pub async fn run(
         }));
     }
 
+    let lease_secs = opts.lease_duration.as_secs().max(1);
     let (leader_rx, lease_task) = if opts.leader_elect {
         let manager = LeaseManagerBuilder::new(client.clone(), "gpu-pilot-controller")
             .with_namespace(&ns)
             .with_identity(&opts.identity)
-            .with_duration(opts.lease_duration)
-            .with_grace(opts.lease_duration.div_ceil(3).max(1))
+            .with_duration(lease_secs)
+            .with_grace(lease_secs.div_ceil(3).max(1))
             .build()
             .await
             .context("cannot set up leader election on the Lease gpu-pilot-controller")?;

@@ -9,6 +9,8 @@
 //! - [`render`]: every object gpu-pilot creates: the operands, the controller's and the
 //!   webhook's RBAC and webhook configurations, and the install manifests.
 //! - [`values`]: the Helm chart's values, read the way Helm reads them.
+//! - [`duration`]: the one duration syntax of every flag; `telemetry` (feature `telemetry`):
+//!   the one logging set-up of every daemon.
 
 pub mod decide;
 pub mod duration;
@@ -18,4 +20,6 @@ pub mod mig_parted;
 pub mod render;
 pub mod rollout;
 pub mod status;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod values;

@@ -47,7 +47,7 @@ impl RunningController {
             metrics_addr: metrics,
             leader_elect,
             identity: identity.into(),
-            lease_duration: 4,
+            lease_duration: std::time::Duration::from_secs(4),
             resync: Duration::from_secs(10),
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -339,7 +339,7 @@ pub fn render_daemonset(
     })];
     match c {
         Component::ContainerToolkit => {
-            env.push(json!({"name": "RUNTIME", "value": format!("{:?}", spec.operator.default_runtime).to_lowercase()}));
+            env.push(json!({"name": "RUNTIME", "value": spec.operator.default_runtime.as_str()}));
             env.push(
                 json!({"name": "CONTAINERD_RUNTIME_CLASS", "value": spec.operator.runtime_class}),
             );
