@@ -640,7 +640,7 @@ impl Reloader {
 }
 
 /// What a certificate says of itself that matters for running it: which one it is and until when
-/// it is valid. Read from the DER by hand (a few fixed fields), for logs, metrics and tests.
+/// it is valid, for logs, metrics and tests (read with x509-parser).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertSummary {
     /// The serial number, lowercase hex of its DER bytes.
@@ -657,72 +657,19 @@ impl CertSummary {
         CertSummary::from_der(&der)
     }
 
-    /// An X.509 certificate: `SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
-    /// serialNumber INTEGER, signature, issuer, validity SEQUENCE { notBefore, notAfter }, ... } ... }`.
+    /// An X.509 certificate in DER.
     pub fn from_der(der: &[u8]) -> Option<CertSummary> {
-        let (0x30, cert, _) = der_tlv(der)? else {
-            return None;
-        };
-        let (0x30, tbs, _) = der_tlv(cert)? else {
-            return None;
-        };
-        let (mut tag, mut value, mut rest) = der_tlv(tbs)?;
-        if tag == 0xa0 {
-            (tag, value, rest) = der_tlv(rest)?;
-        }
-        if tag != 0x02 {
-            return None;
-        }
-        let serial = value.iter().map(|b| format!("{b:02x}")).collect();
-        let (_signature, _, rest) = der_tlv(rest)?;
-        let (_issuer, _, rest) = der_tlv(rest)?;
-        let (0x30, validity, _) = der_tlv(rest)? else {
-            return None;
-        };
-        let (_not_before, _, validity) = der_tlv(validity)?;
-        let (tag, value, _) = der_tlv(validity)?;
-        Some(CertSummary {
-            serial,
-            not_after: der_time(tag, value)?,
-        })
-    }
-}
-
-/// One DER tag-length-value: (tag, value, what follows).
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let serial = cert
+            .tbs_certificate
+            .raw_serial()
             .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`, years 1950-2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-fn der_time(tag: u8, value: &[u8]) -> Option<OffsetDateTime> {
-    let text = std::str::from_utf8(value).ok()?.strip_suffix('Z')?;
-    let (year, rest) = match tag {
-        0x17 if text.len() == 12 => {
-            let yy: i32 = text[..2].parse().ok()?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
-        }
-        0x18 if text.len() == 14 => (text[..4].parse().ok()?, &text[4..]),
-        _ => return None,
-    };
-    let num = |i: usize| -> Option<u8> { rest.get(i..i + 2)?.parse().ok() };
-    let date =
-        time::Date::from_calendar_date(year, time::Month::try_from(num(0)?).ok()?, num(2)?).ok()?;
-    let t = time::Time::from_hms(num(4)?, num(6)?, num(8)?).ok()?;
-    Some(time::PrimitiveDateTime::new(date, t).assume_utc())
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let not_after =
+            OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok()?;
+        Some(CertSummary { serial, not_after })
+    }
 }
 
 /// Keeps the certificates current: every `interval`, one [`CertManager::reconcile`] pass and a

@@ -9,6 +9,7 @@
 //! types and the CRD's schema), so a misspelt key is an error, never silently ignored.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use gpu_pilot_api::policy::{ClusterPolicySpec, ContainerRuntime, ImagePullPolicy};
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -164,7 +165,7 @@ impl Values {
 
     /// Check a merged tree and split it.
     pub fn from_tree(tree: Value) -> Result<Values, ValuesError> {
-        let errors = check(&tree, &schema());
+        let errors = check(&tree);
         if !errors.is_empty() {
             return Err(ValuesError::Schema(errors));
         }
@@ -336,23 +337,10 @@ fn merge_user(base: &mut Value, overlay: Value) {
     }
 }
 
-/// Helm's merge of values over defaults: maps merge key by key, anything else replaces, `null`
-/// deletes.
+/// Helm's merge of values over defaults, which is a JSON merge patch (RFC 7386): maps merge key
+/// by key, anything else replaces, `null` deletes.
 pub fn merge(base: &mut Value, overlay: Value) {
-    match (base, overlay) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                if v.is_null() {
-                    b.remove(&k);
-                } else if let Some(existing) = b.get_mut(&k) {
-                    merge(existing, v);
-                } else {
-                    b.insert(k, v);
-                }
-            }
-        }
-        (b, o) => *b = o,
-    }
+    json_patch::merge(base, &overlay);
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -688,128 +676,103 @@ fn close_objects(v: &mut Value) {
     }
 }
 
-/// Check `value` against the subset of JSON Schema [`schema`] produces: type, enum, properties,
-/// additionalProperties, items, anyOf/oneOf, minimum/maximum, pattern-free strings.
-pub fn check(value: &Value, schema: &Value) -> Vec<String> {
-    let mut errors = Vec::new();
-    check_at(value, schema, "", &mut errors);
-    errors
+/// Checks `value` against [`schema`] (with the jsonschema crate); one sentence per problem,
+/// naming the key as `--set` spells it and, for unknown keys, the ones that exist.
+pub fn check(value: &Value) -> Vec<String> {
+    static SCHEMA: OnceLock<(Value, jsonschema::Validator)> = OnceLock::new();
+    let (schema, validator) = SCHEMA.get_or_init(|| {
+        let schema = schema();
+        let validator =
+            jsonschema::draft7::new(&schema).expect("the values schema is valid JSON Schema");
+        (schema, validator)
+    });
+    validator
+        .iter_errors(value)
+        .flat_map(|e| describe(&e, value, schema))
+        .collect()
 }
 
-fn type_ok(value: &Value, t: &str) -> bool {
-    match t {
-        "object" => value.is_object(),
-        "array" => value.is_array(),
-        "string" => value.is_string(),
-        "boolean" => value.is_boolean(),
-        "integer" => value.is_i64() || value.is_u64(),
-        "number" => value.is_number(),
-        "null" => value.is_null(),
-        _ => true,
-    }
-}
-
-fn check_at(value: &Value, schema: &Value, path: &str, errors: &mut Vec<String>) {
-    let here = if path.is_empty() { "(top level)" } else { path };
-    for key in ["anyOf", "oneOf"] {
-        if let Some(branches) = schema.get(key).and_then(Value::as_array) {
-            let mut best: Option<Vec<String>> = None;
-            for b in branches {
-                let mut e = Vec::new();
-                check_at(value, b, path, &mut e);
-                if e.is_empty() {
-                    best = None;
-                    break;
-                }
-                if best.as_ref().is_none_or(|x| e.len() < x.len()) {
-                    best = Some(e);
-                }
-            }
-            if let Some(e) = best {
-                errors.extend(e);
-                return;
-            }
+fn describe(e: &jsonschema::ValidationError, root: &Value, schema: &Value) -> Vec<String> {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    let at = dotted(e.instance_path().as_str(), root);
+    let here = if at.is_empty() { "(top level)" } else { &at };
+    let keyword = schema.pointer(e.schema_path().as_str());
+    let instance: &Value = e.instance();
+    match e.kind() {
+        Kind::AdditionalProperties { unexpected } => {
+            let known: Vec<&str> = e
+                .schema_path()
+                .as_str()
+                .strip_suffix("/additionalProperties")
+                .and_then(|p| schema.pointer(p))
+                .and_then(|s| s.get("properties"))
+                .and_then(Value::as_object)
+                .map(|p| p.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            unexpected
+                .iter()
+                .map(|k| {
+                    let child = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    if known.is_empty() {
+                        format!("{child}: unknown key")
+                    } else {
+                        format!("{child}: unknown key ({here} takes: {})", known.join(", "))
+                    }
+                })
+                .collect()
         }
-    }
-    if let Some(t) = schema.get("type") {
-        let types: Vec<&str> = match t {
-            Value::String(s) => vec![s.as_str()],
-            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-            _ => vec![],
-        };
-        if !types.is_empty() && !types.iter().any(|t| type_ok(value, t)) {
-            errors.push(format!(
+        Kind::Enum { options } => vec![format!(
+            "{here}: {} is not one of {}",
+            short(instance),
+            options
+                .as_array()
+                .map(|o| o.iter().map(short).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        )],
+        Kind::Type { .. } => {
+            let types: Vec<&str> = match keyword {
+                Some(Value::String(t)) => vec![t.as_str()],
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+                _ => vec![],
+            };
+            vec![format!(
                 "{here}: expected {}, found {} {}",
                 types.join(" or "),
-                kind(value),
-                short(value)
-            ));
-            return;
+                kind(instance),
+                short(instance)
+            )]
         }
+        Kind::Minimum { limit } => vec![format!("{here}: {instance} is below the minimum {limit}")],
+        Kind::Maximum { limit } => vec![format!("{here}: {instance} is above the maximum {limit}")],
+        _ => vec![format!("{here}: {e}")],
     }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
-        && !allowed.contains(value)
-    {
-        errors.push(format!(
-            "{here}: {} is not one of {}",
-            short(value),
-            allowed.iter().map(short).collect::<Vec<_>>().join(", ")
-        ));
-        return;
-    }
-    if let Some(n) = value.as_f64() {
-        if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
-            && n < min
-        {
-            errors.push(format!("{here}: {n} is below the minimum {min}"));
-        }
-        if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
-            && n > max
-        {
-            errors.push(format!("{here}: {n} is above the maximum {max}"));
-        }
-    }
-    match value {
-        Value::Object(map) => {
-            let props = schema.get("properties").and_then(Value::as_object);
-            for (k, v) in map {
-                let child = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                if let Some(s) = props.and_then(|p| p.get(k)) {
-                    check_at(v, s, &child, errors);
-                } else {
-                    match schema.get("additionalProperties") {
-                        Some(Value::Bool(false)) => {
-                            let known: Vec<&str> = props
-                                .map(|p| p.keys().map(String::as_str).collect())
-                                .unwrap_or_default();
-                            errors.push(format!(
-                                "{child}: unknown key{}",
-                                if known.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(" ({here} takes: {})", known.join(", "))
-                                }
-                            ));
-                        }
-                        Some(s @ Value::Object(_)) => check_at(v, s, &child, errors),
-                        _ => {}
-                    }
+}
+
+/// A JSON pointer into `root` as `--set` spells the key: `daemonsets.tolerations[0].key`.
+fn dotted(pointer: &str, root: &Value) -> String {
+    let mut out = String::new();
+    let mut node = Some(root);
+    for raw in pointer.split('/').skip(1) {
+        let seg = raw.replace("~1", "/").replace("~0", "~");
+        match node {
+            Some(Value::Array(a)) => {
+                out.push_str(&format!("[{seg}]"));
+                node = seg.parse::<usize>().ok().and_then(|i| a.get(i));
+            }
+            other => {
+                if !out.is_empty() {
+                    out.push('.');
                 }
+                node = other.and_then(|v| v.get(&seg));
+                out.push_str(&seg);
             }
         }
-        Value::Array(items) => {
-            if let Some(s) = schema.get("items") {
-                for (i, v) in items.iter().enumerate() {
-                    check_at(v, s, &format!("{path}[{i}]"), errors);
-                }
-            }
-        }
-        _ => {}
     }
+    out
 }
 
 fn short(v: &Value) -> String {
