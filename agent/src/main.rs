@@ -209,7 +209,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         plugin_config_default: args.config_default,
         mig_strategy: args.mig_strategy,
         cdi: args.cdi,
-        health: HealthRules::with_extra(&args.ignore_xids).map_err(anyhow::Error::msg)?,
+        health: HealthRules::with_extra(&args.ignore_xids)?,
         metrics_addr,
         pod_resources: match args.pod_resources_socket.as_str() {
             "off" => None,

@@ -12,6 +12,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams};
+use kube::runtime::wait::{await_condition, conditions};
 use serde_json::Value;
 
 use gpu_pilot_core::render::install::{self as render, Include};
@@ -23,7 +24,7 @@ use crate::cluster::probe::{can_i, gpu_operator_signs, server_version, version_v
 use crate::cluster::{Kube, explain};
 use crate::global::Global;
 use crate::status::stage_lines;
-use crate::ui::{Output, Printer};
+use crate::ui::{Output, Printer, Progress};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -177,7 +178,7 @@ async fn preflight(
         )),
         Ok(Some(w)) => out.warn(&w),
         Err(e) => {
-            out.error(&e);
+            out.error(&e.to_string());
             ok = false;
         }
     }
@@ -412,25 +413,16 @@ async fn apply_all(
     Ok((created, changed, unchanged))
 }
 
+/// Waits (watching, with kube-runtime's `await_condition`) until the apiserver serves the CRD.
 async fn wait_established(kube: &Kube, name: &str) -> anyhow::Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(kube.client.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let crd = api.get(name).await.map_err(|e| {
-            anyhow::anyhow!(explain(&e, &kube.server, &format!("reading CRD {name}")))
-        })?;
-        let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
-            c.iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-        });
-        if established {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
+    let established = await_condition(api, name, conditions::is_crd_established());
+    match tokio::time::timeout(Duration::from_secs(60), established).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => anyhow::bail!("watching CRD {name} until it is established: {e}"),
+        Err(_) => anyhow::bail!(
             "the CRD {name} was not established within 60s; see `kubectl describe crd {name}`"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        ),
     }
 }
 
@@ -517,7 +509,7 @@ async fn follow_rollout(
 ) -> anyhow::Result<i32> {
     let api: Api<ClusterPolicy> = Api::all(kube.client.clone());
     let start = Instant::now();
-    let mut last: Vec<String> = Vec::new();
+    let mut progress = Progress::new(out.terminal);
     loop {
         let policy = api
             .get(DEFAULT_POLICY_NAME)
@@ -528,26 +520,12 @@ async fn follow_rollout(
         let fresh = status
             .as_ref()
             .is_some_and(|s| s.observed_generation == current_gen);
-        let lines = stage_lines(&policy);
-        if lines != last {
-            if out.terminal && !last.is_empty() {
-                // Redraw the block in place.
-                print!("\x1b[{}A", last.len() + 1);
-            }
-            println!("  after {:>4}s:", start.elapsed().as_secs());
-            for l in &lines {
-                if out.terminal {
-                    println!("\x1b[2K    {l}");
-                } else {
-                    println!("    {l}");
-                }
-            }
-            last = lines;
-        }
+        progress.update(start.elapsed(), stage_lines(&policy));
         if let Some(s) = &status
             && fresh
             && s.state == Some(gpu_pilot_api::policy::PolicyState::Ready)
         {
+            progress.finish();
             out.ok(&format!(
                 "gpu-pilot is ready on {} GPU node(s) in {:.1}s",
                 s.gpu_nodes,
@@ -556,6 +534,7 @@ async fn follow_rollout(
             return Ok(0);
         }
         if start.elapsed() > timeout {
+            progress.finish();
             out.error(&format!(
                 "not ready after {}s; what the doctor finds:",
                 timeout.as_secs()

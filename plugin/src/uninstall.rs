@@ -186,29 +186,36 @@ async fn remove_policies(
                 "the controller did not finish within {}s (is it running?); cleaning up without it",
                 a.timeout.as_secs()
             ));
+            // A guarded edit: the patch tests that the finalizer is still where it was read, so a
+            // concurrent change to the list fails it (and the list is read again) instead of
+            // being overwritten.
+            let mut raced = false;
             for p in left {
                 let name = p.name_any();
-                let finalizers: Vec<String> = p
-                    .finalizers()
-                    .iter()
-                    .filter(|f| *f != FINALIZER)
-                    .cloned()
-                    .collect();
-                api.patch(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-                )
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(explain(
+                let Some(i) = p.finalizers().iter().position(|f| f == FINALIZER) else {
+                    continue;
+                };
+                let release: json_patch::Patch = serde_json::from_value(json!([
+                    {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+                    {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+                ]))?;
+                match api
+                    .patch(&name, &PatchParams::default(), &Patch::Json::<()>(release))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => raced = true,
+                    Err(e) => anyhow::bail!(explain(
                         &e,
                         &kube.server,
                         &format!("releasing ClusterPolicy {name}")
-                    ))
-                })?;
+                    )),
+                }
             }
-            return Ok(n);
+            if !raced {
+                return Ok(n);
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

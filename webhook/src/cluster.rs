@@ -18,6 +18,15 @@ use crate::handler::{BoxFuture, ClusterView, FactsError};
 use crate::inventory::MigInventory;
 use crate::validate::{Facts, GpuPod};
 
+/// The watch caches did not fill in time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the ClusterPolicy and Node caches were not filled within {timeout:?}; check that the CRD is installed and the webhook may list and watch clusterpolicies and nodes"
+)]
+pub struct CachesNotReady {
+    pub timeout: Duration,
+}
+
 /// Which objects the webhook looks at.
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
@@ -84,16 +93,14 @@ impl KubeView {
     }
 
     /// Waits until both caches hold a first full list.
-    pub async fn wait_until_ready(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_until_ready(&self, timeout: Duration) -> Result<(), CachesNotReady> {
         let both = async {
             self.policies.wait_until_ready().await.ok();
             self.nodes.wait_until_ready().await.ok();
         };
-        tokio::time::timeout(timeout, both).await.map_err(|_| {
-            format!(
-                "the ClusterPolicy and Node caches were not filled within {timeout:?}; check that the CRD is installed and the webhook may list and watch clusterpolicies and nodes"
-            )
-        })
+        tokio::time::timeout(timeout, both)
+            .await
+            .map_err(|_| CachesNotReady { timeout })
     }
 
     async fn gpu_pods(&self) -> Result<Vec<GpuPod>, kube::Error> {

@@ -53,8 +53,10 @@ pub struct Options {
 pub enum RunError {
     #[error(transparent)]
     Certs(#[from] CertError),
-    #[error("{0}")]
-    NotReady(String),
+    #[error(transparent)]
+    NotReady(#[from] crate::cluster::CachesNotReady),
+    #[error("the server stopped before it listened")]
+    StoppedEarly,
     #[error("serving HTTPS on {addr}: {source}; is the port free and may this process bind it?")]
     Serve {
         addr: SocketAddr,
@@ -123,7 +125,7 @@ pub async fn run(
         // Answering before the caches are filled would admit GPU pods as if no policy existed.
         view.wait_until_ready(opts.startup_timeout)
             .await
-            .map_err(RunError::NotReady)?;
+            .map_err(RunError::from)?;
         let ready = Arc::new(AtomicBool::new(true));
         let state = Arc::new(AppState {
             view: Arc::new(view),
@@ -168,12 +170,12 @@ impl Running {
                 Some(addr) => Ok(Running { addr, metrics, handle, task }),
                 None => Err(match task.await {
                     Ok(Err(e)) => e,
-                    _ => RunError::NotReady("the server stopped before it listened".into()),
+                    _ => RunError::StoppedEarly,
                 }),
             },
             done = &mut task => Err(match done {
                 Ok(Err(e)) => e,
-                _ => RunError::NotReady("the server stopped before it listened".into()),
+                _ => RunError::StoppedEarly,
             }),
         }
     }

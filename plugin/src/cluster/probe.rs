@@ -60,13 +60,22 @@ pub async fn server_version(kube: &Kube) -> anyhow::Result<(u32, u32, String)> {
     Ok((major, minor, info.git_version))
 }
 
+/// A Kubernetes version older than gpu-pilot supports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Kubernetes {major}.{minor} is older than {}.{}, the oldest gpu-pilot supports (it needs webhook matchConditions and CEL validation); upgrade the cluster",
+    MIN_KUBERNETES.0,
+    MIN_KUBERNETES.1
+)]
+pub struct TooOld {
+    pub major: u32,
+    pub minor: u32,
+}
+
 /// Whether a Kubernetes version is supported, and a sentence about it when not quite.
-pub fn version_verdict(major: u32, minor: u32) -> Result<Option<String>, String> {
+pub fn version_verdict(major: u32, minor: u32) -> Result<Option<String>, TooOld> {
     if (major, minor) < MIN_KUBERNETES {
-        return Err(format!(
-            "Kubernetes {major}.{minor} is older than {}.{}, the oldest gpu-pilot supports (it needs webhook matchConditions and CEL validation); upgrade the cluster",
-            MIN_KUBERNETES.0, MIN_KUBERNETES.1
-        ));
+        return Err(TooOld { major, minor });
     }
     if (major, minor) > MAX_TESTED_KUBERNETES {
         return Ok(Some(format!(

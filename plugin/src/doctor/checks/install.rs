@@ -23,7 +23,7 @@ pub(super) fn kubernetes_version(s: &Snapshot) -> Vec<Finding> {
                 Severity::Error,
                 format!("Kubernetes {git} is not supported"),
             )
-            .evidence([why])
+            .evidence([why.to_string()])
             .fix("Upgrade the control plane to a supported Kubernetes version, then run kubectl gpu install again."),
         ],
     }
