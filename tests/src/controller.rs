@@ -101,13 +101,29 @@ impl RunningController {
         }
     }
 
-    /// Reads one series of the controller's /metrics (summed over labels matching `filter`).
+    /// Reads one metric of the controller's /metrics with prometheus-parse, summed over the series
+    /// whose labels match `filter` (`kind="node"`, or empty for all).
     pub async fn metric(&self, name: &str, filter: &str) -> anyhow::Result<f64> {
         let body = http_get(self.metrics, "/metrics").await?;
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with(name) && l.contains(filter))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))?;
+        let wanted = filter
+            .split_once('=')
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()));
+        Ok(scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| {
+                wanted
+                    .as_ref()
+                    .is_none_or(|(k, v)| s.labels.get(k) == Some(v.as_str()))
+            })
+            .filter_map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            })
             .sum())
     }
 }
