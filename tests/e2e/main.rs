@@ -5,7 +5,9 @@
 mod agent;
 mod controller;
 mod doctor;
+mod faults;
 mod foundation;
+mod hardening;
 mod helm;
 mod plugin;
 mod webhook;
@@ -31,6 +33,8 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(helm::tests());
     all.extend(plugin::tests());
     all.extend(doctor::tests());
+    all.extend(hardening::tests());
+    all.extend(faults::tests());
     all
 }
 
@@ -66,6 +70,7 @@ fn main() {
     let conclusion = libtest_mimic::run(&args, trials);
     // The trials (and their handles on the clusters) are gone; this stops the control planes.
     controller::shutdown();
+    faults::shutdown();
     drop(cluster);
     conclusion.exit();
 }
