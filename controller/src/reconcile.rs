@@ -737,12 +737,19 @@ pub async fn run(
         // Let a burst of watch events settle into one pass.
         tokio::time::sleep(debounce).await;
         ctx.metrics.health.beat();
+        let started = Instant::now();
         let pass = tokio::time::timeout(ctx.pass_timeout, reconcile_once(&ctx));
-        // A pass in flight is dropped the moment leadership ends: no write after that.
+        // A pass in flight is dropped the moment leadership ends: no write after that. A dropped
+        // pass did not count itself, so it is counted here (errors{kind="fenced"|"timeout"}).
+        let dropped = |e: Error| {
+            ctx.metrics
+                .observe_pass(started.elapsed(), Some(e.metric_label()));
+            Err(e)
+        };
         let result = tokio::select! {
             biased;
-            _ = ctx.fence.closed() => Err(Error::Fenced(Fenced)),
-            r = pass => r.unwrap_or(Err(Error::Timeout(ctx.pass_timeout))),
+            _ = ctx.fence.closed() => dropped(Error::Fenced(Fenced)),
+            r = pass => r.unwrap_or_else(|_| dropped(Error::Timeout(ctx.pass_timeout))),
         };
         ctx.metrics.health.beat();
         match result {
