@@ -177,8 +177,10 @@ pub async fn run(
         std::mem::forget(tx);
         (rx, None, Fence::always_open())
     };
+    // The leader gauge follows the fence: 1 only while this replica may write (kube-lease-manager
+    // alone keeps saying "leader" while it cannot reach the apiserver).
     {
-        let mut rx = leader_rx.clone();
+        let mut rx = fence.subscribe();
         let metrics = metrics.clone();
         let identity = opts.identity.clone();
         tasks.push(tokio::spawn(async move {

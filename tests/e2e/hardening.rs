@@ -543,7 +543,13 @@ async fn fenced_pass(env: Env) -> anyhow::Result<()> {
         Api::<Lease>::namespaced(c.clone(), &env.ns)
             .patch("gpu-pilot-controller", &PatchParams::default(), &Patch::Merge(lease))
             .await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The leader learns it through its watch of the Lease; its leader gauge follows its
+        // fence. (A fixed wait raced the watch on a loaded machine.)
+        eventually("the leader's fence closed", Duration::from_secs(30), || async {
+            let g = lead.metric("gpu_pilot_controller_leader", "").await?;
+            Ok(if g == 0.0 { Ok(()) } else { Err(format!("leader gauge {g}")) })
+        })
+        .await?;
         let seen = gate.calls.load(Ordering::SeqCst);
         let writes = lead.metric("gpu_pilot_controller_writes_total", "").await?;
         gate.release.notify_one();
