@@ -5,7 +5,9 @@
 mod agent;
 mod controller;
 mod doctor;
+mod faults;
 mod foundation;
+mod hardening;
 mod helm;
 mod plugin;
 mod webhook;
@@ -21,6 +23,13 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 type TestFn = fn(Arc<Cluster>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
+/// Tests too long for every run (a 1,000-node cluster of their own, about half an hour on two
+/// cores): listed as `ignored` in a normal run, run with
+/// `cargo test -p gpu-pilot-e2e --test e2e -- --ignored faults::`.
+fn is_long(name: &str) -> bool {
+    name.starts_with("faults::")
+}
+
 /// Every end-to-end test, by name.
 fn tests() -> Vec<(&'static str, TestFn)> {
     let mut all = Vec::new();
@@ -31,6 +40,8 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(helm::tests());
     all.extend(plugin::tests());
     all.extend(doctor::tests());
+    all.extend(hardening::tests());
+    all.extend(faults::tests());
     all
 }
 
@@ -44,7 +55,7 @@ fn main() {
         // Nothing to run: do not start a cluster just to list names.
         let trials = tests()
             .into_iter()
-            .map(|(name, _)| Trial::test(name, || Ok(())))
+            .map(|(name, _)| Trial::test(name, || Ok(())).with_ignored_flag(is_long(name)))
             .collect();
         libtest_mimic::run(&args, trials).exit();
     }
@@ -60,12 +71,13 @@ fn main() {
         .into_iter()
         .map(|(name, f)| {
             let cluster = cluster.clone();
-            Trial::test(name, move || run_one(cluster, f))
+            Trial::test(name, move || run_one(cluster, f)).with_ignored_flag(is_long(name))
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     // The trials (and their handles on the clusters) are gone; this stops the control planes.
     controller::shutdown();
+    faults::shutdown();
     drop(cluster);
     conclusion.exit();
 }

@@ -28,8 +28,8 @@ use crate::TestFn;
 // The fixture lives in the test crate's library; these names stay for the modules that import
 // them from here.
 pub(crate) use gpu_pilot_e2e::webhook::{
-    Fixture, MUTATE_ENDPOINT, TEST_LABEL, TLS_SECRET, ca_bundle, dry_run, gpu_pod, gpu_tolerations,
-    kubectl, policy, start_webhook, steady_certs, with_cleanup,
+    Fixture, MUTATE_ENDPOINT, TEST_LABEL, TLS_SECRET, ca_bundle, create_policy, dry_run, gpu_pod,
+    gpu_tolerations, kubectl, policy, start_webhook, steady_certs, with_cleanup,
 };
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {

@@ -71,6 +71,14 @@ pub fn validate_policy(
             }
             check_config_maps(new, None, facts)
         }
+        // A metadata-only update (the controller's finalizer, labels) or any update of a policy
+        // being deleted changes nothing to check: refusing it could only leave the policy stuck
+        // Terminating (say, once a ConfigMap it names is gone).
+        (Operation::Update, Some(new), Some(old))
+            if new.spec == old.spec || new.metadata.deletion_timestamp.is_some() =>
+        {
+            Verdict::allow()
+        }
         (Operation::Update, Some(new), Some(old)) => {
             let deny = check_config_maps(new, Some(old), facts);
             if !deny.is_allowed() {
@@ -336,6 +344,37 @@ mod tests {
             )
             .is_allowed()
         );
+    }
+
+    #[test]
+    fn releasing_the_finalizer_is_never_refused() {
+        let mut old = policy(
+            "p",
+            serde_json::json!({"devicePlugin": {"config": {"name": "gone"}}}),
+        );
+        old.metadata.finalizers = Some(vec![gpu_pilot_api::names::FINALIZER.into()]);
+        old.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let mut new = old.clone();
+        new.metadata.finalizers = None;
+        let facts = Facts {
+            config_maps: [("gone".to_string(), None)].into(),
+            ..Facts::default()
+        };
+        // The ConfigMap the policy names is gone: the spec check would refuse any edit, but the
+        // finalizer's release changes no spec.
+        let v = validate_policy(Operation::Update, Some(&new), Some(&old), &facts);
+        assert!(v.is_allowed(), "{}", message(v));
+        new.spec.mig.strategy = gpu_pilot_api::policy::MigStrategy::Mixed;
+        assert!(
+            validate_policy(Operation::Update, Some(&new), Some(&old), &facts).is_allowed(),
+            "a policy being deleted is not held to its spec checks"
+        );
+        old.metadata.deletion_timestamp = None;
+        new.metadata.deletion_timestamp = None;
+        assert!(!validate_policy(Operation::Update, Some(&new), Some(&old), &facts).is_allowed());
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub fn objects(namespace: &str) -> Vec<Value> {
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
                 {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create", "patch", "delete"]},
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch", "update"]},
+                // The write fence watches its own Lease (a field selector on the name).
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["gpu-pilot-controller"], "verbs": ["list", "watch"]},
             ],
         }),
         json!({

@@ -188,18 +188,32 @@ impl Registration {
             }
             e
         };
+        let mut update_delete = entry(
+            webhook::VALIDATE_POLICY_WEBHOOK,
+            json!(["UPDATE", "DELETE"]),
+            "Fail",
+        );
+        update_delete["matchConditions"] =
+            json!([{ "name": "changes-the-spec-or-deletes", "expression": POLICY_REVIEW_CEL }]);
         serde_json::from_value(json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingWebhookConfiguration",
             "metadata": self.metadata(),
             "webhooks": [
-                entry(webhook::VALIDATE_POLICY_WEBHOOK, json!(["UPDATE", "DELETE"]), "Fail"),
+                update_delete,
                 entry(CREATE_POLICY_WEBHOOK, json!(["CREATE"]), "Ignore"),
             ]
         }))
         .expect("the validating configuration is well-formed")
     }
 }
+
+/// When the apiserver sends a policy UPDATE or DELETE to the webhook: a delete, or an update
+/// that changes the spec of a policy not being deleted. Metadata-only updates (the controller
+/// adding or releasing its finalizer, labels, annotations) never wait for the webhook, so a
+/// webhook that is down, or a ConfigMap the policy names that is gone, cannot leave a deleted
+/// policy stuck Terminating.
+pub const POLICY_REVIEW_CEL: &str = "request.operation == 'DELETE' || (!has(object.metadata.deletionTimestamp) && object.spec != oldObject.spec)";
 
 /// The CEL condition under which the apiserver sends a pod UPDATE to the webhook: the update would
 /// drop the GPU toleration, or put `nvidia.com/gpu` back into a container that holds a MIG
