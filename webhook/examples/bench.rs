@@ -56,6 +56,9 @@ struct Args {
     /// Also measure the simple part of the mutation done by a MutatingAdmissionPolicy (round M).
     #[arg(long)]
     admission_policy: bool,
+    /// Only these kinds through the apiserver (letters of A, B, C, D, M), e.g. to profile one.
+    #[arg(long, default_value = "ABCDM")]
+    kinds: String,
     /// Reviews the handler answers in the single-thread CPU measurement.
     #[arg(long, default_value_t = 20000)]
     handler_reviews: usize,
@@ -347,6 +350,7 @@ async fn through_apiserver(
     parallel: usize,
     rounds: usize,
     with_policy: bool,
+    only: &str,
 ) -> anyhow::Result<()> {
     use gpu_pilot_webhook::manifests::{Registration, Target};
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -561,6 +565,11 @@ async fn through_apiserver(
     if with_policy {
         kinds.push(Kind::Policy);
     }
+    kinds.retain(|k| only.contains(k.label()));
+    anyhow::ensure!(
+        !kinds.is_empty(),
+        "--kinds {only:?} selects no kind: use letters of ABCD, and M with --admission-policy"
+    );
     println!(
         "\nthrough the apiserver: {pods} GPU pods per round, {parallel} in flight, {rounds} rounds, kinds in turn:\n  \
          A  plain pod, no mutation registered for its namespace\n  \
@@ -799,6 +808,7 @@ fn main() -> anyhow::Result<()> {
                 args.parallel,
                 args.rounds,
                 args.admission_policy,
+                &args.kinds,
             )
             .await?;
         }
