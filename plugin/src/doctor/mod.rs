@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod checks;
+pub mod redact;
 pub mod snapshot;
 #[cfg(test)]
 mod tests;
