@@ -39,6 +39,10 @@ const CA_COMMON_NAME: &str = "gpu-pilot-webhook-ca";
 const BACKDATE: time::Duration = time::Duration::minutes(5);
 /// Writes that lose a race (409) are retried from a fresh read this many times in one pass.
 const CONFLICT_ATTEMPTS: u32 = 5;
+/// The longest validity (and any other certificate duration) the settings accept: 100 years,
+/// far inside what X.509 dates (up to 9999) and date arithmetic can hold.
+pub const MAX_VALIDITY: Duration = Duration::from_secs(36_500 * 24 * 3600);
+const MAX_VALIDITY_TEXT: &str = "36500d (100 years)";
 
 /// How certificates are made and kept.
 #[derive(Debug, Clone)]
@@ -69,8 +73,23 @@ impl CertSettings {
         ]
     }
 
-    /// Durations that would make the steps overlap or never happen are refused.
+    /// Durations that would make the steps overlap or never happen, or that no certificate can
+    /// carry, are refused.
     pub fn check(&self) -> Result<(), CertError> {
+        for (flag, d) in [
+            ("--ca-validity", self.ca_validity),
+            ("--ca-renew-before", self.ca_renew_before),
+            ("--ca-overlap", self.ca_overlap),
+            ("--cert-validity", self.cert_validity),
+            ("--cert-renew-before", self.cert_renew_before),
+        ] {
+            if d > MAX_VALIDITY {
+                return Err(CertError::Settings(format!(
+                    "{flag} is {}, longer than a certificate can reasonably carry; use at most {MAX_VALIDITY_TEXT} (e.g. 3650d for the CA, 90d for the serving certificate)",
+                    gpu_pilot_core::duration::format(d),
+                )));
+            }
+        }
         if self.cert_renew_before >= self.cert_validity {
             return Err(CertError::Settings(format!(
                 "the serving certificate would be renewed as soon as it is made: --cert-renew-before ({:?}) must be shorter than --cert-validity ({:?})",
@@ -78,13 +97,13 @@ impl CertSettings {
             )));
         }
         if self.ca_renew_before >= self.ca_validity
-            || self.ca_overlap + self.cert_renew_before >= self.ca_renew_before
+            || self.ca_overlap.saturating_add(self.cert_renew_before) >= self.ca_renew_before
         {
             return Err(CertError::Settings(format!(
                 "--ca-renew-before ({:?}) must be shorter than --ca-validity ({:?}) and longer than --ca-overlap plus --cert-renew-before ({:?})",
                 self.ca_renew_before,
                 self.ca_validity,
-                self.ca_overlap + self.cert_renew_before
+                self.ca_overlap.saturating_add(self.cert_renew_before)
             )));
         }
         if self.names.is_empty() {
@@ -277,6 +296,23 @@ fn dur(d: Duration) -> time::Duration {
     time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
 }
 
+/// `now + validity`, or an error naming what is too long (never an overflow panic, whatever
+/// settings reach here).
+fn valid_until(
+    now: OffsetDateTime,
+    validity: Duration,
+    what: &str,
+) -> Result<OffsetDateTime, CertError> {
+    now.checked_add(dur(validity))
+        .filter(|t| t.year() <= 9999)
+        .ok_or_else(|| {
+            CertError::Settings(format!(
+                "a {what} valid for {} from {now} would end past the year 9999; use a validity of at most {MAX_VALIDITY_TEXT}",
+                gpu_pilot_core::duration::format(validity),
+            ))
+        })
+}
+
 /// What to do now with what is stored.
 pub fn plan(now: OffsetDateTime, stored: Option<&Stored>, s: &CertSettings) -> Plan {
     let Some(st) = stored else {
@@ -322,7 +358,7 @@ fn ca_params(not_before: OffsetDateTime, not_after: OffsetDateTime) -> Certifica
 /// Makes a self-signed CA valid from now for `validity`.
 pub fn new_ca(now: OffsetDateTime, validity: Duration) -> Result<Ca, CertError> {
     let key = KeyPair::generate()?;
-    let not_after = now + dur(validity);
+    let not_after = valid_until(now, validity, "CA")?;
     let cert = ca_params(now - BACKDATE, not_after).self_signed(&key)?;
     Ok(Ca {
         cert_pem: cert.pem(),
@@ -352,7 +388,7 @@ pub fn new_serving_cert(
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     p.use_authority_key_identifier_extension = true;
-    let not_after = (now + dur(validity)).min(ca.not_after);
+    let not_after = valid_until(now, validity, "serving certificate")?.min(ca.not_after);
     p.not_before = now - BACKDATE;
     p.not_after = not_after;
     let cert = p.signed_by(&key, &issuer)?;

@@ -49,6 +49,41 @@ fn settings_that_overlap_are_refused() {
 }
 
 #[test]
+fn durations_too_long_for_a_certificate_are_refused_not_a_panic() {
+    let huge = Duration::from_secs(u64::MAX);
+    for field in 0..5 {
+        let mut s = settings();
+        let d = [
+            &mut s.ca_validity,
+            &mut s.ca_renew_before,
+            &mut s.ca_overlap,
+            &mut s.cert_validity,
+            &mut s.cert_renew_before,
+        ];
+        *d.into_iter().nth(field).unwrap() = huge;
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.contains("at most 36500d"), "{e}");
+    }
+    // Past the check (a caller that skipped it), certificates are still never made with a date
+    // that overflows.
+    let mut s = settings();
+    s.ca_validity = huge;
+    let e = carry_out(Plan::Create, at(0), None, &s).unwrap_err();
+    assert!(e.to_string().contains("past the year 9999"), "{e}");
+    let mut s = settings();
+    s.cert_validity = Duration::from_secs(9000 * 365 * 24 * 3600);
+    let ca = new_ca(at(0), Duration::from_secs(1000)).unwrap();
+    assert!(new_serving_cert(&ca, &s.names, at(0), s.cert_validity).is_err());
+    // The planner only compares, so huge settings decide without a panic.
+    let st = carry_out(Plan::Create, at(0), None, &settings())
+        .unwrap()
+        .unwrap();
+    let mut s = settings();
+    (s.ca_renew_before, s.cert_renew_before, s.ca_overlap) = (huge, huge, huge);
+    assert_eq!(plan(at(1), Some(&st), &s), Plan::StageNextCa);
+}
+
+#[test]
 fn a_full_life_cycle_keeps_a_trusted_chain() {
     let s = settings();
     assert_eq!(plan(at(0), None, &s), Plan::Create);
