@@ -611,7 +611,7 @@ where
 
 /// Serves a certificate and hot-swaps it when what it is built from changes.
 pub struct Reloader {
-    pub tls: axum_server::tls_rustls::RustlsConfig,
+    pub tls: Arc<crate::listener::TlsCell>,
     /// The certificate and key PEM served now, and what the certificate says of itself.
     served: std::sync::Mutex<(String, String, Option<CertSummary>)>,
     metrics: Arc<Metrics>,
@@ -624,10 +624,8 @@ impl Reloader {
         key_pem: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Reloader, CertError> {
-        let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config(
-            cert_pem.as_bytes(),
-            key_pem.as_bytes(),
-        )?);
+        let tls =
+            crate::listener::TlsCell::new(tls_config(cert_pem.as_bytes(), key_pem.as_bytes())?);
         Ok(Reloader {
             tls,
             served: std::sync::Mutex::new((
@@ -659,7 +657,7 @@ impl Reloader {
             return Ok(false);
         }
         let config = tls_config(cert_pem.as_bytes(), key_pem.as_bytes())?;
-        self.tls.reload_from_config(config);
+        self.tls.set(config);
         let summary = CertSummary::from_pem(cert_pem);
         let not_after = not_after.or(summary.as_ref().map(|s| s.not_after));
         *served = (cert_pem.to_string(), key_pem.to_string(), summary.clone());
