@@ -824,7 +824,8 @@ pub(crate) async fn policy_rules(cluster: Arc<Cluster>) -> anyhow::Result<()> {
         )
         .await?;
         refused(&cluster, "strategy change under a MIG pod", &["patch", "clusterpolicy", &id, "--type=merge", "-p", &merge(json!({"spec": {"mig": {"strategy": "mixed"}}}))], None,
-            &format!("spec.mig.strategy cannot change from single to mixed while 1 pod(s) use MIG devices ({ns}/mig-user)")).await?;
+            // Counted, never named: the webhook's answer reaches whoever sent the review.
+            "spec.mig.strategy cannot change from single to mixed while 1 pod(s) use MIG devices (in 1 namespace(s); kubectl get pods -A lists them)").await?;
 
         // Risky but legal: warnings.
         pods.create(

@@ -259,8 +259,9 @@ pub fn rbac_for(namespace: &str, name: &str, secret: &str) -> Vec<Value> {
                 // The policy in force and the MIG profiles on the nodes, through watch caches.
                 { "apiGroups": [GROUP], "resources": ["clusterpolicies"], "verbs": ["get", "list", "watch"] },
                 { "apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"] },
-                // Which GPU pods run, when a policy change could hurt them.
-                { "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] },
+                // Which GPU pods run, when a policy change could hurt them: a watch cache that
+                // keeps only the GPU pods' names, so no review makes the webhook LIST pods.
+                { "apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"] },
                 // Only its own two configurations, only to keep caBundle current.
                 { "apiGroups": ["admissionregistration.k8s.io"],
                   "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
