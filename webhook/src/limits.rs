@@ -305,5 +305,34 @@ mod tests {
         .check()
         .unwrap_err();
         assert!(e.to_string().contains("below 4 GiB"), "{e}");
+        let e = Limits {
+            max_header_bytes: 4096,
+            ..Limits::default()
+        }
+        .check()
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--max-header-bytes (4096) must be at least 8192"),
+            "{e}"
+        );
+        // Every count that could be zero is named when it is.
+        type Zero = (&'static str, fn(&mut Limits));
+        let zeros: [Zero; 6] = [
+            ("--max-body-bytes", |l| l.max_body_bytes = 0),
+            ("--max-in-flight", |l| l.max_in_flight = 0),
+            ("--max-in-flight-bytes", |l| l.max_in_flight_bytes = 0),
+            ("--max-connections", |l| l.max_connections = 0),
+            ("--max-connections-per-peer", |l| {
+                l.max_connections_per_peer = 0
+            }),
+            ("--max-concurrent-streams", |l| l.max_concurrent_streams = 0),
+        ];
+        for (flag, zero) in zeros {
+            let mut l = Limits::default();
+            zero(&mut l);
+            let e = l.check().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{flag} is 0")), "{flag}: {e}");
+        }
     }
 }
