@@ -159,17 +159,15 @@ async fn direct(seconds: u64, handler_reviews: usize) -> anyhow::Result<()> {
         ready: Arc::new(AtomicBool::new(true)),
     });
     let app = server::router(state.clone(), Limits::default());
-    let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config(
-        cert.as_bytes(),
-        key.as_bytes(),
-    )?);
-    let handle = axum_server::Handle::new();
-    let h = handle.clone();
-    tokio::spawn(async move { server::serve("127.0.0.1:0".parse().unwrap(), tls, app, h).await });
-    let addr = handle
-        .listening()
-        .await
-        .context("the server did not start")?;
+    let tls = server::TlsCell::new(tls_config(cert.as_bytes(), key.as_bytes())?);
+    let (addr, handle) = gpu_pilot_webhook::listener::spawn_local(
+        tls,
+        app,
+        Limits::default(),
+        state.metrics.clone(),
+    )
+    .await
+    .context("the server did not start")?;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())?)?;

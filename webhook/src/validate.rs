@@ -156,17 +156,16 @@ pub fn validate_policy(
     }
 }
 
+/// How many pods and in how many namespaces, never which: the webhook's Service is reachable by
+/// any pod, and a forged review must not learn other tenants' pod names from a denial. A cluster
+/// admin finds them with `kubectl get pods -A`.
 fn some_pods(pods: &[&GpuPod]) -> String {
-    const SHOWN: usize = 5;
-    let mut s: Vec<String> = pods
-        .iter()
-        .take(SHOWN)
-        .map(|p| format!("{}/{}", p.namespace, p.name))
-        .collect();
-    if pods.len() > SHOWN {
-        s.push(format!("and {} more", pods.len() - SHOWN));
-    }
-    s.join(", ")
+    let namespaces: std::collections::BTreeSet<&str> =
+        pods.iter().map(|p| p.namespace.as_str()).collect();
+    format!(
+        "in {} namespace(s); kubectl get pods -A lists them",
+        namespaces.len()
+    )
 }
 
 fn check_config_maps(new: &ClusterPolicy, old: Option<&ClusterPolicy>, facts: &Facts) -> Verdict {
@@ -433,12 +432,11 @@ mod tests {
             &facts,
         ));
         assert!(
-            m.contains("from mixed to single while 7 pod(s)")
-                && m.contains("ml/m0")
-                && m.contains("and 2 more"),
+            m.contains("from mixed to single while 7 pod(s) use MIG devices (in 1 namespace(s)"),
             "{m}"
         );
-        assert!(!m.contains("whole"));
+        // No pod is named, MIG or not.
+        assert!(!m.contains("m0") && !m.contains("whole"), "{m}");
         let facts = Facts {
             gpu_pods: vec![pod("whole", false)],
             ..Default::default()
@@ -464,7 +462,12 @@ mod tests {
             &facts,
         ));
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("spec.driver.enabled") && w[0].contains("ml/train"));
+        assert!(
+            w[0].contains("spec.driver.enabled")
+                && w[0].contains("1 GPU pod(s) run (in 1 namespace(s)"),
+            "{w:?}"
+        );
+        assert!(!w.concat().contains("train"), "{w:?}");
         assert!(
             warnings(validate_policy(
                 Operation::Update,
@@ -505,7 +508,7 @@ mod tests {
         assert!(
             m.contains(
                 "kubectl annotate clusterpolicy cluster-policy gpupilot.io/force-delete=true"
-            ),
+            ) && !m.contains("train"),
             "{m}"
         );
         let mut forced = old.clone();

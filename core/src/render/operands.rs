@@ -614,6 +614,25 @@ mod tests {
     }
 
     #[test]
+    fn only_the_agents_pods_get_an_api_token() {
+        // Every operand but the agent makes no API call (the validator runs privileged): no
+        // token in its pods, and none by default on its ServiceAccount either.
+        let d = render(&policy(json!({})), "ns");
+        let mut without = 0;
+        for (c, ds) in &d.daemonsets {
+            let pod = ds.spec.template.spec.as_ref().unwrap();
+            let agent = pod.service_account_name.as_deref() == Some(AGENT_SERVICE_ACCOUNT);
+            assert_eq!(pod.automount_service_account_token, Some(agent), "{c:?}");
+            without += usize::from(!agent);
+        }
+        assert!(without > 0 && without < d.daemonsets.len());
+        for sa in &d.service_accounts {
+            let agent = sa.metadata.name.as_deref() == Some(AGENT_SERVICE_ACCOUNT);
+            assert_eq!(sa.automount_service_account_token, Some(agent));
+        }
+    }
+
+    #[test]
     fn driver_is_on_delete_and_others_follow_the_policy() {
         let d = render(
             &policy(json!({"daemonsets": {"rollingUpdate": {"maxUnavailable": "10%"}}})),

@@ -8,6 +8,7 @@
 
 pub mod bundle;
 pub mod checks;
+pub mod redact;
 pub mod snapshot;
 #[cfg(test)]
 mod tests;
