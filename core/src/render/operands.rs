@@ -617,7 +617,7 @@ mod tests {
     fn only_the_agents_pods_get_an_api_token() {
         // Every operand but the agent makes no API call (the validator runs privileged): no
         // token in its pods, and none by default on its ServiceAccount either.
-        let d = render(&policy(json!({})), "ns");
+        let d = render(&policy(json!({})), "ns").unwrap();
         let mut without = 0;
         for (c, ds) in &d.daemonsets {
             let pod = ds.spec.template.spec.as_ref().unwrap();
