@@ -1140,11 +1140,13 @@ async fn krew(cluster: Arc<Cluster>) -> anyhow::Result<()> {
             release.env_remove(k);
         }
     }
+    // The images (scripts/images --release) are the real-node tests' business, not krew's.
     let out = release
         .arg("--out")
         .arg(&dist)
         .arg("--target-dir")
         .arg(&target)
+        .arg("--no-images")
         .kill_on_drop(true)
         .output()
         .await
