@@ -20,7 +20,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 
@@ -222,8 +221,6 @@ func buildImage(spec platformLayers, config v1.Config, created v1.Time) (v1.Imag
 	}
 	cf = cf.DeepCopy()
 	cf.Config = config
-	cf.Config.Env = append([]string(nil), config.Env...)
-	sort.Strings(cf.Config.Env)
 	cf.Created = created
 	cf.OS = spec.platform.OS
 	cf.Architecture = spec.platform.Architecture
