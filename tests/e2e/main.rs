@@ -8,6 +8,7 @@ mod doctor;
 mod foundation;
 mod helm;
 mod plugin;
+mod realnode;
 mod webhook;
 mod webhook_reinvocation;
 mod webhook_tls;
@@ -31,6 +32,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(helm::tests());
     all.extend(plugin::tests());
     all.extend(doctor::tests());
+    all.extend(realnode::tests());
     all
 }
 
@@ -66,6 +68,7 @@ fn main() {
     let conclusion = libtest_mimic::run(&args, trials);
     // The trials (and their handles on the clusters) are gone; this stops the control planes.
     controller::shutdown();
+    realnode::shutdown();
     drop(cluster);
     conclusion.exit();
 }
