@@ -4,7 +4,7 @@ use std::io::Write;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::context::Global;
+use crate::global::Global;
 
 #[derive(Parser)]
 #[command(
@@ -73,7 +73,7 @@ pub async fn run(cli: Cli) -> i32 {
             clap_complete::generate(shell, &mut cmd, "kubectl-gpu", &mut std::io::stdout());
             Ok(0)
         }
-        Command::Cel { which } => match crate::render::chart_cel(&which) {
+        Command::Cel { which } => match gpu_pilot_core::render::install::chart_cel(&which) {
             Some(text) => {
                 println!("{text}");
                 Ok(0)
@@ -83,7 +83,7 @@ pub async fn run(cli: Cli) -> i32 {
             )),
         },
         Command::ValuesSchema => {
-            let text = serde_json::to_string_pretty(&crate::values::schema())
+            let text = serde_json::to_string_pretty(&gpu_pilot_core::values::schema())
                 .expect("the schema serializes");
             println!("{text}");
             Ok(0)
