@@ -11,6 +11,9 @@
 //! - the agent's pod killed, then the kubelet restarted: the device plugin registers again and GPU
 //!   pods run again;
 //! - containerd restarted: running pods keep running, new ones start;
+//! - the kubelet and containerd restarted while every GPU is in use: each pod keeps its GPU, the
+//!   kubelet hands none out twice (a pod bound to the full node is refused), a freed one goes to
+//!   the next pod;
 //! - the Helm chart with the same images.
 //!
 //! The scenarios share the node and gpu-pilot's one installation, so they run one at a time.
@@ -67,6 +70,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         (
             "realnode::containerd_restarted_running_pods_keep_running",
             |_| Box::pin(serial(containerd_restart)),
+        ),
+        (
+            "realnode::kubelet_and_containerd_restarted_under_gpu_load_no_gpu_handed_out_twice",
+            |_| Box::pin(serial(restarts_under_gpu_load)),
         ),
         ("realnode::helm_chart_with_the_same_images", |_| {
             Box::pin(serial(helm_chart))
@@ -1012,6 +1019,278 @@ async fn containerd_restart(env: Env) -> anyhow::Result<()> {
     check_node_clean(&env).await
 }
 
+/// What the kubelet's device manager checkpointed: (pod UID, container) -> the GPUs it holds.
+async fn checkpointed_gpus(
+    env: &Env,
+) -> anyhow::Result<std::collections::BTreeMap<(String, String), Vec<String>>> {
+    let raw = node_exec(
+        env,
+        "cat /var/lib/kubelet/device-plugins/kubelet_internal_checkpoint",
+    )
+    .await?;
+    let v: Value = serde_json::from_str(&raw).context("the kubelet's device checkpoint")?;
+    let mut out = std::collections::BTreeMap::new();
+    for e in v["Data"]["PodDeviceEntries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if e["ResourceName"] != "nvidia.com/gpu" {
+            continue;
+        }
+        // DeviceIDs: NUMA node -> IDs.
+        let mut ids: Vec<String> = e["DeviceIDs"]
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.values())
+            .flat_map(|l| l.as_array().into_iter().flatten())
+            .filter_map(|id| id.as_str().map(str::to_string))
+            .collect();
+        ids.sort();
+        out.insert(
+            (
+                e["PodUID"].as_str().unwrap_or_default().to_string(),
+                e["ContainerName"].as_str().unwrap_or_default().to_string(),
+            ),
+            ids,
+        );
+    }
+    Ok(out)
+}
+
+/// One GPU pod that stays up: its GPU, as its process sees it, through `kubectl exec` (the
+/// kubelet and containerd serving the running container).
+async fn exec_visible_devices(env: &Env, pod: &str) -> anyhow::Result<String> {
+    let out = env
+        .cluster
+        .kubectl()
+        .args(["exec", "-n", "default", pod, "--"])
+        .args([
+            "sh",
+            "-c",
+            "tr '\\0' '\\n' < /proc/1/environ | sed -n 's/^NVIDIA_VISIBLE_DEVICES=//p'",
+        ])
+        .output()?;
+    ensure!(out.status.success(), "kubectl exec {pod}: {}", shown(&out));
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+async fn restarts_under_gpu_load(env: Env) -> anyhow::Result<()> {
+    install(&env).await?;
+    wait_policy_ready(&env.client).await?;
+    wait_allocatable(&env.client, "4").await?;
+    let pods = Api::<Pod>::namespaced(env.client.clone(), "default");
+    let gpu_pod = |name: &str, bound: bool| -> anyhow::Result<Pod> {
+        let mut spec = json!({
+            "containers": [{
+                "name": "cuda",
+                "image": env.images.busybox,
+                "command": ["sh", "-c", "echo \"GPU: $NVIDIA_VISIBLE_DEVICES\" && exec sleep 86400"],
+                "resources": {"limits": {"nvidia.com/gpu": 1}}
+            }],
+            "terminationGracePeriodSeconds": 0
+        });
+        // Bound by name, the pod skips the scheduler: the kubelet alone decides.
+        spec[if bound { "nodeName" } else { "nodeSelector" }] = if bound {
+            json!(NODE)
+        } else {
+            json!({"gpupilot.io/real-node": "true"})
+        };
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec
+        }))?)
+    };
+    // Every GPU of the node taken by a pod that keeps running.
+    let names: Vec<String> = (0..4).map(|i| format!("gpu-load-{i}")).collect();
+    for n in &names {
+        let _ = pods
+            .delete(n, &DeleteParams::default().grace_period(0))
+            .await;
+    }
+    for n in &names {
+        eventually(&format!("no old {n}"), Duration::from_secs(60), || async {
+            Ok(match pods.get_opt(n).await? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            })
+        })
+        .await?;
+        pods.create(&PostParams::default(), &gpu_pod(n, false)?)
+            .await?;
+    }
+    // name -> (GPU from its log, container ID, pod UID)
+    let mut held = std::collections::BTreeMap::new();
+    for n in &names {
+        let state = eventually(
+            &format!("{n} running"),
+            Duration::from_secs(180),
+            || async {
+                let p = pods.get(n).await?;
+                let Some(c) = p
+                    .status
+                    .iter()
+                    .flat_map(|s| s.container_statuses.iter().flatten())
+                    .find(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                    .cloned()
+                else {
+                    return Ok(Err(format!("{:?}", p.status.and_then(|s| s.phase))));
+                };
+                let log = pods.logs(n, &Default::default()).await.unwrap_or_default();
+                Ok(match log.trim().strip_prefix("GPU: ") {
+                    Some(gpu) => Ok((
+                        gpu.to_string(),
+                        c.container_id.unwrap_or_default(),
+                        p.metadata.uid.unwrap_or_default(),
+                    )),
+                    None => Err(format!("log {log:?}")),
+                })
+            },
+        )
+        .await?;
+        held.insert(n.clone(), state);
+    }
+    let mut gpus: Vec<&String> = held.values().map(|(g, _, _)| g).collect();
+    gpus.sort();
+    let mut uuids = inventory_uuids()?;
+    uuids.sort();
+    ensure!(
+        gpus.iter().copied().eq(uuids.iter()),
+        "the four pods hold {gpus:?}, not the node's four GPUs {uuids:?} once each"
+    );
+    let checkpoint = checkpointed_gpus(&env).await?;
+    for (n, (gpu, _, uid)) in &held {
+        let cp = checkpoint.get(&(uid.clone(), "cuda".to_string()));
+        ensure!(
+            cp == Some(&vec![gpu.clone()]),
+            "{n} logged {gpu} but the kubelet checkpointed {cp:?} for it"
+        );
+    }
+
+    // The kubelet restarted, then containerd, with every GPU in use.
+    restart_service(&env, "kubelet").await?;
+    eventually("the node Ready again", Duration::from_secs(120), || async {
+        let n = node(&env.client).await?;
+        let ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        Ok(if ready {
+            Ok(())
+        } else {
+            Err("NotReady".to_string())
+        })
+    })
+    .await?;
+    wait_allocatable(&env.client, "4").await?;
+    restart_service(&env, "containerd").await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+
+    // Each pod still runs the same container, with the same GPU, as its process and the
+    // kubelet's checkpoint both say.
+    let checkpoint = checkpointed_gpus(&env).await?;
+    for (n, (gpu, container, uid)) in &held {
+        let p = pods.get(n).await?;
+        let status = p.status.as_ref().context("a pod status")?;
+        let c = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .next()
+            .context("a container status")?;
+        ensure!(
+            p.metadata.uid.as_ref() == Some(uid)
+                && c.container_id.as_ref() == Some(container)
+                && c.restart_count == 0
+                && c.state.as_ref().is_some_and(|s| s.running.is_some()),
+            "{n} did not keep running across the restarts: {c:?}"
+        );
+        let seen = exec_visible_devices(&env, n).await?;
+        ensure!(
+            &seen == gpu,
+            "{n} held {gpu}, its process now sees {seen:?}"
+        );
+        let cp = checkpoint.get(&(uid.clone(), "cuda".to_string()));
+        ensure!(
+            cp == Some(&vec![gpu.clone()]),
+            "after the restarts the kubelet checkpointed {cp:?} for {n}, which holds {gpu}"
+        );
+    }
+
+    // No GPU is free: a pod bound straight to the node (no scheduler) is refused by the kubelet.
+    let _ = pods
+        .delete("gpu-too-many", &DeleteParams::default().grace_period(0))
+        .await;
+    eventually("no old gpu-too-many", Duration::from_secs(60), || async {
+        Ok(match pods.get_opt("gpu-too-many").await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await?;
+    pods.create(&PostParams::default(), &gpu_pod("gpu-too-many", true)?)
+        .await?;
+    let refused = eventually(
+        "the kubelet refusing a fifth GPU pod",
+        Duration::from_secs(120),
+        || async {
+            let p = pods.get("gpu-too-many").await?;
+            let s = p.status.unwrap_or_default();
+            Ok(match s.phase.as_deref() {
+                Some("Failed") => Ok(format!("{:?}: {:?}", s.reason, s.message)),
+                Some("Running") | Some("Succeeded") => {
+                    return Err(anyhow::anyhow!(
+                        "the kubelet ran a fifth GPU pod on a node with four GPUs, all taken: {:?}",
+                        pods.logs("gpu-too-many", &Default::default()).await
+                    ));
+                }
+                other => Err(format!("phase {other:?}")),
+            })
+        },
+    )
+    .await?;
+    ensure!(
+        refused.contains("nvidia.com/gpu"),
+        "gpu-too-many failed, but not for want of a GPU: {refused}"
+    );
+    pods.delete("gpu-too-many", &DeleteParams::default())
+        .await?;
+
+    // A GPU freed goes to the next pod, and it is that one.
+    let (freed, _, _) = held[&names[0]].clone();
+    pods.delete(&names[0], &DeleteParams::default().grace_period(0))
+        .await?;
+    eventually(
+        &format!("{} gone", names[0]),
+        Duration::from_secs(60),
+        || async {
+            Ok(match pods.get_opt(&names[0]).await? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            })
+        },
+    )
+    .await?;
+    let next = run_gpu_pod(&env, "gpu-pod-after-restarts").await?;
+    ensure!(
+        next == freed,
+        "the freed GPU was {freed}, the next pod got {next}, which another pod holds"
+    );
+
+    for n in &names[1..] {
+        pods.delete(n, &DeleteParams::default().grace_period(0))
+            .await?;
+    }
+    let out = kubectl_gpu(&env, &["uninstall"]).await?;
+    ensure!(
+        out.status.success(),
+        "kubectl gpu uninstall:\n{}",
+        shown(&out)
+    );
+    check_node_clean(&env).await
+}
+
 async fn helm_chart(env: Env) -> anyhow::Result<()> {
     let tools = tools_with(&["helm"])?;
     let home = tempfile::tempdir()?;
@@ -1039,20 +1318,64 @@ async fn helm_chart(env: Env) -> anyhow::Result<()> {
     wait_allocatable(&env.client, "4").await?;
     run_gpu_pod(&env, "gpu-pod-helm").await?;
     check_doctor_healthy(&env).await?;
-    // Removed with `kubectl gpu uninstall`, which deletes the policy while the controller and the
-    // webhook still run; deleting gpu-pilot's namespace takes Helm's release record with it.
-    // (`helm uninstall` alone cannot clean up an in-cluster installation yet: Helm deletes
-    // Deployments and Services before objects of unknown kinds, so the webhook refuses the
-    // policy's delete, and a second attempt leaves its finalizer with no controller to release
-    // it. It needs a pre-delete hook; see the report of the real-node work.)
+    // Removed as Helm's objects: Helm labels everything it installs `managed-by: Helm` (over the
+    // chart's `gpu-pilot`), so `kubectl gpu uninstall` leaves them to Helm. The policy goes first,
+    // while the controller and the webhook still run (the controller removes the operands and
+    // node labels, then releases its finalizer); `helm uninstall` alone would delete the webhook
+    // before the policy, whose delete the webhook must admit. Then Helm's release; then
+    // `kubectl gpu uninstall` for what Helm does not remove: the CRD (Helm never deletes what a
+    // chart's crds/ installed) and the GPU feature labels the agent wrote on the node (as
+    // NVIDIA's operator, the chart leaves them). Last the namespace Helm made.
+    let policies = Api::<ClusterPolicy>::all(env.client.clone());
+    policies
+        .delete(DEFAULT_POLICY_NAME, &DeleteParams::default())
+        .await?;
+    eventually(
+        "the ClusterPolicy released by the in-cluster controller",
+        Duration::from_secs(180),
+        || async {
+            Ok(match policies.get_opt(DEFAULT_POLICY_NAME).await? {
+                None => Ok(()),
+                Some(p) => Err(format!("finalizers {:?}", p.metadata.finalizers)),
+            })
+        },
+    )
+    .await?;
+    run_ok(
+        helm_here().args([
+            "uninstall",
+            "gpu-pilot",
+            "--namespace",
+            NS,
+            "--wait",
+            "--timeout",
+            "3m",
+        ]),
+        "helm uninstall",
+    )
+    .await?;
+    let releases = run_ok(helm_here().args(["list", "-A", "-a", "-q"]), "helm list").await?;
+    ensure!(releases.trim().is_empty(), "Helm releases left: {releases}");
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), NS)
+        .list_metadata(&ListParams::default())
+        .await?;
+    ensure!(
+        deployments.items.is_empty(),
+        "helm uninstall left Deployments: {:?}",
+        deployments
+            .items
+            .iter()
+            .map(|d| d.name_any())
+            .collect::<Vec<_>>()
+    );
     let out = kubectl_gpu(&env, &["uninstall"]).await?;
     ensure!(
         out.status.success(),
-        "kubectl gpu uninstall:\n{}",
+        "kubectl gpu uninstall after helm uninstall:\n{}",
         shown(&out)
     );
-    check_node_clean(&env).await?;
-    let releases = run_ok(helm_here().args(["list", "-A", "-a", "-q"]), "helm list").await?;
-    ensure!(releases.trim().is_empty(), "Helm releases left: {releases}");
-    Ok(())
+    Api::<Namespace>::all(env.client.clone())
+        .delete(NS, &DeleteParams::default())
+        .await?;
+    check_node_clean(&env).await
 }
