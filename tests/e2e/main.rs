@@ -10,6 +10,7 @@ mod foundation;
 mod hardening;
 mod helm;
 mod plugin;
+mod realnode;
 mod webhook;
 mod webhook_reinvocation;
 mod webhook_tls;
@@ -42,6 +43,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(doctor::tests());
     all.extend(hardening::tests());
     all.extend(faults::tests());
+    all.extend(realnode::tests());
     all
 }
 
@@ -78,6 +80,7 @@ fn main() {
     // The trials (and their handles on the clusters) are gone; this stops the control planes.
     controller::shutdown();
     faults::shutdown();
+    realnode::shutdown();
     drop(cluster);
     conclusion.exit();
 }

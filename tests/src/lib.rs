@@ -79,6 +79,18 @@ impl Cluster {
         cpu_nodes: usize,
         reuse_env: bool,
     ) -> anyhow::Result<Cluster> {
+        Self::start_with_real_nodes(name, gpu_nodes, cpu_nodes, 0, reuse_env)
+    }
+
+    /// Like [`Cluster::start_named`], with `real_nodes` nodes run by a real kubelet and
+    /// containerd (`scripts/local-cluster up --real-nodes`, which needs root).
+    pub fn start_with_real_nodes(
+        name: &str,
+        gpu_nodes: usize,
+        cpu_nodes: usize,
+        real_nodes: usize,
+        reuse_env: bool,
+    ) -> anyhow::Result<Cluster> {
         let tools = build_tools()?;
         if let (true, Ok(path)) = (reuse_env, std::env::var("GPU_PILOT_E2E_KUBECONFIG")) {
             let kubeconfig = PathBuf::from(path);
@@ -116,6 +128,7 @@ impl Cluster {
         let dir_s = dir.to_string_lossy().into_owned();
         let gpu = gpu_nodes.to_string();
         let cpu = cpu_nodes.to_string();
+        let real = real_nodes.to_string();
         let port = port_base.to_string();
         // Registered before `up` so a signal during start-up also cleans up.
         OWNED_DIRS.lock().unwrap().push(dir.clone());
@@ -131,6 +144,8 @@ impl Cluster {
             &gpu,
             "--cpu-nodes",
             &cpu,
+            "--real-nodes",
+            &real,
         ])
         .output()
         .context("could not run scripts/local-cluster (is bash installed?)")?;
@@ -143,7 +158,7 @@ impl Cluster {
             );
         }
         eprintln!(
-            "e2e: local control plane '{name}' up in {:.1}s ({gpu_nodes} GPU nodes, {cpu_nodes} CPU nodes, ports from {port_base})",
+            "e2e: local control plane '{name}' up in {:.1}s ({gpu_nodes} GPU nodes, {cpu_nodes} CPU nodes, {real_nodes} real nodes, ports from {port_base})",
             started.elapsed().as_secs_f64()
         );
         Ok(Cluster {
@@ -180,6 +195,18 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+
+    /// The cluster's state directory (`scripts/local-cluster --dir`).
+    pub fn dir(&self) -> &Path {
+        self.kubeconfig.parent().unwrap_or(Path::new("."))
+    }
+
+    /// `scripts/local-cluster COMMAND --dir <this cluster's> ARGS...`.
+    pub fn local_cluster(&self, command: &str, args: &[&str]) -> Command {
+        let mut cmd = local_cluster(&[command, "--dir"]);
+        cmd.arg(self.dir()).args(args);
+        cmd
     }
 
     /// The real `kubectl` built to match the control plane, pointed at this cluster.
