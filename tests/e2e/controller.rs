@@ -14,19 +14,20 @@ use gpu_pilot_api::{ClusterPolicy, Stage};
 use gpu_pilot_e2e::controller::{RunningController, gate_labels};
 use gpu_pilot_e2e::{eventually, node_names};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, Pod, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::TestFn;
+use gpu_pilot_e2e::controller::{
+    create_policy, daemonset_names, delete_policies, lease_holder, nodes_clean, wait_policy,
+};
+use gpu_pilot_e2e::nodes::add_fault_node;
+use gpu_pilot_e2e::serial::{Env, GPU, serial};
 
-// The scenarios' helpers live in the test crate's library; these names stay for the modules
-// that import them from here.
-pub(crate) use gpu_pilot_e2e::serial::{Env, GPU, serial, shutdown};
+use crate::TestFn;
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
@@ -58,17 +59,6 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
     ]
 }
 
-pub(crate) async fn create_policy(client: &Client, name: &str, spec: Value) -> anyhow::Result<()> {
-    let p: ClusterPolicy = serde_json::from_value(json!({
-        "apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy",
-        "metadata": {"name": name}, "spec": spec
-    }))?;
-    Api::<ClusterPolicy>::all(client.clone())
-        .create(&PostParams::default(), &p)
-        .await?;
-    Ok(())
-}
-
 async fn patch_policy(client: &Client, name: &str, spec: Value) -> anyhow::Result<()> {
     Api::<ClusterPolicy>::all(client.clone())
         .patch(
@@ -78,39 +68,6 @@ async fn patch_policy(client: &Client, name: &str, spec: Value) -> anyhow::Resul
         )
         .await?;
     Ok(())
-}
-
-/// Waits until the policy reports `ready_nodes` ready GPU nodes and the given state.
-pub(crate) async fn wait_policy(
-    client: &Client,
-    name: &str,
-    state: PolicyState,
-    ready_nodes: i32,
-    timeout: Duration,
-) -> anyhow::Result<ClusterPolicy> {
-    let api: Api<ClusterPolicy> = Api::all(client.clone());
-    eventually(
-        &format!("policy {name} {state:?} with {ready_nodes} ready nodes"),
-        timeout,
-        || {
-            let api = api.clone();
-            async move {
-                let p = api.get(name).await?;
-                let st = p.status.clone().unwrap_or_default();
-                Ok(
-                    if st.state == Some(state) && st.ready_nodes == ready_nodes {
-                        Ok(p)
-                    } else {
-                        Err(format!(
-                            "state {:?}, ready {}/{}",
-                            st.state, st.ready_nodes, st.gpu_nodes
-                        ))
-                    },
-                )
-            }
-        },
-    )
-    .await
 }
 
 /// Stage label values seen per node, in order.
@@ -168,16 +125,6 @@ async fn labels_of(client: &Client, node: &str) -> anyhow::Result<BTreeMap<Strin
         .await?
         .labels()
         .clone())
-}
-
-pub(crate) async fn daemonset_names(client: &Client, ns: &str) -> anyhow::Result<BTreeSet<String>> {
-    Ok(Api::<DaemonSet>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .map(|d| d.name_any())
-        .collect())
 }
 
 async fn rollout(env: Env) -> anyhow::Result<()> {
@@ -382,24 +329,6 @@ async fn policy_events(c: &Client) -> anyhow::Result<Vec<CoreEvent>> {
 }
 
 /// A fake GPU node whose driver pods never start (kwok fails them by the node's name).
-async fn add_fault_node(c: &Client, name: &str) -> anyhow::Result<()> {
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {
-            "name": name,
-            "annotations": {"kwok.x-k8s.io/node": "fake"},
-            "labels": {(label::NFD_PCI_10DE): "true", "type": "kwok", "kubernetes.io/os": "linux"}
-        },
-        "status": {
-            "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": "1"},
-            "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": "1"}
-        }
-    }))?;
-    Api::<Node>::all(c.clone())
-        .create(&PostParams::default(), &node)
-        .await?;
-    Ok(())
-}
-
 async fn stuck_driver(env: Env) -> anyhow::Result<()> {
     let c = &env.client;
     let bad = "fault.driver.imagepull";
@@ -656,55 +585,6 @@ async fn toggle_device_plugin(env: Env) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes every policy while a controller runs, and waits until its cleanup released them.
-pub(crate) async fn delete_policies(c: &Client) -> anyhow::Result<()> {
-    let api: Api<ClusterPolicy> = Api::all(c.clone());
-    for p in api.list(&ListParams::default()).await? {
-        api.delete(&p.name_any(), &DeleteParams::default()).await?;
-    }
-    eventually(
-        "every policy gone (finalizer released)",
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            async move {
-                let left = api.list(&ListParams::default()).await?.items.len();
-                Ok(if left == 0 {
-                    Ok(())
-                } else {
-                    Err(format!("{left} left"))
-                })
-            }
-        },
-    )
-    .await
-}
-
-/// True when no node carries anything gpu-pilot's controller sets.
-pub(crate) async fn nodes_clean(c: &Client) -> anyhow::Result<Result<(), String>> {
-    for n in Api::<Node>::all(c.clone())
-        .list(&ListParams::default())
-        .await?
-    {
-        let bad: Vec<&String> =
-            n.labels()
-                .keys()
-                .filter(|k| {
-                    k.starts_with(label::DEPLOY_PREFIX)
-                        || *k == label::STAGE
-                        || *k == label::GPU_PRESENT
-                })
-                .chain(n.annotations().keys().filter(|k| {
-                    *k == annotation::STAGE_REASON || *k == annotation::GPU_PRESENT_SOURCE
-                }))
-                .collect();
-        if !bad.is_empty() {
-            return Ok(Err(format!("{} still has {bad:?}", n.name_any())));
-        }
-    }
-    Ok(Ok(()))
-}
-
 async fn second_policy_and_delete(env: Env) -> anyhow::Result<()> {
     let c = &env.client;
     let ctrl = RunningController::start(env.cluster.kubeconfig(), &env.ns, "second", false);
@@ -909,13 +789,6 @@ async fn restart_mid_rollout(env: Env) -> anyhow::Result<()> {
     nodes_clean(c).await?.map_err(anyhow::Error::msg)?;
     second.stop();
     Ok(())
-}
-
-pub(crate) async fn lease_holder(c: &Client, ns: &str) -> anyhow::Result<Option<String>> {
-    Ok(Api::<Lease>::namespaced(c.clone(), ns)
-        .get_opt("gpu-pilot-controller")
-        .await?
-        .and_then(|l| l.spec?.holder_identity))
 }
 
 async fn two_replicas(env: Env) -> anyhow::Result<()> {

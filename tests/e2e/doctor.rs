@@ -29,7 +29,7 @@ use kubectl_gpu::ui::{ColorChoice, Output};
 use serde_json::{Value, json};
 
 use crate::TestFn;
-use crate::controller::{Env, serial};
+use gpu_pilot_e2e::serial::{Env, serial};
 
 const GPU: i32 = 20;
 const POLICY: &str = "cluster-policy";
@@ -146,7 +146,7 @@ async fn label_node(c: &Client, name: &str, key: &str, value: Option<&str>) -> a
     patch_node(c, name, json!({"metadata": {"labels": {key: value}}})).await
 }
 
-pub(crate) use gpu_pilot_e2e::nodes::{add_fault_node, delete_node};
+use gpu_pilot_e2e::nodes::{add_fault_node, delete_node};
 
 /// The faults, one at a time. Each says what it does, the finding it must produce, and is undone.
 #[derive(Debug, Clone, Copy)]

@@ -38,7 +38,7 @@ use proptest::test_runner::{RngAlgorithm, TestRng};
 use serde_json::json;
 
 use crate::TestFn;
-use crate::controller::{create_policy, lease_holder, nodes_clean, wait_policy};
+use gpu_pilot_e2e::controller::{create_policy, lease_holder, nodes_clean, wait_policy};
 
 /// Fake GPU nodes of the fault cluster.
 const NODES: usize = 1000;
@@ -83,7 +83,7 @@ where
     let cluster = tokio::task::spawn_blocking(cluster).await??;
     let client = cluster.client().await?;
     reset_cluster(&client).await?;
-    crate::foundation::ensure_crd(&client).await?;
+    gpu_pilot_e2e::ensure_crd(&client).await?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() % 100_000_000)
@@ -432,15 +432,15 @@ struct Admissions {
 async fn control_plane_restart(cluster: Arc<Cluster>, c: Client, ns: String) -> anyhow::Result<()> {
     let env = TestEnv::in_namespace(c.clone(), &ns);
     // The webhook: two replicas sharing the TLS Secret, one address in front of them.
-    let mut fx = crate::webhook::Fixture::prepare(&env, json!({})).await?;
-    let certs = crate::webhook::steady_certs(&env);
-    let one = crate::webhook::start_webhook(
+    let mut fx = gpu_pilot_e2e::webhook::Fixture::prepare(&env, json!({})).await?;
+    let certs = gpu_pilot_e2e::webhook::steady_certs(&env);
+    let one = gpu_pilot_e2e::webhook::start_webhook(
         &env,
         gpu_pilot_webhook::CertSource::Secret(certs.clone()),
         c.clone(),
     )
     .await?;
-    let two = crate::webhook::start_webhook(
+    let two = gpu_pilot_e2e::webhook::start_webhook(
         &env,
         gpu_pilot_webhook::CertSource::Secret(certs),
         c.clone(),
@@ -472,7 +472,7 @@ async fn control_plane_restart(cluster: Arc<Cluster>, c: Client, ns: String) -> 
         );
         let rc = fx.id.clone();
         tokio::spawn(async move {
-            let pod: Pod = serde_json::from_value(crate::webhook::gpu_pod(
+            let pod: Pod = serde_json::from_value(gpu_pilot_e2e::webhook::gpu_pod(
                 "asker",
                 json!({}),
                 json!({"nvidia.com/gpu": "1"}),

@@ -44,7 +44,7 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
     ]
 }
 
-pub(crate) use gpu_pilot_e2e::ensure_crd;
+use gpu_pilot_e2e::ensure_crd;
 
 async fn crd_installs(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "crd").await?;

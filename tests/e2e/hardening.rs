@@ -37,11 +37,12 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use crate::TestFn;
-use crate::controller::{
-    Env, create_policy, daemonset_names, lease_holder, nodes_clean, serial, wait_policy,
+use gpu_pilot_e2e::controller::{
+    create_policy, daemonset_names, lease_holder, nodes_clean, wait_policy,
 };
-use crate::webhook::{Fixture, steady_certs};
-use crate::webhook_tls::TestCa;
+use gpu_pilot_e2e::serial::{Env, serial};
+use gpu_pilot_e2e::webhook::TestCa;
+use gpu_pilot_e2e::webhook::{Fixture, steady_certs};
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
@@ -242,7 +243,7 @@ async fn bad_policies(env: Env) -> anyhow::Result<()> {
                 .await
                 .map(|_| ()),
             Bad::Create(spec) => {
-                let p = crate::webhook::policy(&format!("{name}-second"), &name, spec)?;
+                let p = gpu_pilot_e2e::webhook::policy(&format!("{name}-second"), &name, spec)?;
                 api.create(&PostParams::default(), &p).await.map(|_| ())
             }
         };
@@ -275,7 +276,7 @@ async fn bad_policies(env: Env) -> anyhow::Result<()> {
 /// and every admitted spec must render.
 async fn admitted_specs_render(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let client = cluster.client().await?;
-    crate::foundation::ensure_crd(&client).await?;
+    gpu_pilot_e2e::ensure_crd(&client).await?;
     let api: Api<ClusterPolicy> = Api::all(client);
     let dry = PostParams {
         dry_run: true,
@@ -385,7 +386,7 @@ async fn deletion_never_sticks(env: Env) -> anyhow::Result<()> {
     for case in ["configmap-gone", "webhook-down"] {
         if api.get_opt(name).await?.is_none() {
             make_cm().await?;
-            crate::webhook::create_policy(client, name, name, config.clone()).await?;
+            gpu_pilot_e2e::webhook::create_policy(client, name, name, config.clone()).await?;
         }
         let ctrl = RunningController::start(env.cluster.kubeconfig(), &env.ns, case, false);
         eventually(

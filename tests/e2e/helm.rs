@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use gpu_pilot_api::names::{Component, label, webhook as webhook_names};
 use gpu_pilot_api::policy::PolicyState;
 use gpu_pilot_core::render::install::{self as render, Include};
 use gpu_pilot_e2e::controller::RunningController;
-use gpu_pilot_e2e::{Cluster, build_tools, eventually, node_names, repo_root};
+use gpu_pilot_e2e::{Cluster, eventually, node_names, repo_root};
 use gpu_pilot_webhook::certs::CertSettings;
 use gpu_pilot_webhook::cluster::Scope;
 use gpu_pilot_webhook::metrics::Outcome;
@@ -40,7 +39,8 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::TestFn;
-use crate::controller::{Env, serial};
+use gpu_pilot_e2e::serial::{Env, serial};
+use gpu_pilot_e2e::tools::{cargo_target_dir, helm, run_ok, shown, tools_with};
 
 const RELEASE: &str = "gpu-pilot";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -70,52 +70,6 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
 
 fn chart() -> PathBuf {
     repo_root().join("charts/gpu-pilot")
-}
-
-/// The tools folder with `helm` (and `kubectl`, `kubectl-krew`) in it, or how to get them.
-pub(crate) fn tools_with(bins: &[&str]) -> anyhow::Result<PathBuf> {
-    let tools = build_tools()?;
-    for b in bins {
-        ensure!(
-            tools.join(b).is_file(),
-            "{b} is missing from {}: scripts/build-tools builds it (helm from helm.sh/helm/v3, \
-             kubectl-krew from sigs.k8s.io/krew, with `go install`); run scripts/build-tools and \
-             look at its output",
-            tools.display()
-        );
-    }
-    Ok(tools)
-}
-
-/// `helm` with its cache, config and data folders in `home`, so no user setting takes part.
-pub(crate) fn helm(tools: &Path, home: &Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(tools.join("helm"));
-    cmd.env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .env_remove("KUBECONFIG")
-        .kill_on_drop(true);
-    cmd
-}
-
-pub(crate) fn shown(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-pub(crate) async fn run_ok(
-    cmd: &mut tokio::process::Command,
-    what: &str,
-) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .await
-        .with_context(|| format!("could not run {what}"))?;
-    ensure!(out.status.success(), "{what} failed:\n{}", shown(&out));
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// Every document of a YAML stream, nulls dropped (the apiserver reads a null field as an
@@ -1119,15 +1073,6 @@ where
 
 // ---------------------------------------------------------------------------------------------
 // krew
-
-/// cargo's target directory of this test binary (`<target>/debug/deps/e2e-...`).
-pub(crate) fn cargo_target_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .nth(3)
-        .map(Path::to_path_buf)
-        .with_context(|| format!("no target directory above {}", exe.display()))
-}
 
 async fn krew(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let tools = tools_with(&["kubectl", "kubectl-krew"])?;

@@ -78,7 +78,7 @@ fn main() {
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     // The trials (and their handles on the clusters) are gone; this stops the control planes.
-    controller::shutdown();
+    gpu_pilot_e2e::serial::shutdown();
     faults::shutdown();
     realnode::shutdown();
     drop(cluster);

@@ -25,7 +25,7 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::TestFn;
-use crate::controller::{Env, serial};
+use gpu_pilot_e2e::serial::{Env, serial};
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
@@ -273,7 +273,7 @@ async fn install_reinstall_uninstall(env: Env) -> anyhow::Result<()> {
     if let Some(w) = wh.take() {
         w.stop().await;
     }
-    crate::foundation::ensure_crd(&env.client).await?;
+    gpu_pilot_e2e::ensure_crd(&env.client).await?;
     result
 }
 
@@ -448,7 +448,7 @@ async fn classic_flags(env: Env) -> anyhow::Result<()> {
 async fn uninstall_and_stop(env: &Env, ctrl: RunningController) -> anyhow::Result<()> {
     let out = kubectl_gpu(env, &["uninstall", "-n", &env.ns, "--timeout", "60s"]).await;
     ctrl.stop();
-    crate::foundation::ensure_crd(&env.client).await?;
+    gpu_pilot_e2e::ensure_crd(&env.client).await?;
     let out = out?;
     ensure!(out.status.success(), "uninstall failed:\n{}", text(&out));
     Ok(())
@@ -484,9 +484,13 @@ async fn mig_set(env: Env) -> anyhow::Result<()> {
         .await?;
         ensure!(out.status.success(), "install failed:\n{}", text(&out));
         for node in [h100, a100] {
-            let s =
-                crate::agent::settings(&env.client, node, MigStrategy::Mixed, Some(config.clone()));
-            agents.push(crate::agent::start_agent(&env.client, node, s).await?);
+            let s = gpu_pilot_e2e::agent::settings(
+                &env.client,
+                node,
+                MigStrategy::Mixed,
+                Some(config.clone()),
+            );
+            agents.push(gpu_pilot_e2e::agent::start_agent(&env.client, node, s).await?);
         }
         let selector = format!("kubernetes.io/hostname in ({h100},{a100})");
 
@@ -688,7 +692,7 @@ async fn preflight(env: Env) -> anyhow::Result<()> {
 async fn stuck_install(env: Env) -> anyhow::Result<()> {
     let ns = env.ns.clone();
     let node = "fault.driver.imagepull";
-    crate::doctor::add_fault_node(&env.client, node).await?;
+    gpu_pilot_e2e::nodes::add_fault_node(&env.client, node).await?;
     let ctrl = RunningController::start(env.cluster.kubeconfig(), &ns, "plugin-stuck", false);
     let result = async {
         let out = kubectl_gpu(
@@ -725,7 +729,7 @@ async fn stuck_install(env: Env) -> anyhow::Result<()> {
     }
     .await;
     let teardown = uninstall_and_stop(&env, ctrl).await;
-    crate::doctor::delete_node(&env.client, node).await?;
+    gpu_pilot_e2e::nodes::delete_node(&env.client, node).await?;
     result?;
     teardown
 }
@@ -863,7 +867,7 @@ async fn ownership(env: Env) -> anyhow::Result<()> {
             Ok(if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) })
         })
         .await?;
-        crate::foundation::ensure_crd(&c).await?;
+        gpu_pilot_e2e::ensure_crd(&c).await?;
 
         // 4. Uninstall in a namespace where gpu-pilot never ran, full of look-alikes: nothing goes.
         namespaces.create(&pp, &serde_json::from_value(json!({"metadata": {"name": other}}))?).await?;
@@ -911,6 +915,6 @@ async fn ownership(env: Env) -> anyhow::Result<()> {
         .await;
     let _ = namespaces.delete(&other, &DeleteParams::default()).await;
     let _ = namespaces.delete(&fresh, &DeleteParams::default()).await;
-    crate::foundation::ensure_crd(&c).await?;
+    gpu_pilot_e2e::ensure_crd(&c).await?;
     result
 }

@@ -37,7 +37,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::TestFn;
-use crate::helm::{cargo_target_dir, helm, run_ok, shown, tools_with};
+use gpu_pilot_e2e::tools::{cargo_target_dir, helm, run_ok, shown, tools_with};
 
 const NODE: &str = "real-node-1";
 /// The inventory `scripts/local-cluster` gives real nodes (and scripts/lib/real-node-values.yaml).

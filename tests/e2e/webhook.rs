@@ -25,11 +25,9 @@ use serde_json::{Value, json};
 
 use crate::TestFn;
 
-// The fixture lives in the test crate's library; these names stay for the modules that import
-// them from here.
-pub(crate) use gpu_pilot_e2e::webhook::{
-    Fixture, MUTATE_ENDPOINT, TEST_LABEL, TLS_SECRET, ca_bundle, create_policy, dry_run, gpu_pod,
-    gpu_tolerations, kubectl, policy, start_webhook, steady_certs, with_cleanup,
+use gpu_pilot_e2e::webhook::{
+    Fixture, MUTATE_ENDPOINT, TEST_LABEL, TLS_SECRET, ca_bundle, dry_run, gpu_pod, gpu_tolerations,
+    kubectl, policy, set_strategy, steady_certs, until_strategy, with_cleanup,
 };
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
@@ -151,64 +149,6 @@ pub(crate) async fn gpu_pods_mutated(cluster: Arc<Cluster>) -> anyhow::Result<()
         Ok(())
     };
     with_cleanup(env, fx, body).await
-}
-
-pub(crate) async fn set_strategy(
-    client: &Client,
-    name: &str,
-    strategy: &str,
-) -> anyhow::Result<()> {
-    Api::<ClusterPolicy>::all(client.clone())
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"mig": {"strategy": strategy}}})),
-        )
-        .await?;
-    Ok(())
-}
-
-/// Waits until the webhook has seen `strategy` (it reads the policy from a watch cache).
-pub(crate) async fn until_strategy(pods: &Api<Pod>, strategy: &str) -> anyhow::Result<()> {
-    eventually(
-        &format!("the webhook sees mig.strategy {strategy}"),
-        Duration::from_secs(30),
-        || {
-            let pods = pods.clone();
-            async move {
-                let pod = gpu_pod(
-                    "probe",
-                    json!({"gpupilot.io/mig-profile": "1g.10gb"}),
-                    json!({"nvidia.com/gpu": "1"}),
-                );
-                let seen = match dry_run(&pods, pod).await {
-                    Err(e) if e.to_string().contains("strategy is none") => "none",
-                    // Under single, only nodes cut into the profile make it acceptable.
-                    Err(e) if e.to_string().contains("no node is cut into") => "single",
-                    Err(e) => return Err(e),
-                    Ok(p) => {
-                        let limits = p.spec.unwrap().containers[0]
-                            .resources
-                            .clone()
-                            .unwrap_or_default()
-                            .limits
-                            .unwrap_or_default();
-                        if limits.contains_key("nvidia.com/mig-1g.10gb") {
-                            "mixed"
-                        } else {
-                            "single"
-                        }
-                    }
-                };
-                Ok(if seen == strategy {
-                    Ok(())
-                } else {
-                    Err(format!("still {seen}"))
-                })
-            }
-        },
-    )
-    .await
 }
 
 pub(crate) async fn mig_and_memory(cluster: Arc<Cluster>) -> anyhow::Result<()> {
@@ -394,7 +334,7 @@ pub(crate) async fn mig_and_memory(cluster: Arc<Cluster>) -> anyhow::Result<()> 
 }
 
 /// Runs kubectl and checks it failed with `phrase` in its error output.
-pub(crate) async fn refused(
+async fn refused(
     cluster: &Cluster,
     what: &str,
     args: &[&str],
@@ -411,7 +351,7 @@ pub(crate) async fn refused(
 }
 
 /// Runs kubectl and checks it succeeded, with `warning` in its error output when given.
-pub(crate) async fn admitted(
+async fn admitted(
     cluster: &Cluster,
     what: &str,
     args: &[&str],
@@ -971,7 +911,7 @@ pub(crate) async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()>
 
 /// The rows of `kubectl auth can-i --list` in `ns` for `user` that an account with no binding
 /// does not have (whitespace collapsed).
-pub(crate) async fn can_i_beyond_baseline(
+async fn can_i_beyond_baseline(
     cluster: &Cluster,
     ns: &str,
     user: &str,
@@ -998,7 +938,7 @@ pub(crate) async fn can_i_beyond_baseline(
 }
 
 /// The rows docs/architecture.md shows for `account` (the block after `<!-- can-i: account -->`).
-pub(crate) fn documented_can_i(account: &str) -> anyhow::Result<BTreeSet<String>> {
+fn documented_can_i(account: &str) -> anyhow::Result<BTreeSet<String>> {
     let doc = include_str!("../../docs/architecture.md");
     let marker = format!("<!-- can-i: {account} -->");
     let after = doc
@@ -1017,7 +957,7 @@ pub(crate) fn documented_can_i(account: &str) -> anyhow::Result<BTreeSet<String>
         .collect())
 }
 
-pub(crate) async fn cleanup_rbac(client: &Client, id: &str) {
+async fn cleanup_rbac(client: &Client, id: &str) {
     use k8s_openapi::api::admissionregistration::v1::{
         ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
     };

@@ -22,11 +22,11 @@ use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
 
-use crate::webhook::{
+use gpu_pilot_e2e::webhook::TestCa;
+use gpu_pilot_e2e::webhook::{
     Fixture, MUTATE_ENDPOINT, dry_run, gpu_pod, gpu_tolerations, kubectl, set_strategy,
     steady_certs, until_strategy, with_cleanup,
 };
-use crate::webhook_tls::TestCa;
 
 /// The env var and annotation the other webhook adds.
 const PEER_ENV: &str = "PEER_INJECTED";

@@ -20,12 +20,12 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 
-use crate::webhook::{
+use gpu_pilot_e2e::webhook::{
     Fixture, MUTATE_ENDPOINT, TLS_SECRET, ca_bundle, dry_run, gpu_pod, start_webhook, steady_certs,
     with_cleanup,
 };
 
-pub(crate) use gpu_pilot_e2e::webhook::{TestCa, served_certificate};
+use gpu_pilot_e2e::webhook::{TestCa, served_certificate};
 
 /// Reads, changes and writes back a MutatingWebhookConfiguration.
 async fn edit_mutating(

@@ -2,6 +2,7 @@
 //! stop it gracefully or kill it mid-flight (dropping its runtime, as SIGKILL would: no Lease
 //! release, no last pass).
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::thread::JoinHandle;
@@ -9,11 +10,17 @@ use std::time::Duration;
 
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{Component, annotation, label};
+use gpu_pilot_api::policy::PolicyState;
 use gpu_pilot_controller::run::{Options, run};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
 use tokio::sync::oneshot;
+
+use crate::eventually;
 
 pub struct RunningController {
     pub identity: String,
@@ -270,4 +277,114 @@ pub fn restricted_kubeconfig(
 /// Every gate label of every component.
 pub fn gate_labels() -> Vec<String> {
     Component::ALL.into_iter().map(label::deploy_gate).collect()
+}
+
+pub async fn create_policy(client: &Client, name: &str, spec: Value) -> anyhow::Result<()> {
+    let p: ClusterPolicy = serde_json::from_value(json!({
+        "apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy",
+        "metadata": {"name": name}, "spec": spec
+    }))?;
+    Api::<ClusterPolicy>::all(client.clone())
+        .create(&PostParams::default(), &p)
+        .await?;
+    Ok(())
+}
+
+/// Waits until the policy reports `ready_nodes` ready GPU nodes and the given state.
+pub async fn wait_policy(
+    client: &Client,
+    name: &str,
+    state: PolicyState,
+    ready_nodes: i32,
+    timeout: Duration,
+) -> anyhow::Result<ClusterPolicy> {
+    let api: Api<ClusterPolicy> = Api::all(client.clone());
+    eventually(
+        &format!("policy {name} {state:?} with {ready_nodes} ready nodes"),
+        timeout,
+        || {
+            let api = api.clone();
+            async move {
+                let p = api.get(name).await?;
+                let st = p.status.clone().unwrap_or_default();
+                Ok(
+                    if st.state == Some(state) && st.ready_nodes == ready_nodes {
+                        Ok(p)
+                    } else {
+                        Err(format!(
+                            "state {:?}, ready {}/{}",
+                            st.state, st.ready_nodes, st.gpu_nodes
+                        ))
+                    },
+                )
+            }
+        },
+    )
+    .await
+}
+
+pub async fn daemonset_names(client: &Client, ns: &str) -> anyhow::Result<BTreeSet<String>> {
+    Ok(Api::<DaemonSet>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|d| d.name_any())
+        .collect())
+}
+
+/// Deletes every policy while a controller runs, and waits until its cleanup released them.
+pub async fn delete_policies(c: &Client) -> anyhow::Result<()> {
+    let api: Api<ClusterPolicy> = Api::all(c.clone());
+    for p in api.list(&ListParams::default()).await? {
+        api.delete(&p.name_any(), &DeleteParams::default()).await?;
+    }
+    eventually(
+        "every policy gone (finalizer released)",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let left = api.list(&ListParams::default()).await?.items.len();
+                Ok(if left == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{left} left"))
+                })
+            }
+        },
+    )
+    .await
+}
+
+/// True when no node carries anything gpu-pilot's controller sets.
+pub async fn nodes_clean(c: &Client) -> anyhow::Result<Result<(), String>> {
+    for n in Api::<Node>::all(c.clone())
+        .list(&ListParams::default())
+        .await?
+    {
+        let bad: Vec<&String> =
+            n.labels()
+                .keys()
+                .filter(|k| {
+                    k.starts_with(label::DEPLOY_PREFIX)
+                        || *k == label::STAGE
+                        || *k == label::GPU_PRESENT
+                })
+                .chain(n.annotations().keys().filter(|k| {
+                    *k == annotation::STAGE_REASON || *k == annotation::GPU_PRESENT_SOURCE
+                }))
+                .collect();
+        if !bad.is_empty() {
+            return Ok(Err(format!("{} still has {bad:?}", n.name_any())));
+        }
+    }
+    Ok(Ok(()))
+}
+
+pub async fn lease_holder(c: &Client, ns: &str) -> anyhow::Result<Option<String>> {
+    Ok(Api::<Lease>::namespaced(c.clone(), ns)
+        .get_opt("gpu-pilot-controller")
+        .await?
+        .and_then(|l| l.spec?.holder_identity))
 }

@@ -14,9 +14,11 @@ use std::sync::{Mutex, OnceLock};
 
 use std::time::{Duration, Instant};
 
+pub mod agent;
 pub mod controller;
 pub mod nodes;
 pub mod serial;
+pub mod tools;
 pub mod webhook;
 
 use anyhow::{Context, bail};

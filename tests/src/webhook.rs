@@ -22,7 +22,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::api::node::v1::RuntimeClass;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -424,4 +424,58 @@ pub async fn served_certificate(addr: SocketAddr, bundle: &[u8]) -> anyhow::Resu
         .peer_certificates()
         .context("the server sent no certificate")?;
     Ok(certs[0].to_vec())
+}
+
+pub async fn set_strategy(client: &Client, name: &str, strategy: &str) -> anyhow::Result<()> {
+    Api::<ClusterPolicy>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"mig": {"strategy": strategy}}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Waits until the webhook has seen `strategy` (it reads the policy from a watch cache).
+pub async fn until_strategy(pods: &Api<Pod>, strategy: &str) -> anyhow::Result<()> {
+    eventually(
+        &format!("the webhook sees mig.strategy {strategy}"),
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move {
+                let pod = gpu_pod(
+                    "probe",
+                    json!({"gpupilot.io/mig-profile": "1g.10gb"}),
+                    json!({"nvidia.com/gpu": "1"}),
+                );
+                let seen = match dry_run(&pods, pod).await {
+                    Err(e) if e.to_string().contains("strategy is none") => "none",
+                    // Under single, only nodes cut into the profile make it acceptable.
+                    Err(e) if e.to_string().contains("no node is cut into") => "single",
+                    Err(e) => return Err(e),
+                    Ok(p) => {
+                        let limits = p.spec.unwrap().containers[0]
+                            .resources
+                            .clone()
+                            .unwrap_or_default()
+                            .limits
+                            .unwrap_or_default();
+                        if limits.contains_key("nvidia.com/mig-1g.10gb") {
+                            "mixed"
+                        } else {
+                            "single"
+                        }
+                    }
+                };
+                Ok(if seen == strategy {
+                    Ok(())
+                } else {
+                    Err(format!("still {seen}"))
+                })
+            }
+        },
+    )
+    .await
 }
