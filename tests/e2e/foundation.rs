@@ -288,7 +288,7 @@ async fn invalid_policies_rejected(cluster: Arc<Cluster>) -> anyhow::Result<()> 
             "invalid runtime class",
             json!({"operator": {"runtimeClass": "Nvidia_GPU"}}),
             "spec.operator.runtimeClass",
-            "must be a valid RuntimeClass name",
+            "runtimeClass must be a DNS label",
         ),
         (
             "relative rootFS",
