@@ -61,28 +61,54 @@ pub enum Applied {
     Unchanged,
 }
 
-/// Server-side apply one object as `kubectl-gpu`; tells whether anything changed.
+/// Server-side apply one object as `kubectl-gpu`; tells whether anything changed. An object that
+/// exists is first applied as a dry run: when that would change nothing but bookkeeping, nothing
+/// is written. (A plain no-op apply is not always free: on an object whose status another manager
+/// applies, e.g. a ValidatingAdmissionPolicy's type checking, it reorders `managedFields` and
+/// bumps the resourceVersion.)
 pub async fn apply(kube: &Kube, obj: &Value, dry_run: bool) -> anyhow::Result<Applied> {
     let api = api_for(kube, obj)?;
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
-    let before = api.get_metadata_opt(name).await.map_err(|e| {
-        anyhow::anyhow!(explain(&e, &kube.server, &format!("reading {}", key(obj))))
-    })?;
+    let failed = |what: &str, e: &kube::Error| {
+        anyhow::anyhow!(explain(e, &kube.server, &format!("{what} {}", key(obj))))
+    };
+    let before = api.get_opt(name).await.map_err(|e| failed("reading", &e))?;
     let mut pp = PatchParams::apply(gpu_pilot_api::names::field_manager::PLUGIN).force();
+    pp.dry_run = true;
+    if let Some(b) = &before {
+        let would = api
+            .patch(name, &pp, &Patch::Apply(obj))
+            .await
+            .map_err(|e| failed("applying", &e))?;
+        if same_content(b, &would) {
+            return Ok(Applied::Unchanged);
+        }
+        if dry_run {
+            return Ok(Applied::Changed);
+        }
+    }
     pp.dry_run = dry_run;
-    let after = api
-        .patch(name, &pp, &Patch::Apply(obj))
+    api.patch(name, &pp, &Patch::Apply(obj))
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(explain(&e, &kube.server, &format!("applying {}", key(obj))))
-        })?;
+        .map_err(|e| failed("applying", &e))?;
     Ok(match before {
         None => Applied::Created,
-        Some(b) if b.metadata.resource_version == after.metadata.resource_version => {
-            Applied::Unchanged
-        }
         Some(_) => Applied::Changed,
     })
+}
+
+/// Whether two versions of an object differ only in the apiserver's bookkeeping
+/// (`resourceVersion`, `managedFields`).
+fn same_content(a: &DynamicObject, b: &DynamicObject) -> bool {
+    let strip = |o: &DynamicObject| {
+        let mut v = serde_json::to_value(o).unwrap_or_default();
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+            m.remove("managedFields");
+        }
+        v
+    };
+    strip(a) == strip(b)
 }
 
 /// Who made an object that has gpu-pilot's name.
