@@ -613,39 +613,11 @@ impl CertManager {
         let bundle = ByteString(bundle.to_vec());
         if let Some(name) = &self.settings.mutating_config {
             let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-            sync_one(
-                &api,
-                name,
-                &bundle,
-                add,
-                |cfg| {
-                    cfg.webhooks
-                        .iter_mut()
-                        .flatten()
-                        .map(|w| &mut w.client_config)
-                        .collect()
-                },
-                &self.metrics,
-            )
-            .await?;
+            sync_one(&api, name, &bundle, add, mutating_clients, &self.metrics).await?;
         }
         if let Some(name) = &self.settings.validating_config {
             let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-            sync_one(
-                &api,
-                name,
-                &bundle,
-                add,
-                |cfg| {
-                    cfg.webhooks
-                        .iter_mut()
-                        .flatten()
-                        .map(|w| &mut w.client_config)
-                        .collect()
-                },
-                &self.metrics,
-            )
-            .await?;
+            sync_one(&api, name, &bundle, add, validating_clients, &self.metrics).await?;
         }
         Ok(())
     }
@@ -657,6 +629,16 @@ impl CertManager {
 /// Replicas starting together all write the same bundle; the write carries the resourceVersion
 /// read, so a replica that loses the race (409 Conflict) reads the configuration again and
 /// usually finds nothing left to do.
+fn mutating_clients(c: &mut MutatingWebhookConfiguration) -> Vec<&mut WebhookClientConfig> {
+    let hooks = c.webhooks.iter_mut().flatten();
+    hooks.map(|w| &mut w.client_config).collect()
+}
+
+fn validating_clients(c: &mut ValidatingWebhookConfiguration) -> Vec<&mut WebhookClientConfig> {
+    let hooks = c.webhooks.iter_mut().flatten();
+    hooks.map(|w| &mut w.client_config).collect()
+}
+
 async fn sync_one<K>(
     api: &Api<K>,
     name: &str,
