@@ -11,9 +11,10 @@ pub struct DurationError {
     why: String,
 }
 
-/// The longest duration any flag takes: a year. Longer ones mean nothing here, and adding one
+/// The longest duration any flag takes: 36500 days (100 years, the longest certificate validity
+/// the webhook makes; its CA's default is 3650d). Longer ones mean nothing here, and adding one
 /// near `u64::MAX` seconds to a clock reading overflows (a panic in every deadline).
-pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const MAX: Duration = Duration::from_secs(36_500 * 24 * 3600);
 
 /// Reads `500ms`, `30s`, `5m`, `1h`, `2h 30m`, or a bare number of seconds, up to [`MAX`].
 pub fn parse(s: &str) -> Result<Duration, DurationError> {
@@ -30,7 +31,9 @@ pub fn parse(s: &str) -> Result<Duration, DurationError> {
         humantime::parse_duration(t).map_err(|e| err(e.to_string()))?
     };
     if d > MAX {
-        return Err(err("longer than a year, the longest any flag takes".into()));
+        return Err(err(
+            "longer than 36500d (100 years), the longest any flag takes".into(),
+        ));
     }
     Ok(d)
 }
@@ -70,14 +73,16 @@ mod tests {
             "18446744073709551615",
             "99999999999999999999",
             "600000000h",
-            "366days",
+            "36501days",
             "1000000y",
         ] {
             let e = parse(huge).unwrap_err().to_string();
             assert!(e.contains("write it like 500ms"), "{huge}: {e}");
             assert!(std::time::Instant::now().checked_add(MAX).is_some());
         }
-        assert_eq!(parse("365days"), Ok(MAX));
-        assert_eq!(parse("31536000"), Ok(MAX));
+        assert_eq!(parse("36500days"), Ok(MAX));
+        assert_eq!(parse("3153600000"), Ok(MAX));
+        // The webhook's own defaults are within it.
+        assert_eq!(parse("3650d"), Ok(Duration::from_secs(3650 * 24 * 3600)));
     }
 }

@@ -204,3 +204,15 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
     gpu_pilot_webhook::run(client, opts, Default::default(), handle).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_of_serve_parses() {
+        // Defaults go through the same parsers as what a user types; one that a parser refuses
+        // would stop the webhook at start (3650d once did, against a one-year duration cap).
+        Cli::try_parse_from(["gpu-pilot-webhook", "serve"]).expect("serve's defaults parse");
+    }
+}
