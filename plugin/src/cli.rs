@@ -56,6 +56,13 @@ pub enum Command {
     /// Print a CEL expression the chart reads from files/cel/ (gpu-pod or keep-on-update).
     #[command(hide = true)]
     Cel { which: String },
+    /// Print the values the chart refuses when true (charts/gpu-pilot/files/refused.yaml).
+    #[command(hide = true)]
+    RefusedKeys,
+    /// Print the table of what each key of NVIDIA's chart values does (docs/nvidia-values.md),
+    /// from NVIDIA's values.yaml.
+    #[command(hide = true)]
+    NvidiaKeys { nvidia_values: std::path::PathBuf },
 }
 
 /// Run a command; the result is the process exit code.
@@ -82,6 +89,15 @@ pub async fn run(cli: Cli) -> i32 {
                 "no CEL expression {which:?}; use gpu-pod or keep-on-update"
             )),
         },
+        Command::RefusedKeys => {
+            print!("{}", crate::nvidia::refusals_yaml());
+            Ok(0)
+        }
+        Command::NvidiaKeys { nvidia_values } => crate::nvidia::read_values_file(&nvidia_values)
+            .map(|v| {
+                print!("{}", crate::nvidia::markdown(&v));
+                0
+            }),
         Command::ValuesSchema => {
             let text = serde_json::to_string_pretty(&crate::values::schema())
                 .expect("the schema serializes");

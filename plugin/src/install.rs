@@ -121,6 +121,10 @@ pub fn load_values(args: &InstallArgs) -> anyhow::Result<Values> {
 
 pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
     let values = load_values(&args)?;
+    // On stderr, so `--dry-run -o yaml` output stays a clean stream of objects.
+    for notice in &values.notices {
+        eprintln!("warning: {notice}");
+    }
     let objs = render::objects(&g.namespace, &values, Include::ALL);
     if args.dry_run {
         print_objects(g.output, &objs)?;

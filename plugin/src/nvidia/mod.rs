@@ -1,0 +1,271 @@
+//! NVIDIA GPU Operator users' values: the keys of NVIDIA's chart (`deployments/gpu-operator` of
+//! github.com/NVIDIA/gpu-operator) that are not ClusterPolicy fields, how they reach the spec,
+//! what is refused, and a key-by-key table of what each of NVIDIA's keys does in gpu-pilot.
+//!
+//! The policy sections of NVIDIA's values are the ClusterPolicy's fields under the same names
+//! (the CRD has all of NVIDIA's `nvidia.com/v1` fields), so most keys need nothing here. What
+//! is here: NVIDIA's chart-only keys (`config.create/data`, `driver.nvidiaDriverCRD`,
+//! `upgradePolicy.gpuPodDeletion`, `platform`, the NFD subchart's values, ...), the images of
+//! NVIDIA's that gpu-pilot replaces by its own, and the table.
+
+mod table;
+
+pub use table::{
+    Does, NEWER_KEYS, RULES, Rule, TEMPLATE_ONLY_KEYS, leaf_keys, lookup, markdown, table_keys,
+};
+
+use gpu_pilot_api::policy::ClusterPolicySpec;
+use serde_json::{Map, Value, json};
+
+/// The module NVIDIA's files are taken from by the compatibility test and its documentation:
+/// the newest version the Go module proxy serves (NVIDIA tags releases `v25.x.y` without a `/v25`
+/// module path, so the proxy only has pseudo-versions of the main branch).
+pub const NVIDIA_MODULE: &str = "github.com/NVIDIA/gpu-operator";
+pub const NVIDIA_MODULE_VERSION: &str = "v0.0.0-20250917190837-d73a0086a6ba";
+
+/// The images of NVIDIA's that gpu-pilot's own binaries replace, by values section. A values file
+/// or policy naming one of them (the last path segment, without tag or digest) gets gpu-pilot's.
+pub const REPLACED_IMAGES: [(&str, &[&str]); 5] = [
+    ("operator", &["gpu-operator"]),
+    ("devicePlugin", &["k8s-device-plugin"]),
+    ("gfd", &["k8s-device-plugin", "gpu-feature-discovery"]),
+    ("migManager", &["k8s-mig-manager"]),
+    ("validator", &["gpu-operator-validator"]),
+];
+
+/// True when `image` names NVIDIA's GPU Operator image.
+pub fn is_nvidia_operator_image(image: &str) -> bool {
+    gpu_pilot_api::policy::names_image(image, REPLACED_IMAGES[0].1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The values schema and the spec
+
+/// Add NVIDIA's chart-only keys to the values schema's top-level `properties`.
+pub fn add_chart_keys(properties: &mut Map<String, Value>) {
+    let config_data_map = json!({
+        "create": { "type": "boolean", "description": "Create the ConfigMap config.name from config.data (NVIDIA's chart does the same)." },
+        "data": { "type": "object", "additionalProperties": { "type": "string" }, "description": "The ConfigMap's entries, when create is true." },
+    });
+    for section in ["devicePlugin", "migManager"] {
+        if let Some(p) = properties
+            .get_mut(section)
+            .and_then(|s| s.pointer_mut("/properties/config/properties"))
+            .and_then(Value::as_object_mut)
+        {
+            p.extend(config_data_map.as_object().expect("a map").clone());
+        }
+    }
+    if let Some(p) = properties
+        .get_mut("dcgmExporter")
+        .and_then(|s| s.pointer_mut("/properties/config/properties"))
+        .and_then(Value::as_object_mut)
+    {
+        p.insert("create".into(), json!({ "type": "boolean", "description": "Create the ConfigMap config.name from config.data." }));
+        p.insert(
+            "data".into(),
+            json!({ "type": "string", "description": "dcgm-exporter's metrics CSV (dcgm-metrics.csv), when create is true." }),
+        );
+    }
+    if let Some(driver) = properties
+        .get_mut("driver")
+        .and_then(|s| s.pointer_mut("/properties"))
+        .and_then(Value::as_object_mut)
+    {
+        driver.insert(
+            "nvidiaDriverCRD".into(),
+            json!({
+                "type": "object",
+                "description": "NVIDIA's NVIDIADriver custom resource: not supported, enabled=true is refused.",
+                "properties": {
+                    "enabled": { "type": "boolean" },
+                    "deployDefaultCR": { "type": "boolean" },
+                    "driverType": { "type": "string", "enum": ["gpu", "vgpu", "vgpu-host-manager"] },
+                    "nodeSelector": { "type": "object", "additionalProperties": { "type": "string" } },
+                },
+            }),
+        );
+        if let Some(up) = driver
+            .get_mut("upgradePolicy")
+            .and_then(|u| u.pointer_mut("/properties"))
+            .and_then(Value::as_object_mut)
+        {
+            let pod_deletion = up.get("podDeletion").cloned().unwrap_or(json!({}));
+            up.insert("gpuPodDeletion".into(), pod_deletion);
+        }
+    }
+    properties.insert(
+        "platform".into(),
+        json!({
+            "type": "object",
+            "properties": { "openshift": { "type": "boolean", "description": "OpenShift is not supported: true is refused." } },
+        }),
+    );
+    for key in ["nameOverride", "fullnameOverride"] {
+        properties.insert(
+            key.into(),
+            json!({ "type": "string", "description": "Accepted from NVIDIA's chart; gpu-pilot's object names are fixed." }),
+        );
+    }
+    properties.insert(
+        "node-feature-discovery".into(),
+        json!({
+            "type": "object",
+            "description": "Values of NVIDIA's node-feature-discovery subchart. gpu-pilot's node detector reads worker.tolerations, worker.nodeSelector, priorityClassName and worker.config.sources.pci.deviceClassWhitelist; the rest is kept and unused.",
+        }),
+    );
+    properties.insert(
+        "extraObjects".into(),
+        json!({
+            "type": "array",
+            "description": "More objects to install with the chart, as maps or YAML strings.",
+            "items": { "type": ["object", "string"] },
+        }),
+    );
+}
+
+/// Turn the values' policy sections into the ClusterPolicy spec: NVIDIA's chart-only keys are
+/// dropped or renamed as NVIDIA's chart template does (the chart's `gpu-pilot.policySpec` does
+/// the same).
+pub fn chart_keys_to_spec(spec: &mut Value) {
+    for section in ["devicePlugin", "migManager", "dcgmExporter"] {
+        if let Some(config) = spec
+            .pointer_mut(&format!("/{section}/config"))
+            .and_then(Value::as_object_mut)
+        {
+            config.remove("create");
+            config.remove("data");
+        }
+    }
+    if let Some(driver) = spec.get_mut("driver").and_then(Value::as_object_mut) {
+        if let Some(crd) = driver.remove("nvidiaDriverCRD")
+            && let Some(enabled) = crd.get("enabled")
+        {
+            driver.insert("useNvidiaDriverCRD".into(), enabled.clone());
+        }
+        if let Some(up) = driver
+            .get_mut("upgradePolicy")
+            .and_then(Value::as_object_mut)
+            && let Some(d) = up.remove("gpuPodDeletion")
+        {
+            up.insert("podDeletion".into(), d);
+        }
+    }
+}
+
+fn on(tree: &Value, pointer: &str) -> bool {
+    tree.pointer(pointer) == Some(&Value::Bool(true))
+}
+
+/// The refusal of `platform.openshift=true`.
+pub const OPENSHIFT_REFUSAL: &str = "platform.openshift=true asks for Red Hat OpenShift (SecurityContextConstraints, the OpenShift driver toolkit), which gpu-pilot does not support; set platform.openshift=false";
+/// The refusal of `nfd.nodefeaturerules=true`.
+pub const NODE_FEATURE_RULES_REFUSAL: &str = "nfd.nodefeaturerules=true adds NVIDIA's NodeFeatureRule for confidential computing (TDX and SEV-SNP nodes), which gpu-pilot does not support; set nfd.nodefeaturerules=false";
+
+/// Every value key install and the chart refuse when it is `true`, with the message; the chart
+/// reads the same from `files/refused.yaml` (written by `kubectl-gpu refused-keys`).
+pub fn refusals() -> [(&'static str, &'static str); 5] {
+    use gpu_pilot_api::policy::{DRIVER_CRD_REFUSAL, SANDBOX_REFUSAL};
+    [
+        ("platform.openshift", OPENSHIFT_REFUSAL),
+        ("nfd.nodefeaturerules", NODE_FEATURE_RULES_REFUSAL),
+        ("sandboxWorkloads.enabled", SANDBOX_REFUSAL),
+        ("driver.nvidiaDriverCRD.enabled", DRIVER_CRD_REFUSAL),
+        ("driver.useNvidiaDriverCRD", DRIVER_CRD_REFUSAL),
+    ]
+}
+
+/// `files/refused.yaml`: value key -> message.
+pub fn refusals_yaml() -> String {
+    let map: std::collections::BTreeMap<&str, &str> = refusals().into_iter().collect();
+    format!(
+        "# Written by `kubectl-gpu refused-keys` (a test keeps it current): the values the chart\n# refuses when true, and why.\n{}",
+        serde_yaml::to_string(&map).expect("a map of strings serializes")
+    )
+}
+
+/// Values that ask for what gpu-pilot does not do and that are not ClusterPolicy fields (those
+/// are [`gpu_pilot_api::policy::unsupported`]).
+pub fn refused(tree: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if on(tree, "/platform/openshift") {
+        out.push(OPENSHIFT_REFUSAL.to_string());
+    }
+    if on(tree, "/nfd/nodefeaturerules") {
+        out.push(NODE_FEATURE_RULES_REFUSAL.to_string());
+    }
+    out
+}
+
+/// What install says about values that are accepted but change nothing, or are replaced.
+pub fn notices(tree: &Value, spec: &ClusterPolicySpec) -> Vec<String> {
+    let mut out = Vec::new();
+    for (section, images) in REPLACED_IMAGES {
+        if let Some(image) = tree
+            .pointer(&format!("/{section}/image"))
+            .and_then(Value::as_str)
+            && gpu_pilot_api::policy::names_image(image, images)
+        {
+            let by = if section == "operator" {
+                "gpu-pilot's controller"
+            } else {
+                "gpu-pilot's agent, which serves this component"
+            };
+            out.push(format!(
+                "{section}.image: NVIDIA's {image} is replaced by {by} (its repository and version are not used)"
+            ));
+        }
+    }
+    for (field, why) in gpu_pilot_api::policy::inert(spec) {
+        out.push(format!("{field}=true is accepted and does nothing: {why}"));
+    }
+    out
+}
+
+/// NVIDIA's values.yaml (or any values file) as a JSON tree.
+pub fn read_values_file(path: &std::path::Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    serde_yaml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not valid YAML: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_keys_become_nvidias_spec_fields() {
+        let mut spec = json!({
+            "devicePlugin": {"config": {"name": "c", "create": true, "data": {"a": "b"}}},
+            "driver": {"nvidiaDriverCRD": {"enabled": false, "driverType": "gpu"},
+                       "upgradePolicy": {"gpuPodDeletion": {"force": true}}},
+        });
+        chart_keys_to_spec(&mut spec);
+        assert_eq!(
+            spec,
+            json!({
+                "devicePlugin": {"config": {"name": "c"}},
+                "driver": {"useNvidiaDriverCRD": false, "upgradePolicy": {"podDeletion": {"force": true}}},
+            })
+        );
+    }
+
+    #[test]
+    fn the_charts_refusals_are_current() {
+        assert!(
+            include_str!("../../../charts/gpu-pilot/files/refused.yaml") == refusals_yaml(),
+            "charts/gpu-pilot/files/refused.yaml is stale: run `cargo run -p kubectl-gpu -- refused-keys > charts/gpu-pilot/files/refused.yaml`"
+        );
+    }
+
+    #[test]
+    fn openshift_and_cc_rules_are_refused_naming_the_key() {
+        let e =
+            refused(&json!({"platform": {"openshift": true}, "nfd": {"nodefeaturerules": true}}));
+        assert_eq!(e.len(), 2);
+        assert!(e[0].starts_with("platform.openshift=true") && e[0].contains("OpenShift"));
+        assert!(e[1].contains("confidential computing"));
+        assert!(refused(&json!({"platform": {"openshift": false}})).is_empty());
+    }
+}
