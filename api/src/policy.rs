@@ -432,6 +432,7 @@ component! {
     }
     extra {
         /// Time-slicing and other device-plugin settings from a ConfigMap.
+        #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.default == '' || self.name != ''", "message": "config.default names an entry of the ConfigMap in config.name: set config.name too", "fieldPath": ".name", "reason": "FieldValueRequired"}]))]
         config: ConfigRef = ConfigRef::default(),
         /// NVIDIA's MPS settings: accepted, not used (gpu-pilot shares GPUs by time-slicing).
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -450,6 +451,7 @@ component! {
     extra {
         /// A ConfigMap with the metrics to collect, in dcgm-exporter's CSV format
         /// (`dcgm-metrics.csv`).
+        #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.default == '' || self.name != ''", "message": "config.default names an entry of the ConfigMap in config.name: set config.name too", "fieldPath": ".name", "reason": "FieldValueRequired"}]))]
         config: ConfigRef = ConfigRef::default(),
         /// The Service in front of the exporters.
         service: DcgmExporterServiceSpec = DcgmExporterServiceSpec::default(),
@@ -482,6 +484,8 @@ component! {
     }
     extra {
         /// The mig-parted config (`version: v1`, `mig-configs`) and the layout applied by default.
+        /// With no name, the agent's built-in layouts (`all-disabled`, `all-enabled`,
+        /// `all-<profile>`) serve.
         config: ConfigRef = ConfigRef {
             name: "default-mig-parted-config".into(),
             default: "all-disabled".into(),
@@ -610,14 +614,6 @@ pub enum KernelModuleType {
 /// A reference to a ConfigMap in the operator's namespace and the entry used by default.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
-#[schemars(extend("x-kubernetes-validations" = [
-    {
-        "rule": "self.default == '' || self.name != ''",
-        "message": "config.default names an entry of the ConfigMap in config.name: set config.name too",
-        "fieldPath": ".name",
-        "reason": "FieldValueRequired"
-    }
-]))]
 pub struct ConfigRef {
     /// ConfigMap name; empty means no ConfigMap.
     #[schemars(length(max = 253))]

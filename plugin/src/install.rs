@@ -619,7 +619,8 @@ async fn wait_for_webhook(
 /// Delete objects an earlier install created that this one no longer renders (a component
 /// turned off, cert-manager switched off).
 async fn prune(kube: &Kube, namespace: &str, objs: &[Value]) -> anyhow::Result<Vec<String>> {
-    let all = render::every_possible_object(namespace);
+    let mut all = render::every_possible_object(namespace);
+    all.extend(objects::values_config_maps(kube, namespace).await?);
     let wanted: std::collections::BTreeSet<String> = objs.iter().map(key).collect();
     let mut pruned = Vec::new();
     for o in all.iter().filter(|o| !wanted.contains(&key(o))) {

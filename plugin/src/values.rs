@@ -274,6 +274,7 @@ impl Values {
             return Err(ValuesError::Schema(errors));
         }
         errors.extend(crate::nvidia::refused(&tree));
+        errors.extend(crate::nvidia::invalid(&tree));
         let section = |key: &str| tree.get(key).cloned().unwrap_or_else(|| json!({}));
         let operator: OperatorValues = typed("operator", section("operator"))?;
         let webhook: WebhookValues = typed("webhook", section("webhook"))?;

@@ -7,6 +7,7 @@ mod controller;
 mod doctor;
 mod foundation;
 mod helm;
+mod nvidia;
 mod plugin;
 mod webhook;
 mod webhook_reinvocation;
@@ -29,6 +30,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(agent::tests());
     all.extend(webhook::tests());
     all.extend(helm::tests());
+    all.extend(nvidia::tests());
     all.extend(plugin::tests());
     all.extend(doctor::tests());
     all

@@ -13,6 +13,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 pub mod controller;
+pub mod nvidia;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};

@@ -99,7 +99,8 @@ caBundle: {{ .caBundle | quote }}
 The ClusterPolicy spec: the policy sections of the values, and operator.defaultRuntime,
 runtimeClass, labels, annotations, initContainer and use_ocp_driver_toolkit as spec.operator
 (kubectl-gpu's values::spec_json); NVIDIA's chart-only keys dropped or renamed as NVIDIA's chart
-writes them (kubectl-gpu's nvidia::chart_keys_to_spec).
+writes them, and an empty migManager.config.name read as NVIDIA's operator reads it, as the default
+mig-parted ConfigMap (kubectl-gpu's nvidia::chart_keys_to_spec).
 */}}
 {{- define "gpu-pilot.policySpec" -}}
 {{- $operator := dict -}}
@@ -119,6 +120,10 @@ writes them (kubectl-gpu's nvidia::chart_keys_to_spec).
 {{- if and (kindIs "map" $s) (hasKey $s "config") (kindIs "map" $s.config) -}}
 {{- $_ := set $s "config" (omit $s.config "create" "data") -}}
 {{- end -}}
+{{- end -}}
+{{- $mm := get $spec "migManager" -}}
+{{- if and (kindIs "map" $mm) (kindIs "map" $mm.config) (hasKey $mm.config "name") (eq (toString $mm.config.name) "") -}}
+{{- $_ := set $mm.config "name" "default-mig-parted-config" -}}
 {{- end -}}
 {{- $driver := get $spec "driver" -}}
 {{- if kindIs "map" $driver -}}

@@ -137,6 +137,13 @@ pub fn chart_keys_to_spec(spec: &mut Value) {
             config.remove("data");
         }
     }
+    // NVIDIA's operator reads an empty mig-parted ConfigMap name as its default ConfigMap, which
+    // gpu-pilot ships under the same name.
+    if let Some(name) = spec.pointer_mut("/migManager/config/name")
+        && name.as_str() == Some("")
+    {
+        *name = json!(crate::render::MIG_PARTED_CONFIG);
+    }
     if let Some(driver) = spec.get_mut("driver").and_then(Value::as_object_mut) {
         if let Some(crd) = driver.remove("nvidiaDriverCRD")
             && let Some(enabled) = crd.get("enabled")
@@ -197,6 +204,51 @@ pub fn refused(tree: &Value) -> Vec<String> {
     out
 }
 
+/// The items of `extraObjects`, each an object (a map, or a YAML string holding one) or what is
+/// wrong with it.
+pub fn extra_objects(tree: &Value) -> Vec<Result<Value, String>> {
+    let Some(items) = tree.get("extraObjects").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let obj = match item {
+                Value::String(text) => serde_yaml::from_str::<Value>(text)
+                    .map_err(|e| format!("extraObjects[{i}] is not YAML: {e}"))?,
+                other => other.clone(),
+            };
+            let named = ["/apiVersion", "/kind", "/metadata/name"]
+                .iter()
+                .all(|p| obj.pointer(p).and_then(Value::as_str).is_some_and(|s| !s.is_empty()));
+            if named {
+                Ok(obj)
+            } else {
+                Err(format!(
+                    "extraObjects[{i}] is not a Kubernetes object: it needs apiVersion, kind and metadata.name"
+                ))
+            }
+        })
+        .collect()
+}
+
+/// Errors in NVIDIA's chart-only keys: a ConfigMap to create without a name, an `extraObjects`
+/// item that is no object.
+pub fn invalid(tree: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for section in ["devicePlugin", "migManager", "dcgmExporter"] {
+        let config = &tree[section]["config"];
+        if config["create"] == json!(true) && config["name"].as_str().unwrap_or("").is_empty() {
+            out.push(format!(
+                "{section}.config.create=true needs {section}.config.name, the ConfigMap to create from {section}.config.data"
+            ));
+        }
+    }
+    out.extend(extra_objects(tree).into_iter().filter_map(Result::err));
+    out
+}
+
 /// What install says about values that are accepted but change nothing, or are replaced.
 pub fn notices(tree: &Value, spec: &ClusterPolicySpec) -> Vec<String> {
     let mut out = Vec::new();
@@ -238,6 +290,7 @@ mod tests {
     fn chart_keys_become_nvidias_spec_fields() {
         let mut spec = json!({
             "devicePlugin": {"config": {"name": "c", "create": true, "data": {"a": "b"}}},
+            "migManager": {"config": {"name": "", "default": "all-disabled"}},
             "driver": {"nvidiaDriverCRD": {"enabled": false, "driverType": "gpu"},
                        "upgradePolicy": {"gpuPodDeletion": {"force": true}}},
         });
@@ -246,6 +299,7 @@ mod tests {
             spec,
             json!({
                 "devicePlugin": {"config": {"name": "c"}},
+                "migManager": {"config": {"name": "default-mig-parted-config", "default": "all-disabled"}},
                 "driver": {"useNvidiaDriverCRD": false, "upgradePolicy": {"podDeletion": {"force": true}}},
             })
         );

@@ -356,9 +356,15 @@ pub const RULES: &[Rule] = &[
         Implemented("ClusterPolicy field of the same name: the MIG manager DaemonSet"),
     ),
     rule(
-        "migManager.config.{name,default}",
+        "migManager.config.name",
+        Mapped(
+            "ClusterPolicy field of the same name: the mig-parted ConfigMap; empty, as NVIDIA's chart leaves it, means default-mig-parted-config, which NVIDIA's operator and gpu-pilot both ship",
+        ),
+    ),
+    rule(
+        "migManager.config.default",
         Implemented(
-            "ClusterPolicy field of the same name: mig-parted's config and the layout applied by default",
+            "ClusterPolicy field of the same name: the MIG layout applied to nodes that ask for none",
         ),
     ),
     rule(
