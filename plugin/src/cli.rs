@@ -95,7 +95,10 @@ pub async fn run(cli: Cli) -> i32 {
         }
         Command::NvidiaKeys { nvidia_values } => crate::nvidia::read_values_file(&nvidia_values)
             .map(|v| {
-                print!("{}", crate::nvidia::markdown(&v));
+                print!(
+                    "{}",
+                    crate::nvidia::markdown(&v, &crate::nvidia::module_of(&nvidia_values))
+                );
                 0
             }),
         Command::ValuesSchema => {

@@ -1,5 +1,5 @@
 //! NVIDIA GPU Operator users' files, taken at test time from NVIDIA's Go module (pinned in
-//! `kubectl_gpu::nvidia::NVIDIA_MODULE_VERSION`, never copied into this repository):
+//! `scripts/nvidia-gpu-operator`, never copied into this repository):
 //!
 //! - NVIDIA's chart values file goes through the real `kubectl gpu install --dry-run -f`, and
 //!   every key is either kept (same path in the rendered ClusterPolicy, or the object it places)
@@ -304,7 +304,8 @@ async fn values_accepted(cluster: Arc<Cluster>) -> anyhow::Result<()> {
 
 async fn table_current() -> anyhow::Result<()> {
     let nv = read_yaml(VALUES)?;
-    let generated = nvidia::markdown(&nv);
+    let file = gpu_operator_module()?.join(VALUES);
+    let generated = nvidia::markdown(&nv, &nvidia::module_of(&file));
     ensure!(
         !generated.contains("NOT IN THE TABLE"),
         "some key has no rule:\n{}",
@@ -320,7 +321,7 @@ async fn table_current() -> anyhow::Result<()> {
         committed == generated,
         "{} is stale; regenerate it with:\n  cargo run -p kubectl-gpu -- nvidia-keys {} > docs/nvidia-values.md",
         path.display(),
-        gpu_operator_module()?.join(VALUES).display()
+        file.display()
     );
     Ok(())
 }

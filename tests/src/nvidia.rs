@@ -1,14 +1,15 @@
 //! NVIDIA's GPU Operator, taken at test time from the Go module proxy and never copied into this
 //! repository: its chart (`deployments/gpu-operator`: values.yaml, CRDs), its sample
 //! ClusterPolicy (`config/samples/v1_clusterpolicy.yaml`) and its `assets/`. The version is
-//! pinned once, in `kubectl_gpu::nvidia::NVIDIA_MODULE_VERSION`.
+//! pinned once, in `scripts/nvidia-gpu-operator`, which downloads it (`go mod download`).
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::Context;
-use kubectl_gpu::nvidia::{NVIDIA_MODULE, NVIDIA_MODULE_VERSION};
+
+use crate::repo_root;
 
 /// The module's folder in the Go module cache (downloaded on first use), or why it cannot be had.
 pub fn gpu_operator_module() -> anyhow::Result<PathBuf> {
@@ -19,30 +20,18 @@ pub fn gpu_operator_module() -> anyhow::Result<PathBuf> {
 }
 
 fn download() -> anyhow::Result<PathBuf> {
-    let module = format!("{NVIDIA_MODULE}@{NVIDIA_MODULE_VERSION}");
-    // Outside any go.mod, so no module of ours takes part.
-    let scratch = tempfile::tempdir()?;
-    let out = Command::new("go")
-        .args(["mod", "download", "-json", &module])
-        .current_dir(scratch.path())
+    let script = repo_root().join("scripts/nvidia-gpu-operator");
+    let out = Command::new(&script)
+        .arg("module")
         .output()
-        .context(
-            "could not run `go` to download NVIDIA's GPU Operator module: install Go 1.26+ \
-             (see the README's set-up table) and put it on PATH",
-        )?;
-    let text = String::from_utf8_lossy(&out.stdout);
+        .with_context(|| format!("could not run {} (is bash installed?)", script.display()))?;
     anyhow::ensure!(
         out.status.success(),
-        "`go mod download -json {module}` failed (it needs the Go module proxy, \
-         https://proxy.golang.org or $GOPROXY):\n{text}{}",
+        "`scripts/nvidia-gpu-operator module` could not get NVIDIA's GPU Operator module (it needs \
+         Go 1.26+ on PATH and the Go module proxy):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let info: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("`go mod download -json {module}` printed no JSON: {text}"))?;
-    let dir = info["Dir"]
-        .as_str()
-        .with_context(|| format!("`go mod download -json {module}` names no Dir: {text}"))?;
-    let dir = PathBuf::from(dir);
+    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
     for file in [
         "deployments/gpu-operator/values.yaml",
         "config/samples/v1_clusterpolicy.yaml",
@@ -50,8 +39,8 @@ fn download() -> anyhow::Result<PathBuf> {
     ] {
         anyhow::ensure!(
             dir.join(file).is_file(),
-            "{module} has no {file} (in {}): NVIDIA moved it; pin another version in \
-             kubectl_gpu::nvidia::NVIDIA_MODULE_VERSION",
+            "NVIDIA's module in {} has no {file}: NVIDIA moved it; pin another version in \
+             scripts/nvidia-gpu-operator",
             dir.display()
         );
     }

@@ -17,11 +17,19 @@ pub use table::{
 use gpu_pilot_api::policy::ClusterPolicySpec;
 use serde_json::{Map, Value, json};
 
-/// The module NVIDIA's files are taken from by the compatibility test and its documentation:
-/// the newest version the Go module proxy serves (NVIDIA tags releases `v25.x.y` without a `/v25`
-/// module path, so the proxy only has pseudo-versions of the main branch).
+/// NVIDIA's GPU Operator module, whose chart this module reads. Its version is pinned once, in
+/// `scripts/nvidia-gpu-operator` (which the tests and the migration test use to fetch it).
 pub const NVIDIA_MODULE: &str = "github.com/NVIDIA/gpu-operator";
-pub const NVIDIA_MODULE_VERSION: &str = "v0.0.0-20250917190837-d73a0086a6ba";
+
+/// `github.com/NVIDIA/gpu-operator@<version>` from a file's path in the Go module cache
+/// (`.../gpu-operator@<version>/deployments/...`), or the path itself.
+pub fn module_of(path: &std::path::Path) -> String {
+    path.ancestors()
+        .filter_map(|a| a.file_name()?.to_str())
+        .find_map(|name| name.strip_prefix("gpu-operator@"))
+        .map(|version| format!("{NVIDIA_MODULE}@{version}"))
+        .unwrap_or_else(|| path.display().to_string())
+}
 
 /// The images of NVIDIA's that gpu-pilot's own binaries replace, by values section. A values file
 /// or policy naming one of them (the last path segment, without tag or digest) gets gpu-pilot's.
@@ -302,6 +310,21 @@ mod tests {
                 "migManager": {"config": {"name": "default-mig-parted-config", "default": "all-disabled"}},
                 "driver": {"useNvidiaDriverCRD": false, "upgradePolicy": {"podDeletion": {"force": true}}},
             })
+        );
+    }
+
+    #[test]
+    fn module_versions_come_from_the_module_cache_path() {
+        let p = std::path::Path::new(
+            "/root/go/pkg/mod/github.com/!n!v!i!d!i!a/gpu-operator@v0.0.0-2025-abc/deployments/gpu-operator/values.yaml",
+        );
+        assert_eq!(
+            module_of(p),
+            "github.com/NVIDIA/gpu-operator@v0.0.0-2025-abc"
+        );
+        assert_eq!(
+            module_of(std::path::Path::new("values.yaml")),
+            "values.yaml"
         );
     }
 
