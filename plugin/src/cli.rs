@@ -16,7 +16,8 @@ use crate::context::Global;
   kubectl gpu install --set mig.strategy=mixed      install (or upgrade) and watch the rollout
   kubectl gpu status                                policy state and nodes per stage
   kubectl gpu doctor                                what is wrong, and how to fix it
-  kubectl gpu mig set all-1g.10gb --nodes pool=a100  change the MIG layout of some nodes",
+  kubectl gpu mig set all-1g.10gb --nodes pool=a100  change the MIG layout of some nodes
+  kubectl gpu migrate --dry-run                     take over from NVIDIA's GPU Operator (plan only)",
     arg_required_else_help = true
 )]
 pub struct Cli {
@@ -36,6 +37,9 @@ pub enum Command {
     Status(crate::status::StatusArgs),
     /// Check the cluster for everything that keeps GPUs from working, and say how to fix it.
     Doctor(crate::doctor::DoctorArgs),
+    /// Move from NVIDIA's GPU Operator: its settings as gpu-pilot values, and a takeover that
+    /// leaves running GPU pods alone.
+    Migrate(crate::migrate::MigrateArgs),
     /// MIG layouts on nodes.
     #[command(subcommand)]
     Mig(crate::mig::MigCommand),
@@ -74,6 +78,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Status(a) => crate::status::run(&g, a).await,
         Command::Doctor(a) => crate::doctor::run(&g, a).await,
         Command::Mig(a) => crate::mig::run(&g, a).await,
+        Command::Migrate(a) => crate::migrate::run(&g, a).await,
         Command::Version(a) => crate::version::run(&g, a).await,
         Command::Completion { shell } => {
             let mut cmd = Cli::command();

@@ -140,22 +140,7 @@ pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
         anyhow::bail!("preflight failed: fix the errors above and run install again");
     }
 
-    out.heading(&format!(
-        "applying {} objects to {} (namespace {})",
-        objs.len(),
-        kube.server,
-        g.namespace
-    ));
-    let (created, changed, unchanged) =
-        apply_all(&kube, &objs, &values, &g.namespace, &mut out, args.timeout).await?;
-    let pruned = prune(&kube, &g.namespace, &objs).await?;
-    for p in &pruned {
-        out.line(&format!("pruned    {p} (no longer part of the install)"));
-    }
-    out.line(&format!(
-        "{created} created, {changed} changed, {unchanged} unchanged, {} pruned",
-        pruned.len()
-    ));
+    apply_and_prune(&kube, &g.namespace, &values, &objs, &mut out, args.timeout).await?;
 
     if !wait {
         out.line(
@@ -165,6 +150,34 @@ pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
     }
     out.heading("rollout");
     follow_rollout(&kube, &g.namespace, args.timeout, &mut out).await
+}
+
+/// Apply an install's objects in order, prune what an earlier install made and this one does not,
+/// and say what changed.
+pub async fn apply_and_prune(
+    kube: &Kube,
+    namespace: &str,
+    values: &Values,
+    objs: &[Value],
+    out: &mut Printer,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    out.heading(&format!(
+        "applying {} objects to {} (namespace {namespace})",
+        objs.len(),
+        kube.server,
+    ));
+    let (created, changed, unchanged) =
+        apply_all(kube, objs, values, namespace, out, timeout).await?;
+    let pruned = prune(kube, namespace, objs).await?;
+    for p in &pruned {
+        out.line(&format!("pruned    {p} (no longer part of the install)"));
+    }
+    out.line(&format!(
+        "{created} created, {changed} changed, {unchanged} unchanged, {} pruned",
+        pruned.len()
+    ));
+    Ok(())
 }
 
 /// Print objects for `--dry-run`.
@@ -624,6 +637,10 @@ async fn prune(kube: &Kube, namespace: &str, objs: &[Value]) -> anyhow::Result<V
     let wanted: std::collections::BTreeSet<String> = objs.iter().map(key).collect();
     let mut pruned = Vec::new();
     for o in all.iter().filter(|o| !wanted.contains(&key(o))) {
+        // A namespace install did not make (NVIDIA's, after `kubectl gpu migrate`) stays.
+        if o["kind"] == "Namespace" && !objects::made_by_gpu_pilot(kube, o).await? {
+            continue;
+        }
         if objects::delete(kube, o).await? {
             pruned.push(key(o));
         }
@@ -670,7 +687,7 @@ pub fn stage_lines(policy: &ClusterPolicy) -> Vec<String> {
     lines
 }
 
-async fn follow_rollout(
+pub async fn follow_rollout(
     kube: &Kube,
     namespace: &str,
     timeout: Duration,

@@ -7,6 +7,7 @@ pub mod context;
 pub mod doctor;
 pub mod install;
 pub mod mig;
+pub mod migrate;
 pub mod nvidia;
 pub mod objects;
 pub mod render;

@@ -25,6 +25,7 @@ fn resource_of(kind: &str) -> Option<(&'static str, bool)> {
         "Deployment" => ("deployments", true),
         "Issuer" => ("issuers", true),
         "Certificate" => ("certificates", true),
+        "RuntimeClass" => ("runtimeclasses", false),
         _ => return None,
     })
 }
@@ -179,4 +180,21 @@ pub async fn values_config_maps(kube: &Kube, namespace: &str) -> anyhow::Result<
             })
         })
         .collect())
+}
+
+/// Whether an object carries gpu-pilot's `managed-by` label (a missing object counts as not).
+pub async fn made_by_gpu_pilot(kube: &Kube, obj: &Value) -> anyhow::Result<bool> {
+    let api = api_for(kube, obj)?;
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    let found = api.get_metadata_opt(name).await.map_err(|e| {
+        anyhow::anyhow!(explain(&e, &kube.server, &format!("reading {}", key(obj))))
+    })?;
+    Ok(found.is_some_and(|o| {
+        o.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(gpu_pilot_api::names::label::MANAGED_BY))
+            .map(String::as_str)
+            == Some(gpu_pilot_api::names::label::MANAGED_BY_VALUE)
+    }))
 }

@@ -61,6 +61,15 @@ pub async fn run(g: &Global, a: UninstallArgs) -> anyhow::Result<i32> {
                 out.line(&format!("kept      {} (--keep-crd)", key(o)));
                 continue;
             }
+            Some("Namespace") if !objects::made_by_gpu_pilot(&kube, o).await? => {
+                if objects::exists(&kube, o).await? {
+                    out.line(&format!(
+                        "kept      {} (gpu-pilot did not create it)",
+                        key(o)
+                    ));
+                }
+                continue;
+            }
             _ => {}
         }
         if objects::delete(&kube, o).await? {
