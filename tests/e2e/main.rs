@@ -7,6 +7,7 @@ mod controller;
 mod doctor;
 mod foundation;
 mod helm;
+mod migrate;
 mod nvidia;
 mod plugin;
 mod webhook;
@@ -31,6 +32,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(webhook::tests());
     all.extend(helm::tests());
     all.extend(nvidia::tests());
+    all.extend(migrate::tests());
     all.extend(plugin::tests());
     all.extend(doctor::tests());
     all

@@ -299,14 +299,33 @@ async fn scale_down(
             kube,
             format!("scaling Deployment {ns}/{name} to 0"),
         ))?;
+    // Its pods gone, not only counted out: a terminating operator still reconciles.
+    let selector = api
+        .get(name)
+        .await
+        .map_err(patch_err(kube, format!("reading Deployment {ns}/{name}")))?
+        .spec
+        .selector
+        .match_labels
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    anyhow::ensure!(
+        !selector.is_empty(),
+        "Deployment {ns}/{name} selects its pods by expressions only; stop NVIDIA's operator yourself and run `kubectl gpu migrate --apply` again"
+    );
+    let pods: Api<Pod> = Api::namespaced(kube.client.clone(), ns);
+    let lp = ListParams::default().labels(&selector);
     until(
         &format!("NVIDIA's operator Deployment {ns}/{name} stopping"),
         timeout,
         || {
-            let api = api.clone();
+            let pods = pods.clone();
+            let lp = lp.clone();
             async move {
-                let d = api.get(name).await?;
-                let left = d.status.and_then(|s| s.replicas).unwrap_or(0);
+                let left = pods.list_metadata(&lp).await?.items.len();
                 Ok((left > 0).then(|| format!("{left} pods left")))
             }
         },
