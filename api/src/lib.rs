@@ -15,6 +15,10 @@ pub fn crd() -> CustomResourceDefinition {
     let mut crd = ClusterPolicy::crd();
     let labels = crd.metadata.labels.get_or_insert_with(Default::default);
     labels.insert(names::label::PART_OF.into(), "gpu-pilot".into());
+    labels.insert(
+        names::label::MANAGED_BY.into(),
+        names::label::MANAGED_BY_VALUE.into(),
+    );
     crd
 }
 

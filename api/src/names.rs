@@ -140,6 +140,10 @@ pub mod annotation {
     pub const SPEC_HASH: &str = "gpupilot.io/spec-hash";
     /// kwok manages nodes carrying this annotation (value `fake`).
     pub const KWOK_NODE: &str = "kwok.x-k8s.io/node";
+    /// On a Namespace that `kubectl gpu install` created (value `kubectl-gpu`). Install never
+    /// labels a namespace that existed before it, and uninstall deletes only a namespace that
+    /// carries this annotation, so installing into a namespace of one's own never loses it.
+    pub const NAMESPACE_CREATED_BY: &str = "gpupilot.io/namespace-created-by";
 }
 
 /// The admission webhook's objects, paths and bookkeeping.

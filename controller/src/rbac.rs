@@ -28,9 +28,10 @@ pub fn objects(namespace: &str) -> Vec<Value> {
                 {"apiGroups": ["gpupilot.io"], "resources": ["clusterpolicies/finalizers"], "verbs": ["update"]},
                 // Nodes: watched, and their gate/stage labels patched.
                 {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
-                // The RuntimeClass and the agent's ClusterRole(+Binding), applied and removed.
-                {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["list", "create", "patch", "delete"]},
-                {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"], "verbs": ["list", "create", "patch", "delete"]},
+                // The RuntimeClass and the agent's ClusterRole(+Binding): read first (one made by
+                // someone else is left alone), applied and removed.
+                {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get", "list", "create", "patch", "delete"]},
+                {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"], "verbs": ["get", "list", "create", "patch", "delete"]},
                 // Events on the (cluster-scoped) policy land in the default namespace.
                 {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
             ],
@@ -45,9 +46,9 @@ pub fn objects(namespace: &str) -> Vec<Value> {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": meta("gpu-pilot-controller", Some(namespace)),
             "rules": [
-                {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+                {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-                {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["list", "create", "patch", "delete"]},
+                {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create", "patch", "delete"]},
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch", "update"]},
             ],
         }),

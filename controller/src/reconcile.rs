@@ -299,12 +299,18 @@ async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Er
     }
 
     let desired = plan.desired.expect("rendered when not deleting");
-    *writes += apply_helpers(ctx, &desired).await?;
+    *writes += apply_helpers(ctx, &active, &desired).await?;
 
     let ds_api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let ssa = PatchParams::apply(field_manager::CONTROLLER).force();
     for ds in &plan.daemonset_applies {
         let name = ds.name_any();
+        // The index sees only gpu-pilot's DaemonSets: one it does not know may be someone else's.
+        let known = ctx.index.lock().unwrap().daemonsets.contains_key(&name);
+        if !known && !may_write(&ds_api, &name, "DaemonSet").await? {
+            not_owned(ctx, &active, "DaemonSet", &name).await;
+            continue;
+        }
         let applied = ds_api
             .patch(&name, &ssa, &Patch::Apply(ds))
             .await
@@ -335,39 +341,99 @@ async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Er
 
 /// Service accounts, the agent's RBAC and the RuntimeClass: applied when their rendering changes
 /// (and once after each start, since this process does not watch them).
-async fn apply_helpers(ctx: &Context, desired: &Desired) -> Result<usize, Error> {
+/// An object by that name that someone else made is left as it is (a RuntimeClass `nvidia` an
+/// admin or another operator created, say): reported once per rendering, never overwritten.
+async fn apply_helpers(
+    ctx: &Context,
+    policy: &ClusterPolicy,
+    desired: &Desired,
+) -> Result<usize, Error> {
     let mut applied = ctx.applied.lock().await;
     let ssa = PatchParams::apply(field_manager::CONTROLLER).force();
     let mut writes = 0;
     macro_rules! apply_if_changed {
-        ($api:expr, $obj:expr, $kind:literal) => {{
+        ($api:expr, $obj:expr, $kind:literal, $display:literal) => {{
             let obj = $obj;
-            let key = format!("{}/{}", $kind, obj.name_any());
+            let name = obj.name_any();
+            let key = format!("{}/{}", $kind, name);
             let hash = render::content_hash(obj);
             if applied.get(&key) != Some(&hash) {
-                $api.patch(&obj.name_any(), &ssa, &Patch::Apply(obj))
-                    .await
-                    .map_err(|source| Error::Write {
-                        what: key.clone(),
-                        source,
-                    })?;
-                ctx.metrics.write($kind);
-                writes += 1;
+                if may_write(&$api, &name, $display).await? {
+                    $api.patch(&name, &ssa, &Patch::Apply(obj))
+                        .await
+                        .map_err(|source| Error::Write {
+                            what: key.clone(),
+                            source,
+                        })?;
+                    ctx.metrics.write($kind);
+                    writes += 1;
+                } else {
+                    not_owned(ctx, policy, $display, &name).await;
+                }
                 applied.insert(key, hash);
             }
         }};
     }
     let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     for sa in &desired.service_accounts {
-        apply_if_changed!(sa_api, sa, "serviceaccount");
+        apply_if_changed!(sa_api, sa, "serviceaccount", "ServiceAccount");
     }
     let cr_api: Api<ClusterRole> = Api::all(ctx.client.clone());
-    apply_if_changed!(cr_api, &desired.agent_role, "clusterrole");
+    apply_if_changed!(cr_api, &desired.agent_role, "clusterrole", "ClusterRole");
     let crb_api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
-    apply_if_changed!(crb_api, &desired.agent_role_binding, "clusterrolebinding");
+    apply_if_changed!(
+        crb_api,
+        &desired.agent_role_binding,
+        "clusterrolebinding",
+        "ClusterRoleBinding"
+    );
     let rc_api: Api<RuntimeClass> = Api::all(ctx.client.clone());
-    apply_if_changed!(rc_api, &desired.runtime_class, "runtimeclass");
+    apply_if_changed!(
+        rc_api,
+        &desired.runtime_class,
+        "runtimeclass",
+        "RuntimeClass"
+    );
     Ok(writes)
+}
+
+/// Whether the controller may write an object: it does not exist, or gpu-pilot made it.
+async fn may_write<K>(api: &Api<K>, name: &str, kind: &str) -> Result<bool, Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get_metadata_opt(name).await {
+        Ok(None) => Ok(true),
+        Ok(Some(o)) => Ok(o
+            .labels()
+            .get(gpu_pilot_api::names::label::MANAGED_BY)
+            .is_some_and(|v| v == gpu_pilot_api::names::label::MANAGED_BY_VALUE)),
+        Err(source) => Err(Error::Write {
+            what: format!("reading {kind} {name}"),
+            source,
+        }),
+    }
+}
+
+/// Logs and reports (a Warning Event on the policy) an object gpu-pilot would write but did not
+/// make.
+async fn not_owned(ctx: &Context, policy: &ClusterPolicy, kind: &str, name: &str) {
+    let note = format!(
+        "{kind} {name} exists and was not created by gpu-pilot (no {}={} label): left as it is",
+        gpu_pilot_api::names::label::MANAGED_BY,
+        gpu_pilot_api::names::label::MANAGED_BY_VALUE
+    );
+    tracing::warn!(kind, name, "{note}");
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "NotOwned".into(),
+        note: Some(note),
+        action: "Apply".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &policy.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an Event");
+    }
 }
 
 async fn delete_daemonset(ctx: &Context, api: &Api<DaemonSet>, name: &str) -> Result<(), Error> {

@@ -21,6 +21,9 @@ use crate::metrics::{self, Metrics};
 use crate::reconcile::{self, Context};
 use crate::render::managed_selector;
 
+/// The leader-election Lease in the operand namespace.
+pub const LEASE: &str = "gpu-pilot-controller";
+
 /// How the controller runs.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -140,14 +143,15 @@ pub async fn run(
     }
 
     let (leader_rx, lease_task) = if opts.leader_elect {
-        let manager = LeaseManagerBuilder::new(client.clone(), "gpu-pilot-controller")
+        label_lease(&client, &ns).await?;
+        let manager = LeaseManagerBuilder::new(client.clone(), LEASE)
             .with_namespace(&ns)
             .with_identity(&opts.identity)
             .with_duration(opts.lease_duration)
             .with_grace(opts.lease_duration.div_ceil(3).max(1))
             .build()
             .await
-            .context("cannot set up leader election on the Lease gpu-pilot-controller")?;
+            .with_context(|| format!("cannot set up leader election on the Lease {LEASE}"))?;
         let (rx, handle) = manager.watch().await;
         (rx, Some(handle))
     } else {
@@ -211,6 +215,34 @@ pub async fn run(
     }
     let _ = server.await;
     Ok(())
+}
+
+/// Creates the leader-election Lease with gpu-pilot's labels, or labels the one that exists, so
+/// `kubectl gpu uninstall` finds it by label like everything else gpu-pilot makes.
+async fn label_lease(client: &Client, ns: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::{Patch, PatchParams, PostParams};
+    let api: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let labels = crate::render::common_labels("controller");
+    let patch = serde_json::json!({"metadata": {"labels": labels}});
+    match api
+        .patch(LEASE, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            let lease: Lease = serde_json::from_value(
+                serde_json::json!({"metadata": {"name": LEASE, "labels": labels}, "spec": {}}),
+            )?;
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(()),
+                // Another replica made it first; it labelled it the same way.
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("cannot create the Lease {ns}/{LEASE}")),
+            }
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot label the Lease {ns}/{LEASE}")),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -135,7 +135,7 @@ pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
     let mut out = Printer::new(g.colour());
 
     out.heading("preflight");
-    let ok = preflight(&kube, &values, &args, &g.namespace, &mut out).await?;
+    let ok = preflight(&kube, &values, &args, &g.namespace, &objs, &mut out).await?;
     if !ok {
         anyhow::bail!("preflight failed: fix the errors above and run install again");
     }
@@ -349,6 +349,7 @@ async fn preflight(
     values: &Values,
     args: &InstallArgs,
     namespace: &str,
+    objs: &[Value],
     out: &mut Printer,
 ) -> anyhow::Result<bool> {
     let mut ok = true;
@@ -497,6 +498,22 @@ async fn preflight(
         }
     }
 
+    let foreign = foreign_objects(kube, objs).await?;
+    if foreign.is_empty() {
+        out.ok("no object of someone else's has a name install uses");
+    } else {
+        out.error(&format!(
+            "{} exist but were not created by gpu-pilot (no label {}={}); install would overwrite them. Rename or remove them, or, if gpu-pilot did make them, label them so: kubectl label {} {}={}",
+            foreign.join(", "),
+            label::MANAGED_BY,
+            label::MANAGED_BY_VALUE,
+            kubectl_ref(&foreign[0]),
+            label::MANAGED_BY,
+            label::MANAGED_BY_VALUE,
+        ));
+        ok = false;
+    }
+
     if values.webhook.enabled && values.webhook.cert_manager.enabled {
         let crds: Api<CustomResourceDefinition> = Api::all(kube.client.clone());
         let has = crds
@@ -514,6 +531,28 @@ async fn preflight(
     Ok(ok)
 }
 
+/// The objects install would apply over that someone else made (a Namespace of one's own is
+/// fine: install uses it without touching it).
+pub async fn foreign_objects(kube: &Kube, objs: &[Value]) -> anyhow::Result<Vec<String>> {
+    let mut foreign = Vec::new();
+    for o in objs.iter().filter(|o| o["kind"] != "Namespace") {
+        if objects::ownership(kube, o).await?.0 == objects::Ownership::Foreign {
+            foreign.push(key(o));
+        }
+    }
+    Ok(foreign)
+}
+
+/// `Kind/ns/name` as kubectl arguments (`kind name -n ns`).
+fn kubectl_ref(k: &str) -> String {
+    let parts: Vec<&str> = k.split('/').collect();
+    match parts.as_slice() {
+        [kind, ns, name] => format!("{} {name} -n {ns}", kind.to_lowercase()),
+        [kind, name] => format!("{} {name}", kind.to_lowercase()),
+        _ => k.to_string(),
+    }
+}
+
 async fn apply_all(
     kube: &Kube,
     objs: &[Value],
@@ -526,6 +565,17 @@ async fn apply_all(
     for o in objs {
         if o["kind"] == "ClusterPolicy" && values.webhook.enabled {
             wait_for_webhook(kube, namespace, values, out, timeout).await?;
+        }
+        // A namespace that existed before install is the admin's: used, never labelled.
+        if o["kind"] == "Namespace"
+            && objects::ownership(kube, o).await?.0 == objects::Ownership::Foreign
+        {
+            out.line(&format!(
+                "using     {} (not created by gpu-pilot: left as it is, and kept by uninstall)",
+                key(o)
+            ));
+            unchanged += 1;
+            continue;
         }
         let r = objects::apply(kube, o, false).await?;
         match r {
@@ -637,11 +687,7 @@ async fn prune(kube: &Kube, namespace: &str, objs: &[Value]) -> anyhow::Result<V
     let wanted: std::collections::BTreeSet<String> = objs.iter().map(key).collect();
     let mut pruned = Vec::new();
     for o in all.iter().filter(|o| !wanted.contains(&key(o))) {
-        // A namespace install did not make (NVIDIA's, after `kubectl gpu migrate`) stays.
-        if o["kind"] == "Namespace" && !objects::made_by_gpu_pilot(kube, o).await? {
-            continue;
-        }
-        if objects::delete(kube, o).await? {
+        if objects::delete(kube, o).await? == objects::Deleted::Deleted {
             pruned.push(key(o));
         }
     }

@@ -1,6 +1,8 @@
 //! Applying and deleting the rendered objects through dynamic APIs.
 
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use gpu_pilot_api::names::{annotation, field_manager, label};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::Value;
 
@@ -109,21 +111,116 @@ pub async fn apply(kube: &Kube, obj: &Value, dry_run: bool) -> anyhow::Result<Ap
     })
 }
 
-/// Delete one object; `false` when it was not there.
-pub async fn delete(kube: &Kube, obj: &Value) -> anyhow::Result<bool> {
+/// Who made an object that has gpu-pilot's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Nothing by that name.
+    Absent,
+    /// gpu-pilot made it (see [`is_ours`]).
+    Ours,
+    /// Someone else did: install must not overwrite it, uninstall must not delete it.
+    Foreign,
+}
+
+/// Whether gpu-pilot made an object, judged from its metadata alone: every object gpu-pilot
+/// creates carries `app.kubernetes.io/managed-by: gpu-pilot`. A Namespace is gpu-pilot's only if
+/// install created it (the annotation [`annotation::NAMESPACE_CREATED_BY`]): install never marks a
+/// namespace that existed before it, so a namespace of one's own is never deleted. The CRD of
+/// gpu-pilot's own API group made by an older release carried only `part-of`.
+pub fn is_ours(kind: &str, name: &str, meta: &ObjectMeta) -> bool {
+    let label = |k: &str| {
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(k))
+            .map(String::as_str)
+    };
+    match kind {
+        "Namespace" => meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotation::NAMESPACE_CREATED_BY))
+            .is_some_and(|v| v == field_manager::PLUGIN),
+        "CustomResourceDefinition"
+            if name.ends_with(".gpupilot.io") && label(label::PART_OF) == Some("gpu-pilot") =>
+        {
+            true
+        }
+        _ => label(label::MANAGED_BY) == Some(label::MANAGED_BY_VALUE),
+    }
+}
+
+/// Who made the object named like `obj`, and its uid when it exists.
+pub async fn ownership(kube: &Kube, obj: &Value) -> anyhow::Result<(Ownership, Option<String>)> {
     let api = api_for(kube, obj)?;
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
-    // Already going (a namespace terminating) counts as gone.
+    let kind = obj["kind"].as_str().unwrap_or_default();
     match api.get_metadata_opt(name).await {
-        Ok(Some(o)) if o.metadata.deletion_timestamp.is_some() => return Ok(false),
-        Ok(None) => return Ok(false),
-        _ => {}
+        Ok(None) => Ok((Ownership::Absent, None)),
+        // A kind whose CRD is missing (cert-manager's) holds nothing.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok((Ownership::Absent, None)),
+        Ok(Some(o)) => {
+            let verdict = if is_ours(kind, name, &o.metadata) {
+                Ownership::Ours
+            } else {
+                Ownership::Foreign
+            };
+            Ok((verdict, o.metadata.uid))
+        }
+        Err(e) => Err(anyhow::anyhow!(explain(
+            &e,
+            &kube.server,
+            &format!("reading {}", key(obj))
+        ))),
     }
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+}
+
+/// What [`delete`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// It was gpu-pilot's and is now being deleted.
+    Deleted,
+    /// Nothing to delete (absent, or already terminating).
+    Absent,
+    /// It exists but gpu-pilot did not make it: left as it is.
+    Kept,
+}
+
+/// Delete one object if, and only if, gpu-pilot made it. The delete carries the uid that was
+/// judged, so an object replaced in between by someone else's is never deleted.
+pub async fn delete(kube: &Kube, obj: &Value) -> anyhow::Result<Deleted> {
+    let api = api_for(kube, obj)?;
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    let meta = match api.get_metadata_opt(name).await {
+        Ok(Some(o)) => o.metadata,
+        Ok(None) => return Ok(Deleted::Absent),
         // A kind whose CRD is gone (cert-manager's) has nothing left to delete.
-        Err(kube::Error::Api(s)) if s.code == 405 => Ok(false),
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Deleted::Absent),
+        Err(e) => {
+            return Err(anyhow::anyhow!(explain(
+                &e,
+                &kube.server,
+                &format!("reading {}", key(obj))
+            )));
+        }
+    };
+    // Already going (a namespace terminating) counts as gone.
+    if meta.deletion_timestamp.is_some() {
+        return Ok(Deleted::Absent);
+    }
+    if !is_ours(kind, name, &meta) {
+        return Ok(Deleted::Kept);
+    }
+    let mut dp = DeleteParams::background();
+    dp.preconditions = meta.uid.map(|uid| Preconditions {
+        uid: Some(uid),
+        resource_version: None,
+    });
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(Deleted::Deleted),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 405 => Ok(Deleted::Absent),
+        // The uid precondition failed: the object was replaced since it was read.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Deleted::Kept),
         Err(e) => Err(anyhow::anyhow!(explain(
             &e,
             &kube.server,
@@ -182,19 +279,107 @@ pub async fn values_config_maps(kube: &Kube, namespace: &str) -> anyhow::Result<
         .collect())
 }
 
-/// Whether an object carries gpu-pilot's `managed-by` label (a missing object counts as not).
-pub async fn made_by_gpu_pilot(kube: &Kube, obj: &Value) -> anyhow::Result<bool> {
-    let api = api_for(kube, obj)?;
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
-    let found = api.get_metadata_opt(name).await.map_err(|e| {
-        anyhow::anyhow!(explain(&e, &kube.server, &format!("reading {}", key(obj))))
-    })?;
-    Ok(found.is_some_and(|o| {
-        o.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(gpu_pilot_api::names::label::MANAGED_BY))
-            .map(String::as_str)
-            == Some(gpu_pilot_api::names::label::MANAGED_BY_VALUE)
-    }))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> ObjectMeta {
+        let map = |kv: &[(&str, &str)]| {
+            Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        ObjectMeta {
+            labels: map(labels),
+            annotations: map(annotations),
+            ..Default::default()
+        }
+    }
+
+    const OURS: (&str, &str) = (label::MANAGED_BY, label::MANAGED_BY_VALUE);
+
+    #[test]
+    fn only_the_managed_by_label_makes_an_object_ours() {
+        assert!(is_ours(
+            "ConfigMap",
+            "default-mig-parted-config",
+            &meta(&[OURS], &[])
+        ));
+        assert!(!is_ours(
+            "ConfigMap",
+            "default-mig-parted-config",
+            &meta(&[], &[])
+        ));
+        assert!(!is_ours(
+            "RuntimeClass",
+            "nvidia",
+            &meta(&[(label::MANAGED_BY, "gpu-operator")], &[])
+        ));
+        assert!(!is_ours(
+            "ClusterRole",
+            "gpu-pilot-controller",
+            &meta(&[(label::PART_OF, "gpu-pilot")], &[])
+        ));
+    }
+
+    #[test]
+    fn a_namespace_is_ours_only_if_install_created_it() {
+        // An existing namespace install ran in: labelled by an older release, never created by it.
+        assert!(!is_ours("Namespace", "ml", &meta(&[OURS], &[])));
+        assert!(!is_ours("Namespace", "ml", &meta(&[], &[])));
+        assert!(!is_ours(
+            "Namespace",
+            "ml",
+            &meta(&[], &[(annotation::NAMESPACE_CREATED_BY, "helm")])
+        ));
+        assert!(is_ours(
+            "Namespace",
+            "gpu-pilot",
+            &meta(
+                &[OURS],
+                &[(annotation::NAMESPACE_CREATED_BY, field_manager::PLUGIN)]
+            )
+        ));
+    }
+
+    #[test]
+    fn the_crd_of_gpu_pilots_group_from_an_older_release_is_ours() {
+        let old = meta(&[(label::PART_OF, "gpu-pilot")], &[]);
+        assert!(is_ours(
+            "CustomResourceDefinition",
+            "clusterpolicies.gpupilot.io",
+            &old
+        ));
+        assert!(!is_ours(
+            "CustomResourceDefinition",
+            "clusterpolicies.nvidia.com",
+            &old
+        ));
+        assert!(is_ours(
+            "CustomResourceDefinition",
+            "clusterpolicies.gpupilot.io",
+            &meta(&[OURS], &[])
+        ));
+    }
+
+    #[test]
+    fn the_rendered_namespace_is_marked_as_created_by_install() {
+        let values = crate::values::Values::from_tree(crate::values::default_tree()).unwrap();
+        let objs = crate::render::objects("gpu-pilot", &values, crate::render::Include::ALL);
+        let ns = objs.iter().find(|o| o["kind"] == "Namespace").unwrap();
+        let m: ObjectMeta = serde_json::from_value(ns["metadata"].clone()).unwrap();
+        assert!(is_ours("Namespace", "gpu-pilot", &m));
+        // Everything else install renders carries the label.
+        for o in &objs {
+            let m: ObjectMeta = serde_json::from_value(o["metadata"].clone()).unwrap();
+            let kind = o["kind"].as_str().unwrap();
+            assert!(
+                is_ours(kind, m.name.as_deref().unwrap(), &m),
+                "{}",
+                crate::render::key(o)
+            );
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! The controller's RBAC, the webhook's RBAC and webhook configurations and the CRD come from the
 //! crates that use them, so each is defined once.
 
-use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, label, webhook};
+use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, annotation, field_manager, label, webhook};
 use gpu_pilot_controller::render::common_labels;
 use gpu_pilot_webhook::manifests::{Registration, Target};
 use serde_json::{Value, json};
@@ -43,7 +43,12 @@ pub fn objects(namespace: &str, values: &Values, include: Include) -> Vec<Value>
     if include.namespace {
         out.push(json!({
             "apiVersion": "v1", "kind": "Namespace",
-            "metadata": { "name": namespace, "labels": labels("namespace") },
+            "metadata": {
+                "name": namespace,
+                "labels": labels("namespace"),
+                // Applied only when the namespace is new or install's own (see objects::is_ours).
+                "annotations": { (annotation::NAMESPACE_CREATED_BY): field_manager::PLUGIN },
+            },
         }));
     }
     out.extend(gpu_pilot_controller::rbac::objects(namespace));
@@ -377,6 +382,8 @@ pub fn cert_manager(namespace: &str) -> Vec<Value> {
             "metadata": { "name": svc, "namespace": namespace, "labels": labels("webhook") },
             "spec": {
                 "secretName": CERT_MANAGER_SECRET,
+                // So uninstall finds cert-manager's Secret by gpu-pilot's label.
+                "secretTemplate": { "labels": labels("webhook") },
                 "dnsNames": [
                     format!("{svc}.{namespace}.svc"),
                     format!("{svc}.{namespace}.svc.cluster.local"),

@@ -6,16 +6,20 @@ use std::time::{Duration, Instant};
 
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{FINALIZER, annotation, label};
+use gpu_pilot_controller::render::managed_selector;
 use gpu_pilot_controller::rollout::{NodeFacts, cleanup_node};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use serde_json::{Value, json};
 
 use crate::context::{Global, Kube, explain};
 use crate::install::{Printer, parse_duration};
-use crate::objects;
+use crate::objects::{self, Deleted};
 use crate::render::{self, key};
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +58,7 @@ pub async fn run(g: &Global, a: UninstallArgs) -> anyhow::Result<i32> {
     out.heading(&format!("what install created (namespace {ns})"));
     let mut objs = render::every_possible_object(ns);
     objs.extend(objects::values_config_maps(&kube, ns).await?);
+    let mut kept = Vec::new();
     for o in objs.iter().rev() {
         match o["kind"].as_str() {
             Some("ClusterPolicy") => continue,
@@ -61,24 +66,35 @@ pub async fn run(g: &Global, a: UninstallArgs) -> anyhow::Result<i32> {
                 out.line(&format!("kept      {} (--keep-crd)", key(o)));
                 continue;
             }
-            Some("Namespace") if !objects::made_by_gpu_pilot(&kube, o).await? => {
-                if objects::exists(&kube, o).await? {
-                    out.line(&format!(
-                        "kept      {} (gpu-pilot did not create it)",
-                        key(o)
-                    ));
-                }
-                continue;
+            Some("Namespace") => {
+                // Last: what gpu-pilot's components made at run time goes first.
+                removed += delete_runtime_objects(&kube, ns, &mut out).await?;
             }
             _ => {}
         }
-        if objects::delete(&kube, o).await? {
-            out.line(&format!("deleted   {}", key(o)));
-            removed += 1;
+        match objects::delete(&kube, o).await? {
+            Deleted::Deleted => {
+                out.line(&format!("deleted   {}", key(o)));
+                removed += 1;
+            }
+            Deleted::Kept => kept.push(key(o)),
+            Deleted::Absent => {}
         }
     }
     // Helpers the controller renders (RuntimeClass, the agent's RBAC) if it never cleaned up.
-    removed += delete_helpers(&kube, ns).await?;
+    removed += delete_helpers(&kube, ns, &mut out).await?;
+    for k in &kept {
+        out.line(&format!(
+            "kept      {k} (not created by gpu-pilot: no {}={} label{})",
+            label::MANAGED_BY,
+            label::MANAGED_BY_VALUE,
+            if k.starts_with("Namespace/") {
+                ", or it existed before install"
+            } else {
+                ""
+            }
+        ));
+    }
     if removed == 0 {
         out.ok("nothing to remove: gpu-pilot is not installed");
     } else {
@@ -264,7 +280,7 @@ async fn clean_leftovers(kube: &Kube, ns: &str) -> anyhow::Result<(usize, usize)
         }
     }
     let ds: Api<DaemonSet> = Api::namespaced(kube.client.clone(), ns);
-    let lp = ListParams::default().labels(&gpu_pilot_controller::render::managed_selector());
+    let lp = ListParams::default().labels(&managed_selector());
     let mut removed = 0;
     if let Ok(list) = ds.list_metadata(&lp).await {
         for d in list.items {
@@ -280,42 +296,114 @@ async fn clean_leftovers(kube: &Kube, ns: &str) -> anyhow::Result<(usize, usize)
     Ok((cleaned, removed))
 }
 
-async fn delete_helpers(kube: &Kube, ns: &str) -> anyhow::Result<usize> {
-    let policy = ClusterPolicy::new(
-        gpu_pilot_api::names::DEFAULT_POLICY_NAME,
-        Default::default(),
-    );
-    let desired = gpu_pilot_controller::render::render(&policy, ns);
-    let mut objs: Vec<Value> = vec![
-        serde_json::to_value(&desired.runtime_class)?,
-        serde_json::to_value(&desired.agent_role)?,
-        serde_json::to_value(&desired.agent_role_binding)?,
-    ];
-    for sa in &desired.service_accounts {
-        objs.push(serde_json::to_value(sa)?);
-    }
+/// Deletes every object of `api` that carries `selector`, printing each; a kind the cluster does
+/// not serve counts as empty.
+async fn delete_selected<K>(
+    api: Api<K>,
+    selector: &str,
+    what: &str,
+    out: &mut Printer,
+    server: &str,
+) -> anyhow::Result<usize>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let list = match api
+        .list_metadata(&ListParams::default().labels(selector))
+        .await
+    {
+        Ok(l) => l.items,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(0),
+        Err(e) => anyhow::bail!(explain(&e, server, &format!("listing {what}s"))),
+    };
     let mut n = 0;
-    for mut o in objs {
-        if o["kind"] == "RuntimeClass" {
-            // Not a kind install applies; delete it directly.
-            let api: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(kube.client.clone());
-            let name = o["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            if api.delete(&name, &DeleteParams::background()).await.is_ok() {
+    for o in list {
+        let name = o.name_any();
+        let mut dp = DeleteParams::background();
+        dp.preconditions = o.metadata.uid.clone().map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        });
+        match api.delete(&name, &dp).await {
+            Ok(_) => {
+                out.line(&format!("deleted   {what}/{name}"));
                 n += 1;
             }
-            continue;
-        }
-        if o["metadata"]["namespace"].is_null() && o["kind"] == "ServiceAccount" {
-            o["metadata"]["namespace"] = json!(ns);
-        }
-        if objects::delete(kube, &o).await? {
-            n += 1;
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => anyhow::bail!(explain(&e, server, &format!("deleting {what} {name}"))),
         }
     }
     Ok(n)
+}
+
+/// What gpu-pilot's components made while they ran, in its namespace: the webhook's TLS Secret,
+/// cert-manager's Secret (labelled through the Certificate's secretTemplate) and the
+/// controller's Lease. Only objects with the managed-by label.
+async fn delete_runtime_objects(kube: &Kube, ns: &str, out: &mut Printer) -> anyhow::Result<usize> {
+    let selector = managed_selector();
+    let c = kube.client.clone();
+    Ok(delete_selected(
+        Api::<Secret>::namespaced(c.clone(), ns),
+        &selector,
+        "Secret",
+        out,
+        &kube.server,
+    )
+    .await?
+        + delete_selected(
+            Api::<Lease>::namespaced(c, ns),
+            &selector,
+            "Lease",
+            out,
+            &kube.server,
+        )
+        .await?)
+}
+
+/// The helper objects the controller renders (the agent's RBAC and ServiceAccounts, the
+/// RuntimeClass), when the controller did not clean up: found by their labels, never by name, so
+/// a RuntimeClass `nvidia` someone else made stays.
+async fn delete_helpers(kube: &Kube, ns: &str, out: &mut Printer) -> anyhow::Result<usize> {
+    let selector = format!(
+        "{},{} in ({})",
+        managed_selector(),
+        label::COMPONENT,
+        gpu_pilot_controller::render::HELPER_COMPONENTS.join(",")
+    );
+    let c = kube.client.clone();
+    let s = &kube.server;
+    Ok(delete_selected(
+        Api::<ServiceAccount>::namespaced(c.clone(), ns),
+        &selector,
+        "ServiceAccount",
+        out,
+        s,
+    )
+    .await?
+        + delete_selected(
+            Api::<ClusterRoleBinding>::all(c.clone()),
+            &selector,
+            "ClusterRoleBinding",
+            out,
+            s,
+        )
+        .await?
+        + delete_selected(
+            Api::<ClusterRole>::all(c.clone()),
+            &selector,
+            "ClusterRole",
+            out,
+            s,
+        )
+        .await?
+        + delete_selected(
+            Api::<RuntimeClass>::all(c),
+            &selector,
+            "RuntimeClass",
+            out,
+            s,
+        )
+        .await?)
 }
 
 #[cfg(test)]

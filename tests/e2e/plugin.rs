@@ -33,6 +33,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             |_| Box::pin(serial(install_reinstall_uninstall)),
         ),
         (
+            "plugin::install_and_uninstall_touch_only_what_gpu_pilot_created",
+            |_| Box::pin(serial(ownership)),
+        ),
+        (
             "plugin::gpu_operator_flags_shape_the_policy_and_daemonsets",
             |_| Box::pin(serial(classic_flags)),
         ),
@@ -154,8 +158,11 @@ async fn leftovers_on_nodes(client: &Client) -> anyhow::Result<Vec<String>> {
 
 async fn install_reinstall_uninstall(env: Env) -> anyhow::Result<()> {
     let ns = env.ns.clone();
-    let wh = start_webhook(&env.client, &ns).await?;
-    let url = format!("webhook.url=https://{}", wh.addr);
+    let mut wh = Some(start_webhook(&env.client, &ns).await?);
+    let url = format!(
+        "webhook.url=https://{}",
+        wh.as_ref().context("started")?.addr
+    );
     let ctrl = RunningController::start(env.cluster.kubeconfig(), &ns, "plugin-install", false);
     let result = async {
         // 1. Install and follow the rollout to ready.
@@ -222,11 +229,20 @@ async fn install_reinstall_uninstall(env: Env) -> anyhow::Result<()> {
         let out = kubectl_gpu(&env, &["uninstall", "-n", &ns]).await?;
         let shown = text(&out);
         ensure!(out.status.success(), "uninstall failed:\n{shown}");
+        // In a cluster the webhook's pods go with its Deployment; this one runs in the test
+        // process, would write its TLS Secret again, and stops here.
+        if let Some(w) = wh.take() {
+            w.stop().await;
+        }
+        let _ = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(env.client.clone(), &ns)
+            .delete(names::TLS_SECRET, &DeleteParams::default())
+            .await;
         let kube = kube_for(&env).await?;
-        // The CRD and the namespace finalize asynchronously.
+        // The CRD finalizes asynchronously. The namespace existed before install (the test made
+        // it), so it is the admin's and stays.
         eventually("every installed object is gone", Duration::from_secs(90), || async {
             let mut left = Vec::new();
-            for o in &objs {
+            for o in objs.iter().filter(|o| o["kind"] != "Namespace") {
                 if kubectl_gpu::objects::exists(&kube, o).await? {
                     left.push(key(o));
                 }
@@ -253,7 +269,9 @@ async fn install_reinstall_uninstall(env: Env) -> anyhow::Result<()> {
     }
     .await;
     ctrl.stop();
-    wh.stop().await;
+    if let Some(w) = wh.take() {
+        w.stop().await;
+    }
     crate::foundation::ensure_crd(&env.client).await?;
     result
 }
@@ -709,4 +727,189 @@ async fn stuck_install(env: Env) -> anyhow::Result<()> {
     crate::doctor::delete_node(&env.client, node).await?;
     result?;
     teardown
+}
+
+/// Labels and resourceVersion of an object, to show it was not touched.
+async fn fingerprint<K>(
+    api: &Api<K>,
+    name: &str,
+) -> anyhow::Result<(BTreeMap<String, String>, String)>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let m = api
+        .get_metadata(name)
+        .await
+        .with_context(|| format!("reading {name}"))?;
+    ensure!(
+        m.metadata.deletion_timestamp.is_none(),
+        "{name} is being deleted"
+    );
+    Ok((
+        m.labels().clone(),
+        m.metadata.resource_version.unwrap_or_default(),
+    ))
+}
+
+/// Install into a namespace of the admin's, with a RuntimeClass `nvidia` of the admin's, then
+/// uninstall: neither is changed or deleted. Objects of someone else's with install's names stop
+/// install before it applies anything, and uninstall in a namespace full of look-alikes deletes
+/// none of them. A namespace install created is deleted by uninstall.
+async fn ownership(env: Env) -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+    use k8s_openapi::api::node::v1::RuntimeClass;
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let ns = env.ns.clone();
+    let c = env.client.clone();
+    let namespaces: Api<Namespace> = Api::all(c.clone());
+    let runtime_classes: Api<RuntimeClass> = Api::all(c.clone());
+    let cluster_roles: Api<ClusterRole> = Api::all(c.clone());
+    let other = format!("{ns}-lookalikes");
+    let fresh = format!("{ns}-fresh");
+    let pp = PostParams::default();
+    // The admin's things: data in the namespace install will use, and a RuntimeClass `nvidia`.
+    Api::<ConfigMap>::namespaced(c.clone(), &ns)
+        .create(
+            &pp,
+            &serde_json::from_value(
+                json!({"metadata": {"name": "team-data"}, "data": {"k": "v"}}),
+            )?,
+        )
+        .await?;
+    runtime_classes
+        .create(&pp, &serde_json::from_value(json!({"metadata": {"name": "nvidia", "labels": {"owner": "admin"}}, "handler": "nvidia"}))?)
+        .await?;
+    let ctrl = RunningController::start(env.cluster.kubeconfig(), &ns, "plugin-ownership", true);
+    let result = async {
+        // 1. Someone else's ClusterRole named like the controller's: refused before anything.
+        cluster_roles
+            .create(&pp, &serde_json::from_value(json!({"metadata": {"name": "gpu-pilot-controller"}, "rules": []}))?)
+            .await?;
+        let role_before = fingerprint(&cluster_roles, "gpu-pilot-controller").await?;
+        let out = kubectl_gpu(&env, &["install", "-n", &ns, "--set", "webhook.enabled=false", "--wait=false"]).await?;
+        let shown = text(&out);
+        ensure!(
+            out.status.code() == Some(1)
+                && shown.contains("ClusterRole/gpu-pilot-controller exist but were not created by gpu-pilot")
+                && shown.contains("kubectl label clusterrole gpu-pilot-controller app.kubernetes.io/managed-by=gpu-pilot")
+                && shown.contains("preflight failed"),
+            "install over someone else's ClusterRole:\n{shown}"
+        );
+        ensure!(
+            Api::<Deployment>::namespaced(c.clone(), &ns).list(&ListParams::default()).await?.items.is_empty(),
+            "a refused install applied something"
+        );
+        ensure!(fingerprint(&cluster_roles, "gpu-pilot-controller").await? == role_before, "the ClusterRole changed");
+        cluster_roles.delete("gpu-pilot-controller", &DeleteParams::default()).await?;
+        eventually("the look-alike ClusterRole is gone", Duration::from_secs(30), || async {
+            Ok(match cluster_roles.get_opt("gpu-pilot-controller").await? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            })
+        })
+        .await?;
+
+        // 2. Install into the admin's namespace, with their RuntimeClass: both left alone.
+        let ns_before = fingerprint(&namespaces, &ns).await?;
+        let rc_before = fingerprint(&runtime_classes, "nvidia").await?;
+        let out = kubectl_gpu(&env, &["install", "-n", &ns, "--set", "webhook.enabled=false", "--wait", "--timeout", "4m"]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success(), "install failed:\n{shown}");
+        ensure!(shown.contains(&format!("using     Namespace/{ns} (not created by gpu-pilot")), "{shown}");
+        ensure!(fingerprint(&namespaces, &ns).await? == ns_before, "install changed the admin's namespace");
+        ensure!(fingerprint(&runtime_classes, "nvidia").await? == rc_before, "the controller changed the admin's RuntimeClass");
+        // The controller said why it left the RuntimeClass alone.
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(c.clone());
+        eventually("a NotOwned Event about the RuntimeClass", Duration::from_secs(30), || async {
+            let found = events.list(&ListParams::default()).await?.items.into_iter().any(|e| {
+                e.reason.as_deref() == Some("NotOwned")
+                    && e.note.as_deref().is_some_and(|n| n.contains("RuntimeClass nvidia exists and was not created by gpu-pilot"))
+            });
+            Ok(if found { Ok(()) } else { Err("no such Event".to_string()) })
+        })
+        .await?;
+        // The controller's Lease carries the label uninstall finds it by.
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(c.clone(), &ns);
+        let lease = leases.get("gpu-pilot-controller").await?;
+        ensure!(
+            lease.labels().get(label::MANAGED_BY).map(String::as_str) == Some(label::MANAGED_BY_VALUE),
+            "the controller's Lease is not labelled: {:?}",
+            lease.labels()
+        );
+
+        // 3. Uninstall: gpu-pilot's objects go, the admin's namespace, data and RuntimeClass stay.
+        let out = kubectl_gpu(&env, &["uninstall", "-n", &ns, "--timeout", "60s"]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success(), "uninstall failed:\n{shown}");
+        ensure!(
+            shown.contains(&format!("kept      Namespace/{ns} (not created by gpu-pilot"))
+                && shown.contains("deleted   Lease/gpu-pilot-controller"),
+            "{shown}"
+        );
+        ensure!(fingerprint(&namespaces, &ns).await? == ns_before, "uninstall changed the admin's namespace");
+        ensure!(fingerprint(&runtime_classes, "nvidia").await? == rc_before, "uninstall changed the admin's RuntimeClass");
+        Api::<ConfigMap>::namespaced(c.clone(), &ns).get("team-data").await.context("the admin's ConfigMap is gone")?;
+        let kube = kube_for(&env).await?;
+        let values = kubectl_gpu::install::load_values(&install_args(&["webhook.enabled=false"]))?;
+        eventually("every object gpu-pilot made is gone", Duration::from_secs(90), || async {
+            let mut left = Vec::new();
+            for o in render::objects(&ns, &values, Include::ALL).iter().filter(|o| o["kind"] != "Namespace") {
+                if kubectl_gpu::objects::exists(&kube, o).await? {
+                    left.push(key(o));
+                }
+            }
+            Ok(if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) })
+        })
+        .await?;
+        crate::foundation::ensure_crd(&c).await?;
+
+        // 4. Uninstall in a namespace where gpu-pilot never ran, full of look-alikes: nothing goes.
+        namespaces.create(&pp, &serde_json::from_value(json!({"metadata": {"name": other}}))?).await?;
+        let cms: Api<ConfigMap> = Api::namespaced(c.clone(), &other);
+        cms.create(&pp, &serde_json::from_value(json!({"metadata": {"name": render::MIG_PARTED_CONFIG}}))?).await?;
+        let sas: Api<ServiceAccount> = Api::namespaced(c.clone(), &other);
+        sas.create(&pp, &serde_json::from_value(json!({"metadata": {"name": "gpu-pilot-controller"}}))?).await?;
+        let cm_before = fingerprint(&cms, render::MIG_PARTED_CONFIG).await?;
+        let sa_before = fingerprint(&sas, "gpu-pilot-controller").await?;
+        let out = kubectl_gpu(&env, &["uninstall", "-n", &other, "--keep-crd", "--timeout", "10s"]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success(), "uninstall among look-alikes failed:\n{shown}");
+        ensure!(
+            shown.contains(&format!("kept      ConfigMap/{other}/{}", render::MIG_PARTED_CONFIG))
+                && shown.contains("nothing to remove"),
+            "{shown}"
+        );
+        ensure!(fingerprint(&cms, render::MIG_PARTED_CONFIG).await? == cm_before, "the look-alike ConfigMap changed");
+        ensure!(fingerprint(&sas, "gpu-pilot-controller").await? == sa_before, "the look-alike ServiceAccount changed");
+        fingerprint(&namespaces, &other).await.context("the look-alikes' namespace")?;
+
+        // 5. A namespace install created is install's: uninstall deletes it.
+        let out = kubectl_gpu(&env, &["install", "-n", &fresh, "--set", "webhook.enabled=false", "--wait=false"]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success() && shown.contains(&format!("created   Namespace/{fresh}")), "{shown}");
+        let out = kubectl_gpu(&env, &["uninstall", "-n", &fresh, "--timeout", "10s"]).await?;
+        let shown = text(&out);
+        ensure!(out.status.success() && shown.contains(&format!("deleted   Namespace/{fresh}")), "{shown}");
+        eventually("the namespace install created is gone", Duration::from_secs(90), || async {
+            Ok(match namespaces.get_opt(&fresh).await? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            })
+        })
+        .await?;
+        Ok(())
+    }
+    .await;
+    ctrl.stop();
+    let _ = runtime_classes
+        .delete("nvidia", &DeleteParams::default())
+        .await;
+    let _ = cluster_roles
+        .delete("gpu-pilot-controller", &DeleteParams::default())
+        .await;
+    let _ = namespaces.delete(&other, &DeleteParams::default()).await;
+    let _ = namespaces.delete(&fresh, &DeleteParams::default()).await;
+    crate::foundation::ensure_crd(&c).await?;
+    result
 }

@@ -7,8 +7,11 @@
 //! 1. NVIDIA's operator is scaled to 0, so nothing recreates what follows.
 //! 2. NVIDIA's operand DaemonSets are deleted with `propagationPolicy=Orphan`: their pods, the
 //!    driver among them, keep running.
-//! 3. On each node, those pods get the labels of gpu-pilot's DaemonSet for the same job, and
-//!    objects gpu-pilot uses lose NVIDIA's ClusterPolicy as their owner.
+//! 3. On each node, those pods get the labels of gpu-pilot's DaemonSet for the same job, and the
+//!    objects NVIDIA's operator made under names gpu-pilot uses (the RuntimeClass, the default
+//!    mig-parted ConfigMap) become gpu-pilot's: its label, and NVIDIA's ClusterPolicy no longer
+//!    their owner. Any other object of someone else's under a name gpu-pilot uses stops the
+//!    takeover before anything changes.
 //! 4. gpu-pilot is installed into NVIDIA's namespace (its DaemonSets must be there to adopt the
 //!    pods). Each DaemonSet adopts the pod already on every node instead of starting a second
 //!    one; the driver's is `OnDelete`, so NVIDIA's driver pods stay until an admin replaces them.
@@ -188,6 +191,28 @@ async fn apply(
     out: &mut Printer,
 ) -> anyhow::Result<()> {
     let ns = snap.namespace.as_str();
+    // Before anything changes: no object of someone else's under a name gpu-pilot uses, but the
+    // ones the takeover adopts.
+    let objs = render::objects(
+        ns,
+        values,
+        Include {
+            crd: true,
+            namespace: false,
+        },
+    );
+    let foreign: Vec<String> = crate::install::foreign_objects(kube, &objs)
+        .await?
+        .into_iter()
+        .filter(|k| !snap.to_adopt.contains(k))
+        .collect();
+    anyhow::ensure!(
+        foreign.is_empty(),
+        "{} exist but were not made by gpu-pilot or NVIDIA's operator; the takeover would overwrite them. Rename or remove them (or label them {}={} if gpu-pilot made them), then run `kubectl gpu migrate --apply` again. Nothing was changed",
+        foreign.join(", "),
+        label::MANAGED_BY,
+        label::MANAGED_BY_VALUE
+    );
     let started = Instant::now();
     for step in steps {
         out.heading(&plan::describe(step, snap));
@@ -206,21 +231,13 @@ async fn apply(
                 }
                 out.ok(&format!("{node}: {} pods labelled", pods.len()));
             }
-            Step::Disown { objects } => {
+            Step::Adopt { objects } => {
                 for o in objects {
-                    disown(kube, ns, o).await?;
+                    adopt(kube, ns, o).await?;
                 }
                 out.ok("done");
             }
             Step::Install { namespace } => {
-                let objs = render::objects(
-                    namespace,
-                    values,
-                    Include {
-                        crd: true,
-                        namespace: false,
-                    },
-                );
                 crate::install::apply_and_prune(kube, namespace, values, &objs, out, a.timeout)
                     .await?;
                 adopted(kube, ns, values, a.timeout, out).await?;
@@ -388,9 +405,11 @@ async fn hand_over(kube: &Kube, ns: &str, pod: &str, component: Component) -> an
     Ok(())
 }
 
-/// Remove NVIDIA's ClusterPolicy from an object's owner references (`Kind/name`).
-async fn disown(kube: &Kube, ns: &str, object: &str) -> anyhow::Result<()> {
-    let (kind, name) = object.split_once('/').unwrap_or(("", object));
+/// Make an object NVIDIA's operator made gpu-pilot's (`Kind/name`): gpu-pilot's label, and
+/// NVIDIA's ClusterPolicy removed from its owner references.
+async fn adopt(kube: &Kube, ns: &str, object: &str) -> anyhow::Result<()> {
+    let kind = object.split('/').next().unwrap_or_default();
+    let name = object.rsplit('/').next().unwrap_or_default();
     let obj = match kind {
         "RuntimeClass" => {
             json!({"apiVersion": "node.k8s.io/v1", "kind": kind, "metadata": {"name": name}})
@@ -418,6 +437,7 @@ async fn disown(kube: &Kube, ns: &str, object: &str) -> anyhow::Result<()> {
         "metadata": {
             "resourceVersion": current.meta().resource_version,
             "ownerReferences": refs,
+            "labels": { (label::MANAGED_BY): label::MANAGED_BY_VALUE },
         }
     });
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))

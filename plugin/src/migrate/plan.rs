@@ -27,9 +27,10 @@ pub struct Snapshot {
     pub pods: Vec<NvidiaPod>,
     /// Running pods that hold GPUs, by node: what must not be disturbed.
     pub gpu_pods: BTreeMap<String, Vec<String>>,
-    /// Objects gpu-pilot will use that name NVIDIA's ClusterPolicy as an owner (so deleting it
-    /// would take them away): `Kind/name`.
-    pub owned_by_nvidia_policy: Vec<String>,
+    /// Objects NVIDIA's operator made under names gpu-pilot's install uses (the RuntimeClass,
+    /// the default mig-parted ConfigMap), keyed as `render::key` keys them. gpu-pilot takes
+    /// them over.
+    pub to_adopt: Vec<String>,
     /// The container runtime of each GPU node (`containerd`, `cri-o`, `docker`), from its
     /// `nodeInfo.containerRuntimeVersion`: NVIDIA's operator configures the one the nodes run.
     pub node_runtimes: BTreeMap<String, String>,
@@ -416,8 +417,9 @@ pub enum Step {
         node: String,
         pods: Vec<(String, Component)>,
     },
-    /// Remove NVIDIA's ClusterPolicy from the owners of objects gpu-pilot uses.
-    Disown { objects: Vec<String> },
+    /// Take over objects NVIDIA's operator made under names gpu-pilot uses: gpu-pilot's label,
+    /// and NVIDIA's ClusterPolicy no longer among their owners.
+    Adopt { objects: Vec<String> },
     /// Install gpu-pilot into NVIDIA's namespace with the translated values, and wait until its
     /// DaemonSets have adopted the pods.
     Install { namespace: String },
@@ -466,9 +468,9 @@ pub fn steps(snap: &Snapshot) -> Vec<Step> {
             pods,
         });
     }
-    if !snap.owned_by_nvidia_policy.is_empty() {
-        out.push(Step::Disown {
-            objects: snap.owned_by_nvidia_policy.clone(),
+    if !snap.to_adopt.is_empty() {
+        out.push(Step::Adopt {
+            objects: snap.to_adopt.clone(),
         });
     }
     out.push(Step::Install {
@@ -528,9 +530,11 @@ pub fn describe(step: &Step, snap: &Snapshot) -> String {
                     .join(", ")
             )
         }
-        Step::Disown { objects } => format!(
-            "remove NVIDIA's ClusterPolicy from the owners of {} (gpu-pilot uses them; deleting NVIDIA's policy later must not take them away)",
-            objects.join(", ")
+        Step::Adopt { objects } => format!(
+            "take over {}: label them {}={} and remove NVIDIA's ClusterPolicy from their owners (deleting NVIDIA's policy later must not take them away)",
+            objects.join(", "),
+            label::MANAGED_BY,
+            label::MANAGED_BY_VALUE
         ),
         Step::Install { namespace } => format!(
             "install gpu-pilot into {namespace} with the values above (CRD, controller, webhook, ClusterPolicy; the namespace itself stays NVIDIA's); its DaemonSets adopt the labelled pods, the driver's (OnDelete) keeps NVIDIA's driver pods"

@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::helm_release::{self, HelmRelease};
 use super::plan::{NvidiaDaemonSet, NvidiaPod, Operator, Snapshot, component_of_app};
 use crate::context::{Kube, explain};
+use crate::objects;
 
 /// NVIDIA's ClusterPolicy kind.
 pub fn nvidia_policy_resource() -> ApiResource {
@@ -169,8 +170,8 @@ pub async fn gather(kube: &Kube) -> anyhow::Result<Snapshot> {
         }
     }
 
-    // Objects gpu-pilot will use that NVIDIA's ClusterPolicy owns.
-    let mut owned_by_nvidia_policy = Vec::new();
+    // What NVIDIA's operator made under names gpu-pilot's install and controller use.
+    let mut to_adopt = Vec::new();
     let runtime_class = policy["spec"]["operator"]["runtimeClass"]
         .as_str()
         .unwrap_or("nvidia")
@@ -179,18 +180,19 @@ pub async fn gather(kube: &Kube) -> anyhow::Result<Snapshot> {
         .get_metadata_opt(&runtime_class)
         .await
         .map_err(err(kube, "reading RuntimeClasses"))?
-        && owned_by_policy(&rc.metadata.owner_references)
+        && !objects::is_ours("RuntimeClass", &runtime_class, &rc.metadata)
     {
-        owned_by_nvidia_policy.push(format!("RuntimeClass/{runtime_class}"));
+        to_adopt.push(format!("RuntimeClass/{runtime_class}"));
     }
     let cms: Api<ConfigMap> = Api::namespaced(kube.client.clone(), &namespace);
+    let mig = crate::render::MIG_PARTED_CONFIG;
     if let Some(cm) = cms
-        .get_metadata_opt(crate::render::MIG_PARTED_CONFIG)
+        .get_metadata_opt(mig)
         .await
         .map_err(err(kube, "reading ConfigMaps"))?
-        && owned_by_policy(&cm.metadata.owner_references)
+        && !objects::is_ours("ConfigMap", mig, &cm.metadata)
     {
-        owned_by_nvidia_policy.push(format!("ConfigMap/{}", crate::render::MIG_PARTED_CONFIG));
+        to_adopt.push(format!("ConfigMap/{namespace}/{mig}"));
     }
 
     // The runtime each GPU node runs.
@@ -231,7 +233,7 @@ pub async fn gather(kube: &Kube) -> anyhow::Result<Snapshot> {
         daemonsets: nvidia_daemonsets,
         pods: nvidia_pods,
         gpu_pods,
-        owned_by_nvidia_policy,
+        to_adopt,
         node_runtimes,
     })
 }
