@@ -210,3 +210,177 @@ pub struct DrainSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_empty_dir: Option<bool>,
 }
+
+/// NFD's labels NVIDIA's operator reads to pick the driver image.
+pub mod nfd {
+    pub const OS_RELEASE_ID: &str = "feature.node.kubernetes.io/system-os_release.ID";
+    pub const OS_VERSION_ID: &str = "feature.node.kubernetes.io/system-os_release.VERSION_ID";
+    pub const KERNEL_VERSION_FULL: &str = "feature.node.kubernetes.io/kernel-version.full";
+}
+
+/// What the driver image of a node depends on: its OS (`ubuntu22.04`, NVIDIA's tag suffix) and,
+/// for precompiled drivers, its kernel.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DriverTarget {
+    pub os: String,
+    /// Only set for precompiled drivers.
+    pub kernel: Option<String>,
+}
+
+impl DriverTarget {
+    /// NVIDIA's OS tag of a node, from NFD's labels (as NVIDIA's operator reads it) or else the
+    /// kubelet's `osImage` (`Ubuntu 22.04.5 LTS` -> `ubuntu22.04`; other distributions need NFD).
+    pub fn os_of(
+        labels: &std::collections::BTreeMap<String, String>,
+        os_image: Option<&str>,
+    ) -> Option<String> {
+        if let (Some(id), Some(version)) = (
+            labels.get(nfd::OS_RELEASE_ID),
+            labels.get(nfd::OS_VERSION_ID),
+        ) {
+            return Some(format!("{id}{version}"));
+        }
+        let image = os_image?;
+        let mut words = image.split_whitespace();
+        match (words.next()?, words.next()?) {
+            ("Ubuntu", version) => {
+                let mut parts = version.split('.');
+                Some(format!("ubuntu{}.{}", parts.next()?, parts.next()?))
+            }
+            _ => None,
+        }
+    }
+
+    /// A node's kernel, from NFD's label or else the kubelet's `kernelVersion` (both are
+    /// `uname -r`).
+    pub fn kernel_of(
+        labels: &std::collections::BTreeMap<String, String>,
+        kernel_version: Option<&str>,
+    ) -> Option<String> {
+        labels
+            .get(nfd::KERNEL_VERSION_FULL)
+            .cloned()
+            .or_else(|| kernel_version.map(str::to_string))
+    }
+
+    /// The suffix of the DaemonSet that serves these nodes (`ubuntu22.04`,
+    /// `5.15.0-105-generic-ubuntu22.04`), a valid part of a name.
+    pub fn name_suffix(&self) -> String {
+        let raw = match &self.kernel {
+            Some(k) => format!("{k}-{}", self.os),
+            None => self.os.clone(),
+        };
+        raw.to_lowercase()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .trim_matches(|c| c == '-' || c == '.')
+            .to_string()
+    }
+}
+
+/// The driver image for `target`, as NVIDIA's operator derives it: the version tag gets the OS
+/// (`580.82.07-ubuntu22.04`); a precompiled driver's version is the driver branch and gets the
+/// kernel too (`580-5.15.0-105-generic-ubuntu22.04`); a digest is used as it is.
+pub fn driver_image(
+    repository: &str,
+    image: &str,
+    version: &str,
+    precompiled: bool,
+    target: &DriverTarget,
+) -> Option<String> {
+    let base = if precompiled {
+        let kernel = target.kernel.as_deref()?;
+        if repository.is_empty() && version.is_empty() {
+            // NVIDIA's: image holds path:branch (what tools such as kbld write).
+            (!image.is_empty()).then(|| format!("{image}-{kernel}"))?
+        } else {
+            format!(
+                "{}:{version}-{kernel}",
+                super::image_reference(repository, image, "x")?.trim_end_matches(":x")
+            )
+        }
+    } else {
+        super::image_reference(repository, image, version)?
+    };
+    if base.contains("sha256:") {
+        Some(base)
+    } else {
+        Some(format!("{base}-{}", target.os))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_os_tag_comes_from_nfd_or_the_kubelet() {
+        let nfd = labels(&[(nfd::OS_RELEASE_ID, "rhcos"), (nfd::OS_VERSION_ID, "4.14")]);
+        assert_eq!(
+            DriverTarget::os_of(&nfd, Some("Ubuntu 22.04.5 LTS")).as_deref(),
+            Some("rhcos4.14")
+        );
+        assert_eq!(
+            DriverTarget::os_of(&BTreeMap::new(), Some("Ubuntu 22.04.5 LTS")).as_deref(),
+            Some("ubuntu22.04")
+        );
+        assert_eq!(
+            DriverTarget::os_of(&BTreeMap::new(), Some("Debian GNU/Linux 12 (bookworm)")),
+            None
+        );
+        assert_eq!(
+            DriverTarget::kernel_of(&BTreeMap::new(), Some("5.15.0-105-generic")).as_deref(),
+            Some("5.15.0-105-generic")
+        );
+    }
+
+    #[test]
+    fn driver_tags_are_nvidias() {
+        let t = DriverTarget {
+            os: "ubuntu22.04".into(),
+            kernel: None,
+        };
+        assert_eq!(
+            driver_image("nvcr.io/nvidia", "driver", "580.82.07", false, &t).as_deref(),
+            Some("nvcr.io/nvidia/driver:580.82.07-ubuntu22.04")
+        );
+        let digest = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            driver_image("nvcr.io/nvidia", "driver", &digest, false, &t),
+            Some(format!("nvcr.io/nvidia/driver@{digest}"))
+        );
+        let p = DriverTarget {
+            os: "ubuntu22.04".into(),
+            kernel: Some("5.15.0-105-generic".into()),
+        };
+        assert_eq!(
+            driver_image("nvcr.io/nvidia", "driver", "580", true, &p).as_deref(),
+            Some("nvcr.io/nvidia/driver:580-5.15.0-105-generic-ubuntu22.04")
+        );
+        assert_eq!(
+            driver_image("", "my.registry/driver:580", "", true, &p).as_deref(),
+            Some("my.registry/driver:580-5.15.0-105-generic-ubuntu22.04")
+        );
+        assert_eq!(
+            driver_image("nvcr.io/nvidia", "driver", "580", true, &t),
+            None,
+            "precompiled needs a kernel"
+        );
+        assert_eq!(p.name_suffix(), "5.15.0-105-generic-ubuntu22.04");
+    }
+}
