@@ -301,10 +301,12 @@ pub fn driver_image(
             // NVIDIA's: image holds path:branch (what tools such as kbld write).
             (!image.is_empty()).then(|| format!("{image}-{kernel}"))?
         } else {
-            format!(
-                "{}:{version}-{kernel}",
-                super::image_reference(repository, image, "x")?.trim_end_matches(":x")
-            )
+            let path = if repository.is_empty() {
+                image.to_string()
+            } else {
+                format!("{}/{image}", repository.trim_end_matches('/'))
+            };
+            format!("{path}:{version}-{kernel}")
         }
     } else {
         super::image_reference(repository, image, version)?
