@@ -318,6 +318,154 @@ pub fn driver_image(
     }
 }
 
+/// One ConfigMap mounted into the driver container, file by file (`subPath`), so the image's own
+/// files in the same folder stay visible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigMount {
+    /// The pod's volume name.
+    pub volume: String,
+    pub config_map: String,
+    /// (key, mount path) of each file.
+    pub files: Vec<(String, String)>,
+}
+
+/// Where package repository files go on `os` (NVIDIA's RepoConfigPathMap, plus Debian and SUSE).
+pub fn repo_config_dir(os_id: &str) -> Option<&'static str> {
+    Some(match os_id {
+        "ubuntu" | "debian" => "/etc/apt/sources.list.d",
+        "centos" | "rhel" | "rhcos" | "rocky" | "almalinux" => "/etc/yum.repos.d",
+        "sles" | "sl-micro" => "/etc/zypp/repos.d",
+        _ => return None,
+    })
+}
+
+/// Where CA certificates go on `os` (NVIDIA's CertConfigPathMap, plus Debian).
+pub fn cert_config_dir(os_id: &str) -> Option<&'static str> {
+    Some(match os_id {
+        "ubuntu" | "debian" => "/usr/local/share/ca-certificates",
+        "centos" | "rhel" | "rhcos" | "rocky" | "almalinux" => "/etc/pki/ca-trust/extracted/pem",
+        _ => return None,
+    })
+}
+
+/// The distribution of an OS tag (`ubuntu22.04` -> `ubuntu`).
+pub fn os_id(os_tag: &str) -> &str {
+    let end = os_tag
+        .find(|c: char| c.is_ascii_digit())
+        .unwrap_or(os_tag.len());
+    &os_tag[..end]
+}
+
+/// The ConfigMaps the driver container mounts, where NVIDIA's operator mounts them: licensing
+/// (`gridd.conf`, and the NLS client token when NLS is on) in `/drivers`, the topology daemon's
+/// file, kernel module parameters in `/drivers`, and (not for precompiled drivers) package
+/// repositories and CA certificates in the distribution's folders. `keys` holds the keys of the
+/// ConfigMaps that are mounted file by file; a ConfigMap missing from it mounts nothing (the
+/// controller reports it). Errors name what cannot be placed.
+pub fn config_mounts(
+    driver: &super::DriverSpec,
+    os_id: &str,
+    keys: &std::collections::BTreeMap<String, Vec<String>>,
+) -> (Vec<ConfigMount>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let each_key = |volume: &str, cm: &str, dir: &str| {
+        keys.get(cm).map(|ks| ConfigMount {
+            volume: volume.into(),
+            config_map: cm.into(),
+            files: ks
+                .iter()
+                .map(|k| (k.clone(), format!("{dir}/{k}")))
+                .collect(),
+        })
+    };
+    let lic = &driver.licensing_config;
+    if !lic.config_map_name.is_empty() {
+        let mut files = vec![("gridd.conf".to_string(), "/drivers/gridd.conf".to_string())];
+        if lic.nls_enabled {
+            files.push((
+                "client_configuration_token.tok".into(),
+                "/drivers/ClientConfigToken/client_configuration_token.tok".into(),
+            ));
+        }
+        out.push(ConfigMount {
+            volume: "licensing-config".into(),
+            config_map: lic.config_map_name.clone(),
+            files,
+        });
+    }
+    if !driver.virtual_topology.config.is_empty() {
+        out.push(ConfigMount {
+            volume: "topology-config".into(),
+            config_map: driver.virtual_topology.config.clone(),
+            files: vec![(
+                "nvidia-topologyd.conf".into(),
+                "/etc/nvidia/nvidia-topologyd.conf".into(),
+            )],
+        });
+    }
+    if !driver.kernel_module_config.name.is_empty() {
+        out.extend(each_key(
+            "kernel-module-config",
+            &driver.kernel_module_config.name,
+            "/drivers",
+        ));
+    }
+    if !driver.use_precompiled {
+        if !driver.repo_config.config_map_name.is_empty() {
+            match repo_config_dir(os_id) {
+                Some(dir) => out.extend(each_key(
+                    "repo-config",
+                    &driver.repo_config.config_map_name,
+                    dir,
+                )),
+                None => errors.push(format!(
+                    "driver.repoConfig: no known folder for package repositories on {os_id}"
+                )),
+            }
+        }
+        if !driver.cert_config.name.is_empty() {
+            match cert_config_dir(os_id) {
+                Some(dir) => out.extend(each_key("cert-config", &driver.cert_config.name, dir)),
+                None => errors.push(format!(
+                    "driver.certConfig: no known folder for CA certificates on {os_id}"
+                )),
+            }
+        }
+    }
+    (out, errors)
+}
+
+/// The driver manager's environment: NVIDIA's defaults, RDMA, then `driver.manager.env`.
+pub fn driver_manager_env(driver: &super::DriverSpec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("NVIDIA_VISIBLE_DEVICES", "void"),
+        ("ENABLE_GPU_POD_EVICTION", "true"),
+        ("ENABLE_AUTO_DRAIN", "false"),
+        ("DRAIN_USE_FORCE", "false"),
+        ("DRAIN_POD_SELECTOR_LABEL", ""),
+        ("DRAIN_TIMEOUT_SECONDS", "0s"),
+        ("DRAIN_DELETE_EMPTYDIR_DATA", "false"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut set = |k: &str, v: &str| match env.iter_mut().find(|(n, _)| n == k) {
+        Some(e) => e.1 = v.to_string(),
+        None => env.push((k.to_string(), v.to_string())),
+    };
+    if driver.rdma.enabled {
+        set("GPU_DIRECT_RDMA_ENABLED", "true");
+        if driver.rdma.use_host_mofed {
+            set("USE_HOST_MOFED", "true");
+        }
+    }
+    for e in &driver.manager.env {
+        set(&e.name, &e.value);
+    }
+    env
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -349,6 +497,58 @@ mod tests {
             DriverTarget::kernel_of(&BTreeMap::new(), Some("5.15.0-105-generic")).as_deref(),
             Some("5.15.0-105-generic")
         );
+    }
+
+    #[test]
+    fn config_maps_mount_where_nvidias_operator_mounts_them() {
+        let mut d = crate::policy::DriverSpec::default();
+        d.licensing_config.config_map_name = "licensing".into();
+        d.kernel_module_config.name = "kmod".into();
+        d.repo_config.config_map_name = "repos".into();
+        d.cert_config.name = "certs".into();
+        let keys = BTreeMap::from([
+            ("kmod".to_string(), vec!["nvidia.conf".to_string()]),
+            ("repos".to_string(), vec!["mirror.list".to_string()]),
+        ]);
+        let (mounts, errors) = config_mounts(&d, "ubuntu", &keys);
+        assert!(errors.is_empty());
+        let files: Vec<(&str, &str)> = mounts
+            .iter()
+            .flat_map(|m| m.files.iter().map(|(k, p)| (k.as_str(), p.as_str())))
+            .collect();
+        assert!(files.contains(&("gridd.conf", "/drivers/gridd.conf")));
+        assert!(files.contains(&(
+            "client_configuration_token.tok",
+            "/drivers/ClientConfigToken/client_configuration_token.tok"
+        )));
+        assert!(files.contains(&("nvidia.conf", "/drivers/nvidia.conf")));
+        assert!(files.contains(&("mirror.list", "/etc/apt/sources.list.d/mirror.list")));
+        assert!(
+            !mounts.iter().any(|m| m.config_map == "certs"),
+            "its keys are unknown"
+        );
+        let (_, errors) = config_mounts(&d, "plan9", &keys);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        d.use_precompiled = true;
+        let (mounts, errors) = config_mounts(&d, "plan9", &keys);
+        assert!(errors.is_empty() && !mounts.iter().any(|m| m.config_map == "repos"));
+        assert_eq!(os_id("rhcos4.14"), "rhcos");
+    }
+
+    #[test]
+    fn the_driver_manager_gets_nvidias_settings_and_the_admins() {
+        let mut d = crate::policy::DriverSpec::default();
+        d.rdma.enabled = true;
+        d.manager.env = vec![crate::policy::NameValue {
+            name: "ENABLE_AUTO_DRAIN".into(),
+            value: "true".into(),
+        }];
+        let env = driver_manager_env(&d);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("ENABLE_AUTO_DRAIN"), Some("true"));
+        assert_eq!(get("ENABLE_GPU_POD_EVICTION"), Some("true"));
+        assert_eq!(get("GPU_DIRECT_RDMA_ENABLED"), Some("true"));
+        assert_eq!(get("USE_HOST_MOFED"), None);
     }
 
     #[test]
