@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod detect;
 pub mod health;
 pub mod inventory;
 pub mod labels;
