@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod rbac;
 pub mod reconcile;
 pub mod render;
+pub mod render_nvidia;
 pub mod rollout;
 pub mod run;
 pub mod status;
