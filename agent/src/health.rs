@@ -22,10 +22,15 @@ impl Default for HealthRules {
     }
 }
 
+/// An `--ignore-xids` entry that is not a number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not an XID number; give a comma-separated list such as 48,79")]
+pub struct NotAnXid(pub String);
+
 impl HealthRules {
     /// Default ignored XIDs plus `extra` (NVIDIA's `DP_DISABLE_HEALTHCHECKS=xids:...` spelling is
     /// accepted too: `all` turns checking off, `xids` is a prefix).
-    pub fn with_extra(extra: &str) -> Result<HealthRules, String> {
+    pub fn with_extra(extra: &str) -> Result<HealthRules, NotAnXid> {
         let mut rules = HealthRules::default();
         for part in extra.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if part == "all" {
@@ -33,9 +38,7 @@ impl HealthRules {
                 continue;
             }
             let n = part.trim_start_matches("xids").trim_start_matches(':');
-            let xid = n.parse::<u64>().map_err(|_| {
-                format!("'{part}' is not an XID number; give a comma-separated list such as 48,79")
-            })?;
+            let xid = n.parse::<u64>().map_err(|_| NotAnXid(part.to_string()))?;
             rules.ignored_xids.insert(xid);
         }
         Ok(rules)

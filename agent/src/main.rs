@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 use gpu_pilot_agent::backend::{GpuBackend, NvmlBackend, SimulatedBackend};
 use gpu_pilot_agent::health::HealthRules;
 use gpu_pilot_agent::plugin::api::DEVICE_PLUGIN_PATH;
 use gpu_pilot_agent::plugin::config::{MigStrategy, PluginConfig};
 use gpu_pilot_agent::{agent, labels, metrics, node, podresources, validate};
+use gpu_pilot_core::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -65,9 +67,10 @@ struct BackendArgs {
     /// Use a simulated inventory (dgx-h100, a100-40gb, t4, or a file) instead of NVML.
     #[arg(long, env = "GPU_PILOT_SIMULATE")]
     simulate: Option<String>,
-    /// How long a reported XID keeps a GPU unhealthy after it was last seen (NVML only).
-    #[arg(long, default_value = "300")]
-    xid_hold_seconds: u64,
+    /// How long a reported XID keeps a GPU unhealthy after it was last seen (NVML only; e.g.
+    /// 5m; `--xid-hold-seconds` is the old spelling).
+    #[arg(long, alias = "xid-hold-seconds", default_value = "5m", value_parser = gpu_pilot_core::duration::parse)]
+    xid_hold: Duration,
 }
 
 #[derive(Args)]
@@ -99,7 +102,8 @@ struct RunArgs {
     #[arg(long)]
     config_default: Option<String>,
     /// Override the config's MIG strategy: none, single or mixed.
-    #[arg(long, value_parser = parse_strategy)]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(MigStrategy::ALL.map(MigStrategy::as_str))
+        .map(|s| MigStrategy::parse(&s).expect("one of the possible values")))]
     mig_strategy: Option<MigStrategy>,
     /// Hand devices to containers as CDI names too (CDI on in the policy).
     #[arg(long)]
@@ -116,25 +120,28 @@ struct RunArgs {
     /// The kubelet's pod-resources socket, for the pod/namespace/container labels of metrics; `off` to disable.
     #[arg(long, default_value = podresources::DEFAULT_SOCKET)]
     pod_resources_socket: String,
-    /// How often GPU facts are read again, in milliseconds.
-    #[arg(long, default_value = "1000")]
-    poll_ms: u64,
-    /// How often the agent's Node is read again, in milliseconds (one GET; MIG and config label changes take up to this long to be seen).
-    #[arg(long, default_value = "5000")]
-    node_poll_ms: u64,
-}
-
-fn parse_strategy(s: &str) -> Result<MigStrategy, String> {
-    MigStrategy::parse(s)
-        .ok_or_else(|| format!("'{s}' is not a MIG strategy: use none, single or mixed"))
+    /// How often GPU facts are read again (e.g. 1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = gpu_pilot_core::duration::parse)]
+    poll: Duration,
+    /// How often the agent's Node is read again (one GET; MIG and config label changes take up to
+    /// this long to be seen).
+    #[arg(long, default_value = "5s", value_parser = gpu_pilot_core::duration::parse)]
+    node_poll: Duration,
+    /// The old spelling of --poll, in milliseconds.
+    #[arg(long, hide = true, conflicts_with = "poll")]
+    poll_ms: Option<u64>,
+    /// The old spelling of --node-poll, in milliseconds.
+    #[arg(long, hide = true, conflicts_with = "node_poll")]
+    node_poll_ms: Option<u64>,
+    /// Log format (lines on standard error).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn open_backend(args: &BackendArgs) -> anyhow::Result<Arc<dyn GpuBackend>> {
     Ok(match &args.simulate {
         Some(name) => Arc::new(SimulatedBackend::open(name)?),
-        None => Arc::new(NvmlBackend::open(Duration::from_secs(
-            args.xid_hold_seconds,
-        ))?),
+        None => Arc::new(NvmlBackend::open(args.xid_hold)?),
     })
 }
 
@@ -202,7 +209,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         plugin_config_default: args.config_default,
         mig_strategy: args.mig_strategy,
         cdi: args.cdi,
-        health: HealthRules::with_extra(&args.ignore_xids).map_err(anyhow::Error::msg)?,
+        health: HealthRules::with_extra(&args.ignore_xids)?,
         metrics_addr,
         pod_resources: match args.pod_resources_socket.as_str() {
             "off" => None,
@@ -212,8 +219,10 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         labels: !args.no_labels,
         mig_manager: !args.no_mig_manager,
         mig_config: args.mig_config,
-        poll: Duration::from_millis(args.poll_ms),
-        node_poll: Duration::from_millis(args.node_poll_ms),
+        poll: args.poll_ms.map_or(args.poll, Duration::from_millis),
+        node_poll: args
+            .node_poll_ms
+            .map_or(args.node_poll, Duration::from_millis),
         hostname: args.node_name.clone().unwrap_or_else(hostname),
     };
     agent::run(backend, settings).await
@@ -252,13 +261,11 @@ fn hold_until_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = match &cli.command {
+        Command::Run(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    telemetry::init(log_format, "info");
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -639,6 +639,17 @@ pub enum ContainerRuntime {
     Docker,
 }
 
+impl ContainerRuntime {
+    /// The name as the policy spells it, which is also what the toolkit's `RUNTIME` reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerRuntime::Containerd => "containerd",
+            ContainerRuntime::Crio => "crio",
+            ContainerRuntime::Docker => "docker",
+        }
+    }
+}
+
 /// Cluster-wide operator settings.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
@@ -771,12 +782,18 @@ pub enum MigStrategy {
 }
 
 impl MigStrategy {
+    pub const ALL: [MigStrategy; 3] = [MigStrategy::None, MigStrategy::Single, MigStrategy::Mixed];
+
     pub fn as_str(self) -> &'static str {
         match self {
             MigStrategy::None => "none",
             MigStrategy::Single => "single",
             MigStrategy::Mixed => "mixed",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<MigStrategy> {
+        MigStrategy::ALL.into_iter().find(|m| m.as_str() == s)
     }
 }
 

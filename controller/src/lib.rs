@@ -1,15 +1,12 @@
 //! gpu-pilot's controller: turns the one active `ClusterPolicy` into operands on every GPU node,
 //! moving each node through the stages, and reports where every node stands.
 //!
-//! The decisions are pure functions ([`render`], [`rollout`], [`status`]) over an in-memory view
-//! of the cluster ([`index`]); [`reconcile`] is the thin layer that writes what differs.
+//! The decisions are pure functions in `gpu-pilot-core` (rendering, each node's stage, the
+//! status) over an in-memory index of the cluster; this crate is the thin runtime around them:
+//! the watches that feed the index ([`watch`]), the writes ([`reconcile`]), leader election and
+//! the health server ([`run`]), and the metrics ([`metrics`]).
 
-pub mod index;
 pub mod metrics;
-pub mod rbac;
 pub mod reconcile;
-pub mod render;
-pub mod render_nvidia;
-pub mod rollout;
 pub mod run;
-pub mod status;
+pub mod watch;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use gpu_pilot_controller::run::{Options, run, shutdown_signal};
+use gpu_pilot_core::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -17,12 +18,6 @@ use gpu_pilot_controller::run::{Options, run, shutdown_signal};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -50,12 +45,13 @@ enum Command {
         /// Identity in the Lease (default: the pod name, or host name and process id).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
-        /// Seconds a leader's Lease lasts without renewal.
-        #[arg(long, default_value_t = 15)]
-        lease_duration: u64,
-        /// Seconds between full passes when nothing changes.
-        #[arg(long, default_value_t = 30)]
-        resync_seconds: u64,
+        /// How long a leader's Lease lasts without renewal (e.g. 15s).
+        #[arg(long, default_value = "15s", value_parser = gpu_pilot_core::duration::parse)]
+        lease_duration: Duration,
+        /// Time between full passes when nothing changes (e.g. 30s; `--resync-seconds` is the
+        /// old spelling).
+        #[arg(long, alias = "resync-seconds", default_value = "30s", value_parser = gpu_pilot_core::duration::parse)]
+        resync: Duration,
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -80,18 +76,6 @@ enum Command {
     },
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -105,7 +89,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rbac { namespace } => {
-            print!("{}", gpu_pilot_controller::rbac::yaml(&namespace));
+            print!(
+                "{}",
+                gpu_pilot_core::render::controller_rbac::yaml(&namespace)
+            );
             Ok(())
         }
         Command::Run {
@@ -116,10 +103,10 @@ fn main() -> anyhow::Result<()> {
             leader_elect,
             identity,
             lease_duration,
-            resync_seconds,
+            resync,
             log_format,
         } => {
-            init_logs(log_format);
+            telemetry::init(log_format, "info,kube_lease_manager=warn");
             let identity = identity.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
                 format!("{}-{}", host.trim(), std::process::id())
@@ -132,7 +119,7 @@ fn main() -> anyhow::Result<()> {
                 leader_elect,
                 identity,
                 lease_duration,
-                resync: Duration::from_secs(resync_seconds),
+                resync,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -1,5 +1,5 @@
-//! The reconciler: one pass looks at the whole in-memory view, decides with the pure functions
-//! in `render`, `rollout` and `status`, and then writes only what differs.
+//! The reconciler: one pass takes the [`Plan`] core's pure `decide` makes from the in-memory
+//! view, and writes only what differs. Failed passes are retried with an exponential backoff.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 use gpu_pilot_api::names::{FINALIZER, Stage, field_manager};
-use gpu_pilot_api::{ClusterPolicy, ClusterPolicyStatus, Component};
+use gpu_pilot_api::{ClusterPolicy, ClusterPolicyStatus};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
@@ -19,11 +19,19 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::index::SharedIndex;
+use gpu_pilot_core::decide::{Cleanup, Plan, Rollout, decide};
+use gpu_pilot_core::facts::pick_active;
+use gpu_pilot_core::index::Indexed;
+use gpu_pilot_core::render::operands::{self as render, Desired};
+use gpu_pilot_core::render::{content_hash, managed_selector};
+use gpu_pilot_core::rollout::{self, NodePlan, NodeState};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::DefaultBackoff;
+
 use crate::metrics::Metrics;
-use crate::render::{self, Desired, managed_selector};
-use crate::rollout::{self, NodePlan, NodeState};
-use crate::status;
+use crate::watch::SharedIndex;
 
 /// Why a reconcile pass failed, grouped for metrics and Events.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +42,10 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// kube-runtime's finalizer helper refused the policy (no name); cannot happen for objects
+    /// read from the apiserver.
+    #[error("cannot manage the finalizer of ClusterPolicy {0:?}")]
+    Finalizer(String),
 }
 
 /// The API server's own sentence, without the debug dump of the whole Status.
@@ -48,6 +60,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Write { .. } => "write",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 }
@@ -97,167 +110,17 @@ impl Context {
     }
 }
 
-/// What a pass decided before any I/O.
-struct Plan {
-    active: Option<ClusterPolicy>,
-    ignored: Vec<(ClusterPolicy, ClusterPolicyStatus)>,
-    deleting: bool,
-    desired: Option<Desired>,
-    /// Operand DaemonSets to delete (component disabled).
-    stale_daemonsets: Vec<String>,
-    /// DaemonSets whose stored hash differs from the rendered one.
-    daemonset_applies: Vec<DaemonSet>,
-    node_plans: Vec<(String, NodePlan)>,
-    active_status: Option<ClusterPolicyStatus>,
-}
-
-/// The oldest policy is the active one (ties broken by name, so every replica agrees).
-pub fn pick_active(policies: &[&ClusterPolicy]) -> Option<usize> {
-    policies
-        .iter()
-        .enumerate()
-        .min_by(|(_, a), (_, b)| {
-            let ka = (
-                a.metadata.creation_timestamp.clone().map(|t| t.0),
-                a.name_any(),
-            );
-            let kb = (
-                b.metadata.creation_timestamp.clone().map(|t| t.0),
-                b.name_any(),
-            );
-            ka.cmp(&kb)
-        })
-        .map(|(i, _)| i)
-}
-
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
-}
-
-fn decide(ctx: &Context) -> Plan {
-    let idx = ctx.index.lock().unwrap();
-    let policies: Vec<&ClusterPolicy> = idx.policies.values().collect();
-    let Some(active_i) = pick_active(&policies) else {
-        return Plan {
-            active: None,
-            ignored: vec![],
-            deleting: false,
-            desired: None,
-            stale_daemonsets: vec![],
-            daemonset_applies: vec![],
-            node_plans: vec![],
-            active_status: None,
-        };
-    };
-    let active = policies[active_i].clone();
-    let active_name = active.name_any();
-    let t = now();
-    let ignored = policies
-        .iter()
-        .filter(|p| p.name_any() != active_name)
-        .filter_map(|p| {
-            let st =
-                status::ignored_status(&active_name, p.metadata.generation, p.status.as_ref(), &t);
-            (p.status.as_ref() != Some(&st)).then(|| ((*p).clone(), st))
-        })
-        .collect();
-    let deleting = active.metadata.deletion_timestamp.is_some();
-    if deleting {
-        let node_plans = idx
-            .nodes
-            .values()
-            .map(|n| (n.name.clone(), rollout::cleanup_node(n)))
-            .filter(|(_, p)| !p.is_noop())
-            .collect();
-        return Plan {
-            active: Some(active),
-            ignored,
-            deleting,
-            desired: None,
-            stale_daemonsets: idx.daemonsets.keys().cloned().collect(),
-            daemonset_applies: vec![],
-            node_plans,
-            active_status: None,
-        };
-    }
-
-    let desired = render::render(&active, &ctx.namespace);
-    let wanted: Vec<String> = desired
-        .daemonsets
-        .iter()
-        .map(|(c, _)| c.daemonset_name())
-        .collect();
-    let stale_daemonsets = idx
-        .daemonsets
-        .keys()
-        .filter(|k| !wanted.contains(k))
-        .cloned()
-        .collect();
-    let daemonset_applies = desired
-        .daemonsets
-        .iter()
-        .filter(|(c, ds)| {
-            idx.daemonsets
-                .get(&c.daemonset_name())
-                .and_then(|f| f.hash.as_deref())
-                != render::hash_of(&ds.metadata)
-        })
-        .map(|(_, ds)| ds.clone())
-        .collect();
-
-    let by_node = idx.pods_by_node();
-    let mut node_plans = Vec::new();
-    let mut states: Vec<(String, NodeState)> = Vec::with_capacity(idx.nodes.len());
-    for node in idx.nodes.values() {
-        let pods = by_node
-            .get(node.name.as_str())
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        let plan = rollout::plan_node(&active.spec, node, pods);
-        states.push((node.name.clone(), plan.state.clone()));
-        if !plan.is_noop() {
-            node_plans.push((node.name.clone(), plan));
-        }
-    }
-    ctx.metrics.set_stages(states.iter().map(|(_, s)| s));
-    let node_refs: Vec<(&str, &NodeState)> = states.iter().map(|(n, s)| (n.as_str(), s)).collect();
-    let ds_counts = |c: Component| idx.daemonsets.get(&c.daemonset_name()).map(|f| f.counts);
-    let gated = |c: Component| {
-        let key = gpu_pilot_api::names::label::deploy_gate(c);
-        idx.nodes
-            .values()
-            .filter(|n| n.labels.get(&key).map(String::as_str) == Some("true"))
-            .count() as i32
-    };
-    let st = status::active_status(
-        &active.spec,
-        active.metadata.generation,
-        &ctx.namespace,
-        &status::Observed {
-            nodes: &node_refs,
-            daemonsets: &ds_counts,
-            gated: &gated,
-        },
-        active.status.as_ref(),
-        &t,
-    );
-    let active_status = (active.status.as_ref() != Some(&st)).then_some(st);
-    Plan {
-        active: Some(active),
-        ignored,
-        deleting,
-        desired: Some(desired),
-        stale_daemonsets,
-        daemonset_applies,
-        node_plans,
-        active_status,
-    }
 }
 
 /// One reconcile pass. Returns how many writes it made.
 pub async fn reconcile_once(ctx: &Context) -> Result<usize, Error> {
     let started = Instant::now();
-    let plan = decide(ctx);
+    let plan = decide(&ctx.index.lock().unwrap(), &ctx.namespace, &now());
+    if let Plan::Rollout(r) = &plan {
+        ctx.metrics.set_stages(&r.states);
+    }
     let mut writes = 0usize;
     let result = execute(ctx, plan, &mut writes).await;
     ctx.metrics.observe_pass(
@@ -269,41 +132,86 @@ pub async fn reconcile_once(ctx: &Context) -> Result<usize, Error> {
 
 async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Error> {
     let policies: Api<ClusterPolicy> = Api::all(ctx.client.clone());
-    for (p, st) in &plan.ignored {
+    for (p, st) in plan.ignored() {
         patch_status(ctx, &policies, p, st).await?;
         *writes += 1;
     }
-    let Some(active) = plan.active else {
-        return Ok(());
+    let active = match &plan {
+        Plan::Idle => return Ok(()),
+        Plan::Rollout(r) => r.active.clone(),
+        Plan::Cleanup(c) => c.active.clone(),
     };
-    if plan.deleting {
-        return cleanup(ctx, &active, plan.node_plans, plan.stale_daemonsets, writes).await;
-    }
-
-    if !active.finalizers().iter().any(|f| f == FINALIZER) {
-        let mut finalizers = active.finalizers().to_vec();
-        finalizers.push(FINALIZER.into());
-        policies
-            .patch(
-                &active.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-            )
-            .await
-            .map_err(|source| Error::Write {
-                what: "the policy's finalizer".into(),
+    // kube-runtime's finalizer helper adds and removes `gpupilot.io/cleanup` with a JSON patch
+    // that first tests the list it read, so a concurrent edit fails the patch instead of being
+    // overwritten; it runs the rollout only once the finalizer is in place, and the cleanup only
+    // while it still is.
+    let has_finalizer = active.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = matches!(plan, Plan::Cleanup(_));
+    let name = active.name_any();
+    let mut done = 0usize;
+    let result = finalizer(&policies, FINALIZER, Arc::new(active), |event| {
+        let done = &mut done;
+        async move {
+            match (event, plan) {
+                (FinalizerEvent::Apply(_), Plan::Rollout(r)) => rollout(ctx, *r, done).await,
+                (FinalizerEvent::Cleanup(_), Plan::Cleanup(c)) => cleanup(ctx, *c, done).await,
+                // The helper reads the same deletion timestamp `decide` did.
+                _ => Ok(()),
+            }
+            .map(|()| Action::await_change())
+        }
+    })
+    .await;
+    *writes += done;
+    match result {
+        Ok(_) => {}
+        Err(FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e)) => return Err(e),
+        // Gone already: nothing is left to release.
+        Err(FinalizerError::RemoveFinalizer(kube::Error::Api(s))) if s.code == 404 => {}
+        Err(FinalizerError::AddFinalizer(source)) => {
+            return Err(Error::Write {
+                what: format!("the finalizer of ClusterPolicy {name}"),
                 source,
-            })?;
+            });
+        }
+        Err(FinalizerError::RemoveFinalizer(source)) => {
+            return Err(Error::Write {
+                what: format!("removing the finalizer of ClusterPolicy {name}"),
+                source,
+            });
+        }
+        Err(FinalizerError::UnnamedObject | FinalizerError::InvalidFinalizer) => {
+            return Err(Error::Finalizer(name));
+        }
+    }
+    // The helper's own write: the finalizer added (rollouts start with it) or released.
+    if has_finalizer == deleting {
         ctx.metrics.write("policy");
         *writes += 1;
+        if deleting {
+            ctx.applied.lock().await.clear();
+            tracing::info!(policy = %name, "removed every operand and node label; finalizer released");
+        }
     }
+    Ok(())
+}
 
-    let desired = plan.desired.expect("rendered when not deleting");
+/// Keeps the active policy's operands in place and moves the nodes on.
+async fn rollout(ctx: &Context, plan: Rollout, writes: &mut usize) -> Result<(), Error> {
+    let Rollout {
+        active,
+        desired,
+        stale_daemonsets,
+        daemonset_applies,
+        node_plans,
+        status,
+        ..
+    } = plan;
     *writes += apply_helpers(ctx, &active, &desired).await?;
 
     let ds_api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let ssa = PatchParams::apply(field_manager::CONTROLLER).force();
-    for ds in &plan.daemonset_applies {
+    for ds in &daemonset_applies {
         let name = ds.name_any();
         // The index sees only gpu-pilot's DaemonSets: one it does not know may be someone else's.
         let known = ctx.index.lock().unwrap().daemonsets.contains_key(&name);
@@ -320,18 +228,18 @@ async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Er
             })?;
         ctx.metrics.write("daemonset");
         *writes += 1;
-        use crate::index::Indexed;
         applied.upsert(&mut ctx.index.lock().unwrap());
         tracing::info!(daemonset = %name, "applied");
     }
-    for name in &plan.stale_daemonsets {
+    for name in &stale_daemonsets {
         delete_daemonset(ctx, &ds_api, name).await?;
         *writes += 1;
     }
 
-    *writes += patch_nodes(ctx, plan.node_plans).await?;
+    *writes += patch_nodes(ctx, node_plans).await?;
 
-    if let Some(st) = &plan.active_status {
+    if let Some(st) = &status {
+        let policies: Api<ClusterPolicy> = Api::all(ctx.client.clone());
         patch_status(ctx, &policies, &active, st).await?;
         *writes += 1;
     }
@@ -356,7 +264,7 @@ async fn apply_helpers(
             let obj = $obj;
             let name = obj.name_any();
             let key = format!("{}/{}", $kind, name);
-            let hash = render::content_hash(obj);
+            let hash = content_hash(obj);
             if applied.get(&key) != Some(&hash) {
                 if may_write(&$api, &name, $display).await? {
                     $api.patch(&name, &ssa, &Patch::Apply(obj))
@@ -549,57 +457,20 @@ async fn patch_status(
             source,
         })?;
     ctx.metrics.write("status");
-    use crate::index::Indexed;
     updated.upsert(&mut ctx.index.lock().unwrap());
     Ok(())
 }
 
-/// The policy is being deleted: remove operands and every node label, then the finalizer.
-async fn cleanup(
-    ctx: &Context,
-    policy: &ClusterPolicy,
-    node_plans: Vec<(String, NodePlan)>,
-    daemonsets: Vec<String>,
-    writes: &mut usize,
-) -> Result<(), Error> {
-    if !policy.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
-    }
+/// The policy is being deleted: remove operands and every node label (the finalizer helper
+/// releases the policy afterwards).
+async fn cleanup(ctx: &Context, plan: Cleanup, writes: &mut usize) -> Result<(), Error> {
     let ds_api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    for name in &daemonsets {
+    for name in &plan.daemonsets {
         delete_daemonset(ctx, &ds_api, name).await?;
         *writes += 1;
     }
-    *writes += patch_nodes(ctx, node_plans).await?;
+    *writes += patch_nodes(ctx, plan.node_plans).await?;
     *writes += delete_helpers(ctx).await?;
-    let finalizers: Vec<String> = policy
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    let api: Api<ClusterPolicy> = Api::all(ctx.client.clone());
-    match api
-        .patch(
-            &policy.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(source) => {
-            return Err(Error::Write {
-                what: "removing the policy's finalizer".into(),
-                source,
-            });
-        }
-    }
-    ctx.metrics.write("policy");
-    *writes += 1;
-    ctx.applied.lock().await.clear();
-    tracing::info!(policy = %policy.name_any(), "removed every operand and node label; finalizer released");
     Ok(())
 }
 
@@ -649,8 +520,7 @@ async fn delete_helpers(ctx: &Context) -> Result<usize, Error> {
 async fn publish_failure(ctx: &Context, node: &str, stage: Stage, reason: &str) {
     let policy = {
         let idx = ctx.index.lock().unwrap();
-        let ps: Vec<&ClusterPolicy> = idx.policies.values().collect();
-        pick_active(&ps).map(|i| ps[i].object_ref(&()))
+        pick_active(idx.policies.values()).map(|p| p.object_ref(&()))
     };
     let Some(reference) = policy else { return };
     let ev = Event {
@@ -716,6 +586,9 @@ pub async fn run(
     resync: Duration,
 ) {
     let debounce = Duration::from_millis(200);
+    // Failed passes wait 0.8 s, 1.6 s, ... up to 30 s (with jitter), like the watches; a pass that
+    // succeeds starts the series again.
+    let mut backoff = DefaultBackoff::default();
     loop {
         // Stage Events waiting for their summary are flushed by a pass within EVENT_INTERVAL.
         let events_waiting = !ctx.pending_events.lock().await.reached.is_empty();
@@ -742,15 +615,21 @@ pub async fn run(
         // Let a burst of watch events settle into one pass.
         tokio::time::sleep(debounce).await;
         match reconcile_once(&ctx).await {
-            Ok(0) => {}
             Ok(n) => {
-                tracing::debug!(writes = n, "pass done");
-                // Writes change what we watch; look again soon even if no event arrives.
-                wake.notify_one();
+                backoff.reset();
+                if n > 0 {
+                    tracing::debug!(writes = n, "pass done");
+                    // Writes change what we watch; look again soon even if no event arrives.
+                    wake.notify_one();
+                }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "reconcile pass failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let wait = backoff.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in = ?wait, "reconcile pass failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return,
+                }
                 wake.notify_one();
             }
         }

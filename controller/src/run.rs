@@ -16,10 +16,12 @@ use kube::{Api, Client, Config};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::{Notify, watch};
 
-use crate::index::{Index, SharedIndex, run_watch};
+use gpu_pilot_core::index::Index;
+use gpu_pilot_core::render::managed_selector;
+
 use crate::metrics::{self, Metrics};
 use crate::reconcile::{self, Context};
-use crate::render::managed_selector;
+use crate::watch::{SharedIndex, run_watch};
 
 /// The leader-election Lease in the operand namespace.
 pub const LEASE: &str = "gpu-pilot-controller";
@@ -33,7 +35,8 @@ pub struct Options {
     pub metrics_addr: SocketAddr,
     pub leader_elect: bool,
     pub identity: String,
-    pub lease_duration: u64,
+    /// How long a leader's Lease lasts without renewal (whole seconds, at least one).
+    pub lease_duration: Duration,
     pub resync: Duration,
 }
 
@@ -142,13 +145,14 @@ pub async fn run(
         }));
     }
 
+    let lease_secs = opts.lease_duration.as_secs().max(1);
     let (leader_rx, lease_task) = if opts.leader_elect {
         label_lease(&client, &ns).await?;
         let manager = LeaseManagerBuilder::new(client.clone(), LEASE)
             .with_namespace(&ns)
             .with_identity(&opts.identity)
-            .with_duration(opts.lease_duration)
-            .with_grace(opts.lease_duration.div_ceil(3).max(1))
+            .with_duration(lease_secs)
+            .with_grace(lease_secs.div_ceil(3).max(1))
             .build()
             .await
             .with_context(|| format!("cannot set up leader election on the Lease {LEASE}"))?;
@@ -223,7 +227,7 @@ async fn label_lease(client: &Client, ns: &str) -> anyhow::Result<()> {
     use k8s_openapi::api::coordination::v1::Lease;
     use kube::api::{Patch, PatchParams, PostParams};
     let api: Api<Lease> = Api::namespaced(client.clone(), ns);
-    let labels = crate::render::common_labels("controller");
+    let labels = gpu_pilot_core::render::common_labels("controller");
     let patch = serde_json::json!({"metadata": {"labels": labels}});
     match api
         .patch(LEASE, &PatchParams::default(), &Patch::Merge(&patch))

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::context::Global;
+use crate::global::Global;
 
 #[derive(Parser)]
 #[command(
@@ -85,7 +85,7 @@ pub async fn run(cli: Cli) -> i32 {
             clap_complete::generate(shell, &mut cmd, "kubectl-gpu", &mut std::io::stdout());
             Ok(0)
         }
-        Command::Cel { which } => match crate::render::chart_cel(&which) {
+        Command::Cel { which } => match gpu_pilot_core::render::install::chart_cel(&which) {
             Some(text) => {
                 println!("{text}");
                 Ok(0)
@@ -95,19 +95,25 @@ pub async fn run(cli: Cli) -> i32 {
             )),
         },
         Command::RefusedKeys => {
-            print!("{}", crate::nvidia::refusals_yaml());
+            print!("{}", gpu_pilot_core::values::nvidia::refusals_yaml());
             Ok(0)
         }
-        Command::NvidiaKeys { nvidia_values } => crate::nvidia::read_values_file(&nvidia_values)
-            .map(|v| {
-                print!(
-                    "{}",
-                    crate::nvidia::markdown(&v, &crate::nvidia::module_of(&nvidia_values))
-                );
-                0
-            }),
+        Command::NvidiaKeys { nvidia_values } => {
+            gpu_pilot_core::values::nvidia::read_values_file(&nvidia_values)
+                .map_err(|e| anyhow::anyhow!(e))
+                .map(|v| {
+                    print!(
+                        "{}",
+                        gpu_pilot_core::values::nvidia::markdown(
+                            &v,
+                            &gpu_pilot_core::values::nvidia::module_of(&nvidia_values)
+                        )
+                    );
+                    0
+                })
+        }
         Command::ValuesSchema => {
-            let text = serde_json::to_string_pretty(&crate::values::schema())
+            let text = serde_json::to_string_pretty(&gpu_pilot_core::values::schema())
                 .expect("the schema serializes");
             println!("{text}");
             Ok(0)

@@ -5,28 +5,26 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use gpu_pilot_api::ClusterPolicy;
-use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, Stage, label, webhook};
+use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, label, webhook};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
+use kube::runtime::wait::{await_condition, conditions};
 use serde_json::Value;
 
-use crate::context::{Global, Kube, Output, explain};
-use crate::objects::{self, Applied};
-use crate::render::{self, Include, key};
-use crate::values::{Values, apply_set, default_tree};
+use gpu_pilot_core::render::install::{self as render, Include};
+use gpu_pilot_core::render::key;
+use gpu_pilot_core::values::{Values, apply_set, default_tree};
 
-/// The oldest Kubernetes gpu-pilot supports (matchConditions and CEL validation are GA).
-pub const MIN_KUBERNETES: (u32, u32) = (1, 30);
-/// The newest Kubernetes gpu-pilot is tested against.
-pub const MAX_TESTED_KUBERNETES: (u32, u32) = (1, 37);
+use crate::cluster::objects::{self, Applied};
+use crate::cluster::probe::{can_i, gpu_operator_signs, server_version, version_verdict};
+use crate::cluster::{Kube, explain};
+use crate::global::Global;
+use crate::status::stage_lines;
+use crate::ui::{Output, Printer, Progress};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -58,34 +56,11 @@ pub struct InstallArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub wait: Option<bool>,
     /// How long --wait waits before it stops and shows what is stuck.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = gpu_pilot_core::duration::parse)]
     pub timeout: Duration,
     /// Install even though NVIDIA's GPU Operator is present (they would fight over the nodes).
     #[arg(long)]
     pub ignore_gpu_operator: bool,
-}
-
-/// Parse `90s`, `5m`, `1h` or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write it like 90s, 5m or 1h"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => {
-            return Err(format!(
-                "{s:?} is not a duration: unknown unit {unit:?}; write it like 90s, 5m or 1h"
-            ));
-        }
-    };
-    Ok(Duration::from_secs(secs))
 }
 
 /// The values install uses: defaults, --version, then -f files and --set.
@@ -183,7 +158,7 @@ pub async fn apply_and_prune(
 /// Print objects for `--dry-run`.
 pub fn print_objects(output: Output, objs: &[Value]) -> anyhow::Result<()> {
     match output {
-        Output::Yaml => print!("{}", render::to_yaml(objs)),
+        Output::Yaml => print!("{}", gpu_pilot_core::render::to_yaml(objs)),
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
@@ -203,147 +178,6 @@ pub fn print_objects(output: Output, objs: &[Value]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Plain progress lines, with colour only on a terminal.
-pub struct Printer {
-    colour: bool,
-    terminal: bool,
-}
-
-impl Printer {
-    pub fn new(colour: bool) -> Printer {
-        Printer {
-            colour,
-            terminal: std::io::stdout().is_terminal(),
-        }
-    }
-    pub fn heading(&mut self, s: &str) {
-        if self.colour {
-            println!("\n\x1b[1m==> {s}\x1b[0m");
-        } else {
-            println!("\n==> {s}");
-        }
-    }
-    pub fn line(&mut self, s: &str) {
-        println!("  {s}");
-    }
-    pub fn ok(&mut self, s: &str) {
-        self.mark("ok", "32", s)
-    }
-    pub fn warn(&mut self, s: &str) {
-        self.mark("warning", "33", s)
-    }
-    pub fn error(&mut self, s: &str) {
-        self.mark("error", "31", s)
-    }
-    fn mark(&mut self, word: &str, code: &str, s: &str) {
-        if self.colour {
-            println!("  \x1b[{code}m{word:<7}\x1b[0m {s}");
-        } else {
-            println!("  {word:<7} {s}");
-        }
-    }
-}
-
-async fn can_i(
-    kube: &Kube,
-    verb: &str,
-    group: &str,
-    resource: &str,
-    ns: Option<&str>,
-) -> anyhow::Result<bool> {
-    let review = SelfSubjectAccessReview {
-        spec: SelfSubjectAccessReviewSpec {
-            resource_attributes: Some(ResourceAttributes {
-                verb: Some(verb.into()),
-                group: Some(group.into()),
-                resource: Some(resource.into()),
-                namespace: ns.map(Into::into),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let api: Api<SelfSubjectAccessReview> = Api::all(kube.client.clone());
-    let r = api
-        .create(&PostParams::default(), &review)
-        .await
-        .map_err(|e| anyhow::anyhow!(explain(&e, &kube.server, "checking your permissions")))?;
-    Ok(r.status.map(|s| s.allowed).unwrap_or(false))
-}
-
-/// `(major, minor)` of the apiserver.
-pub async fn server_version(kube: &Kube) -> anyhow::Result<(u32, u32, String)> {
-    let info = kube
-        .client
-        .apiserver_version()
-        .await
-        .map_err(|e| anyhow::anyhow!(explain(&e, &kube.server, "reaching the cluster")))?;
-    let digits = |s: &str| {
-        s.chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-    };
-    let major = digits(&info.major).parse().unwrap_or(0);
-    let minor = digits(&info.minor).parse().unwrap_or(0);
-    Ok((major, minor, info.git_version))
-}
-
-/// Whether a Kubernetes version is supported, and a sentence about it when not quite.
-pub fn version_verdict(major: u32, minor: u32) -> Result<Option<String>, String> {
-    if (major, minor) < MIN_KUBERNETES {
-        return Err(format!(
-            "Kubernetes {major}.{minor} is older than {}.{}, the oldest gpu-pilot supports (it needs webhook matchConditions and CEL validation); upgrade the cluster",
-            MIN_KUBERNETES.0, MIN_KUBERNETES.1
-        ));
-    }
-    if (major, minor) > MAX_TESTED_KUBERNETES {
-        return Ok(Some(format!(
-            "Kubernetes {major}.{minor} is newer than {}.{}, the newest gpu-pilot is tested on; it should work, report problems",
-            MAX_TESTED_KUBERNETES.0, MAX_TESTED_KUBERNETES.1
-        )));
-    }
-    Ok(None)
-}
-
-/// Signs of NVIDIA's GPU Operator in the cluster, as sentences.
-pub async fn gpu_operator_signs(kube: &Kube) -> anyhow::Result<Vec<String>> {
-    let mut signs = Vec::new();
-    let crds: Api<CustomResourceDefinition> = Api::all(kube.client.clone());
-    if crds
-        .get_metadata_opt("clusterpolicies.nvidia.com")
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(explain(
-                &e,
-                &kube.server,
-                "looking for NVIDIA's GPU Operator"
-            ))
-        })?
-        .is_some()
-    {
-        signs.push("the CRD clusterpolicies.nvidia.com exists".to_string());
-    }
-    let deploys: Api<Deployment> = Api::all(kube.client.clone());
-    let lp = ListParams::default()
-        .labels("app in (gpu-operator),app.kubernetes.io/component=gpu-operator");
-    let found = deploys.list_metadata(&lp).await.map_err(|e| {
-        anyhow::anyhow!(explain(
-            &e,
-            &kube.server,
-            "looking for NVIDIA's GPU Operator"
-        ))
-    })?;
-    for d in found.items {
-        signs.push(format!(
-            "Deployment {}/{} runs it",
-            d.metadata.namespace.unwrap_or_default(),
-            d.metadata.name.unwrap_or_default()
-        ));
-    }
-    Ok(signs)
-}
-
 async fn preflight(
     kube: &Kube,
     values: &Values,
@@ -361,7 +195,7 @@ async fn preflight(
         )),
         Ok(Some(w)) => out.warn(&w),
         Err(e) => {
-            out.error(&e);
+            out.error(&e.to_string());
             ok = false;
         }
     }
@@ -596,25 +430,16 @@ async fn apply_all(
     Ok((created, changed, unchanged))
 }
 
+/// Waits (watching, with kube-runtime's `await_condition`) until the apiserver serves the CRD.
 async fn wait_established(kube: &Kube, name: &str) -> anyhow::Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(kube.client.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let crd = api.get(name).await.map_err(|e| {
-            anyhow::anyhow!(explain(&e, &kube.server, &format!("reading CRD {name}")))
-        })?;
-        let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
-            c.iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-        });
-        if established {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
+    let established = await_condition(api, name, conditions::is_crd_established());
+    match tokio::time::timeout(Duration::from_secs(60), established).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => anyhow::bail!("watching CRD {name} until it is established: {e}"),
+        Err(_) => anyhow::bail!(
             "the CRD {name} was not established within 60s; see `kubectl describe crd {name}`"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        ),
     }
 }
 
@@ -694,45 +519,6 @@ async fn prune(kube: &Kube, namespace: &str, objs: &[Value]) -> anyhow::Result<V
     Ok(pruned)
 }
 
-/// How many nodes have passed each stage (are in a later one).
-pub fn passed(stages: &gpu_pilot_api::policy::StageCounts, stage: Stage) -> i32 {
-    Stage::ALL
-        .iter()
-        .skip_while(|s| **s != stage)
-        .skip(1)
-        .map(|s| stages.get(*s))
-        .sum()
-}
-
-/// One line per stage for progress output.
-pub fn stage_lines(policy: &ClusterPolicy) -> Vec<String> {
-    let Some(status) = &policy.status else {
-        return vec![
-            "waiting for the controller to report (is gpu-pilot-controller running?)".into(),
-        ];
-    };
-    let total = status.gpu_nodes;
-    let stages = status.stages.clone().unwrap_or_default();
-    let mut lines = Vec::new();
-    for s in Stage::ALL {
-        if s == Stage::Ready {
-            lines.push(format!("{:<18} {:>5}/{total}", "ready", stages.get(s)));
-        } else {
-            lines.push(format!(
-                "{:<18} {:>5}/{total} passed{}",
-                s.as_str(),
-                passed(&stages, s),
-                if stages.get(s) > 0 {
-                    format!(", {} in it", stages.get(s))
-                } else {
-                    String::new()
-                }
-            ));
-        }
-    }
-    lines
-}
-
 pub async fn follow_rollout(
     kube: &Kube,
     namespace: &str,
@@ -741,7 +527,7 @@ pub async fn follow_rollout(
 ) -> anyhow::Result<i32> {
     let api: Api<ClusterPolicy> = Api::all(kube.client.clone());
     let start = Instant::now();
-    let mut last: Vec<String> = Vec::new();
+    let mut progress = Progress::new(out.terminal);
     loop {
         let policy = api
             .get(DEFAULT_POLICY_NAME)
@@ -752,26 +538,12 @@ pub async fn follow_rollout(
         let fresh = status
             .as_ref()
             .is_some_and(|s| s.observed_generation == current_gen);
-        let lines = stage_lines(&policy);
-        if lines != last {
-            if out.terminal && !last.is_empty() {
-                // Redraw the block in place.
-                print!("\x1b[{}A", last.len() + 1);
-            }
-            println!("  after {:>4}s:", start.elapsed().as_secs());
-            for l in &lines {
-                if out.terminal {
-                    println!("\x1b[2K    {l}");
-                } else {
-                    println!("    {l}");
-                }
-            }
-            last = lines;
-        }
+        progress.update(start.elapsed(), stage_lines(&policy));
         if let Some(s) = &status
             && fresh
             && s.state == Some(gpu_pilot_api::policy::PolicyState::Ready)
         {
+            progress.finish();
             out.ok(&format!(
                 "gpu-pilot is ready on {} GPU node(s) in {:.1}s",
                 s.gpu_nodes,
@@ -780,6 +552,7 @@ pub async fn follow_rollout(
             return Ok(0);
         }
         if start.elapsed() > timeout {
+            progress.finish();
             out.error(&format!(
                 "not ready after {}s; what the doctor finds:",
                 timeout.as_secs()
@@ -824,31 +597,5 @@ mod tests {
             "NVIDIA's images keep theirs"
         );
         assert!(load_values(&args(&[], Some("v 1"))).is_err());
-    }
-
-    #[test]
-    fn durations_and_versions() {
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("5 min").is_err());
-        assert!(version_verdict(1, 29).is_err());
-        assert_eq!(version_verdict(1, 37), Ok(None));
-        assert!(version_verdict(1, 40).unwrap().is_some());
-    }
-
-    #[test]
-    fn passed_counts_later_stages() {
-        let s = gpu_pilot_api::policy::StageCounts {
-            toolkit: 1,
-            driver: 2,
-            driver_validation: 0,
-            device_plugin: 3,
-            plugin_validation: 0,
-            ready: 4,
-        };
-        assert_eq!(passed(&s, Stage::Toolkit), 9);
-        assert_eq!(passed(&s, Stage::Driver), 7);
-        assert_eq!(passed(&s, Stage::PluginValidation), 4);
     }
 }

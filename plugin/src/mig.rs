@@ -9,8 +9,9 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
-use crate::context::{Global, Kube, Output, explain};
-use crate::install::{Printer, parse_duration};
+use crate::cluster::{Kube, explain};
+use crate::global::Global;
+use crate::ui::{Output, Printer};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum MigCommand {
@@ -31,7 +32,7 @@ pub struct SetArgs {
     #[arg(long, value_name = "SELECTOR")]
     pub nodes: String,
     /// How long to wait for every node.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = gpu_pilot_core::duration::parse)]
     pub timeout: Duration,
     /// Set the label and return.
     #[arg(long)]
@@ -223,7 +224,7 @@ async fn known_layouts(kube: &Kube, ns: &str) -> anyhow::Result<Option<(String, 
     let Ok(Some(cm)) = cms.get_opt(&name).await else {
         return Ok(None);
     };
-    Ok(Some((name, gpu_pilot_webhook::validate::mig_layouts(&cm))))
+    Ok(Some((name, gpu_pilot_core::mig_parted::mig_layouts(&cm))))
 }
 
 #[cfg(test)]

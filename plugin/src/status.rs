@@ -7,8 +7,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
 
-use crate::context::{Global, Kube, Output, explain};
-use crate::install::passed;
+use crate::cluster::{Kube, explain};
+use crate::global::Global;
+use crate::ui::Output;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -69,7 +70,7 @@ pub async fn collect(kube: &Kube, namespace: &str) -> anyhow::Result<Status> {
         Err(e) => anyhow::bail!(explain(&e, &kube.server, "listing ClusterPolicies")),
     };
     let deploys: Api<Deployment> = Api::namespaced(kube.client.clone(), namespace);
-    let lp = ListParams::default().labels(&gpu_pilot_controller::render::managed_selector());
+    let lp = ListParams::default().labels(&gpu_pilot_core::render::managed_selector());
     let deployments = deploys
         .list(&lp)
         .await
@@ -275,6 +276,45 @@ fn stage(p: &PolicySummary, s: Stage) -> i32 {
         .unwrap_or(0)
 }
 
+/// How many nodes have passed each stage (are in a later one).
+pub fn passed(stages: &gpu_pilot_api::policy::StageCounts, stage: Stage) -> i32 {
+    Stage::ALL
+        .iter()
+        .skip_while(|s| **s != stage)
+        .skip(1)
+        .map(|s| stages.get(*s))
+        .sum()
+}
+
+/// One line per stage for progress output.
+pub fn stage_lines(policy: &ClusterPolicy) -> Vec<String> {
+    let Some(status) = &policy.status else {
+        return vec![
+            "waiting for the controller to report (is gpu-pilot-controller running?)".into(),
+        ];
+    };
+    let total = status.gpu_nodes;
+    let stages = status.stages.clone().unwrap_or_default();
+    let mut lines = Vec::new();
+    for s in Stage::ALL {
+        if s == Stage::Ready {
+            lines.push(format!("{:<18} {:>5}/{total}", "ready", stages.get(s)));
+        } else {
+            lines.push(format!(
+                "{:<18} {:>5}/{total} passed{}",
+                s.as_str(),
+                passed(&stages, s),
+                if stages.get(s) > 0 {
+                    format!(", {} in it", stages.get(s))
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,5 +364,20 @@ mod tests {
         assert!(t.contains("other"), "{t}");
         assert!(t.lines().count() <= 8, "{t}");
         assert!(!t.contains('\x1b'));
+    }
+
+    #[test]
+    fn passed_counts_later_stages() {
+        let s = gpu_pilot_api::policy::StageCounts {
+            toolkit: 1,
+            driver: 2,
+            driver_validation: 0,
+            device_plugin: 3,
+            plugin_validation: 0,
+            ready: 4,
+        };
+        assert_eq!(passed(&s, Stage::Toolkit), 9);
+        assert_eq!(passed(&s, Stage::Driver), 7);
+        assert_eq!(passed(&s, Stage::PluginValidation), 4);
     }
 }

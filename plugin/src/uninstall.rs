@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{FINALIZER, annotation, label};
-use gpu_pilot_controller::render::managed_selector;
-use gpu_pilot_controller::rollout::{NodeFacts, cleanup_node};
+use gpu_pilot_core::facts::NodeFacts;
+use gpu_pilot_core::render::managed_selector;
+use gpu_pilot_core::rollout::cleanup_node;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
@@ -17,10 +18,13 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use serde_json::{Value, json};
 
-use crate::context::{Global, Kube, explain};
-use crate::install::{Printer, parse_duration};
-use crate::objects::{self, Deleted};
-use crate::render::{self, key};
+use gpu_pilot_core::render::install as render;
+use gpu_pilot_core::render::key;
+
+use crate::cluster::objects::{self, Deleted};
+use crate::cluster::{Kube, explain};
+use crate::global::Global;
+use crate::ui::Printer;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -35,7 +39,7 @@ pub struct UninstallArgs {
     #[arg(long)]
     pub force: bool,
     /// How long to wait for the controller to clean up before uninstall does it itself.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = gpu_pilot_core::duration::parse)]
     pub timeout: Duration,
 }
 
@@ -183,29 +187,36 @@ async fn remove_policies(
                 "the controller did not finish within {}s (is it running?); cleaning up without it",
                 a.timeout.as_secs()
             ));
+            // A guarded edit: the patch tests that the finalizer is still where it was read, so a
+            // concurrent change to the list fails it (and the list is read again) instead of
+            // being overwritten.
+            let mut raced = false;
             for p in left {
                 let name = p.name_any();
-                let finalizers: Vec<String> = p
-                    .finalizers()
-                    .iter()
-                    .filter(|f| *f != FINALIZER)
-                    .cloned()
-                    .collect();
-                api.patch(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-                )
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(explain(
+                let Some(i) = p.finalizers().iter().position(|f| f == FINALIZER) else {
+                    continue;
+                };
+                let release: json_patch::Patch = serde_json::from_value(json!([
+                    {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+                    {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+                ]))?;
+                match api
+                    .patch(&name, &PatchParams::default(), &Patch::Json::<()>(release))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => raced = true,
+                    Err(e) => anyhow::bail!(explain(
                         &e,
                         &kube.server,
                         &format!("releasing ClusterPolicy {name}")
-                    ))
-                })?;
+                    )),
+                }
             }
-            return Ok(n);
+            if !raced {
+                return Ok(n);
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -368,7 +379,7 @@ async fn delete_helpers(kube: &Kube, ns: &str, out: &mut Printer) -> anyhow::Res
         "{},{} in ({})",
         managed_selector(),
         label::COMPONENT,
-        gpu_pilot_controller::render::HELPER_COMPONENTS.join(",")
+        gpu_pilot_core::render::operands::HELPER_COMPONENTS.join(",")
     );
     let c = kube.client.clone();
     let s = &kube.server;

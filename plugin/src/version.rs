@@ -5,7 +5,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::Api;
 use serde::Serialize;
 
-use crate::context::{Global, Kube, Output};
+use crate::cluster::Kube;
+use crate::global::Global;
+use crate::ui::Output;
 
 #[derive(Debug, clap::Args)]
 pub struct VersionArgs {
@@ -88,11 +90,11 @@ pub async fn run(g: &Global, a: VersionArgs) -> anyhow::Result<i32> {
 
 async fn cluster_versions(g: &Global, v: &mut Versions) -> anyhow::Result<()> {
     let kube = Kube::connect(g).await?;
-    let (_, _, git) = crate::install::server_version(&kube).await?;
+    let (_, _, git) = crate::cluster::probe::server_version(&kube).await?;
     v.kubernetes = Some(git);
     let deploys: Api<Deployment> = Api::namespaced(kube.client.clone(), &g.namespace);
     v.controller = deploys
-        .get_opt(crate::render::CONTROLLER)
+        .get_opt(gpu_pilot_core::render::install::CONTROLLER)
         .await?
         .as_ref()
         .and_then(image_tag);

@@ -18,7 +18,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -109,12 +109,18 @@ where
         )
         .await?;
     crate::foundation::ensure_crd(&client).await?;
-    f(Env {
+    let result = f(Env {
         cluster,
-        client,
-        ns,
+        client: client.clone(),
+        ns: ns.clone(),
     })
-    .await
+    .await;
+    // The one teardown, run whatever the scenario did: its operand namespace goes (cluster-wide
+    // state is reset by the next scenario's reset_cluster).
+    let _ = Api::<Namespace>::all(client)
+        .delete(&ns, &kube::api::DeleteParams::background())
+        .await;
+    result
 }
 
 async fn create_policy(client: &Client, name: &str, spec: Value) -> anyhow::Result<()> {
@@ -176,16 +182,34 @@ async fn wait_policy(
 type StageLog = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 /// Records every value the stage label takes on every node, from a watch started now.
-fn record_stages(client: &Client) -> (StageLog, tokio::task::JoinHandle<()>) {
+/// Records every node's stage label as it changes; returns once the first full list is in, so
+/// no transition made after it is missed.
+async fn record_stages(client: &Client) -> (StageLog, tokio::task::JoinHandle<()>) {
     let seen: StageLog = Arc::default();
     let api: Api<Node> = Api::all(client.clone());
     let s = seen.clone();
+    let (listed_tx, listed) = tokio::sync::oneshot::channel();
+    let mut listed_tx = Some(listed_tx);
     let task = tokio::spawn(async move {
-        let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
-        while let Some(Ok(ev)) = stream.next().await {
+        // The watcher restarts itself after an error (with backoff); the error is said, not
+        // swallowed, and the recording goes on, so a stage seen after it still counts.
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = stream.next().await {
             let nodes = match ev {
-                watcher::Event::Apply(n) | watcher::Event::InitApply(n) => vec![n],
-                _ => vec![],
+                Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => vec![n],
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(tx) = listed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    vec![]
+                }
+                Ok(_) => vec![],
+                Err(e) => {
+                    eprintln!("stage recorder: node watch failed, retrying: {e}");
+                    vec![]
+                }
             };
             for n in nodes {
                 if let Some(stage) = n.labels().get(label::STAGE) {
@@ -198,6 +222,8 @@ fn record_stages(client: &Client) -> (StageLog, tokio::task::JoinHandle<()>) {
             }
         }
     });
+    // A watch that never lists fails the scenario later, with what it saw.
+    let _ = tokio::time::timeout(Duration::from_secs(30), listed).await;
     (seen, task)
 }
 
@@ -224,8 +250,7 @@ async fn rollout(env: Env) -> anyhow::Result<()> {
     // This scenario runs the controller as its own ServiceAccount with only its RBAC.
     let kubeconfig = gpu_pilot_e2e::controller::restricted_kubeconfig(&env.cluster, &env.ns)?;
     let ctrl = RunningController::start(&kubeconfig, &env.ns, "rollout", false);
-    let (seen, watch) = record_stages(c);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (seen, watch) = record_stages(c).await;
     create_policy(c, "cluster-policy", json!({})).await?;
     let p = wait_policy(
         c,
@@ -535,8 +560,7 @@ async fn stuck_driver(env: Env) -> anyhow::Result<()> {
 async fn host_driver(env: Env) -> anyhow::Result<()> {
     let c = &env.client;
     let ctrl = RunningController::start(env.cluster.kubeconfig(), &env.ns, "host-driver", false);
-    let (seen, watch) = record_stages(c);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (seen, watch) = record_stages(c).await;
     create_policy(
         c,
         "cluster-policy",

@@ -22,8 +22,10 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use kubectl_gpu::context::{ColorChoice, Global, Kube, Output};
+use kubectl_gpu::cluster::Kube;
 use kubectl_gpu::doctor::{Report, Severity};
+use kubectl_gpu::global::Global;
+use kubectl_gpu::ui::{ColorChoice, Output};
 use serde_json::{Value, json};
 
 use crate::TestFn;
@@ -861,7 +863,7 @@ async fn bundle(env: Env) -> anyhow::Result<()> {
         let logs: Vec<&String> = files.keys().filter(|n| n.starts_with("logs/")).collect();
         ensure!(
             logs.len() >= Component::ALL.len()
-                && logs.len() <= kubectl_gpu::bundle::MAX_LOG_PODS * 4,
+                && logs.len() <= kubectl_gpu::doctor::bundle::MAX_LOG_PODS * 4,
             "{} log files: {logs:?}",
             logs.len()
         );

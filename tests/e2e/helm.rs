@@ -21,6 +21,7 @@ use clap::Parser;
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{Component, label, webhook as webhook_names};
 use gpu_pilot_api::policy::PolicyState;
+use gpu_pilot_core::render::install::{self as render, Include};
 use gpu_pilot_e2e::controller::RunningController;
 use gpu_pilot_e2e::{Cluster, build_tools, eventually, node_names, repo_root};
 use gpu_pilot_webhook::certs::CertSettings;
@@ -36,7 +37,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service, ServiceAccoun
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client, ResourceExt};
-use kubectl_gpu::render::{self, Include};
 use serde_json::{Value, json};
 
 use crate::TestFn;
@@ -126,7 +126,7 @@ fn objects_of(yaml: &str) -> anyhow::Result<BTreeMap<String, Value>> {
             continue;
         }
         let v = without_nulls(v);
-        let key = render::key(&v);
+        let key = gpu_pilot_core::render::key(&v);
         ensure!(
             out.insert(key.clone(), v).is_none(),
             "{key} is rendered twice"
@@ -214,7 +214,7 @@ fn kubectl_gpu_objects(ns: &str, args: &[String]) -> anyhow::Result<BTreeMap<Str
         bail!("{argv:?} is not an install command");
     };
     let values = kubectl_gpu::install::load_values(&install)?;
-    let yaml = render::to_yaml(&render::objects(
+    let yaml = gpu_pilot_core::render::to_yaml(&render::objects(
         &cli.global.namespace,
         &values,
         Include::ALL,
@@ -777,7 +777,7 @@ async fn lint() -> anyhow::Result<()> {
         meta["version"],
         meta["appVersion"]
     );
-    let (major, minor) = kubectl_gpu::install::MIN_KUBERNETES;
+    let (major, minor) = kubectl_gpu::cluster::probe::MIN_KUBERNETES;
     ensure!(
         meta["kubeVersion"] == format!(">={major}.{minor}.0-0"),
         "Chart.yaml kubeVersion {} must be >={major}.{minor}.0-0, the oldest Kubernetes `kubectl gpu install` accepts",

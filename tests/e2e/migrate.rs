@@ -193,7 +193,7 @@ async fn watch(
                             && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
                                 == Some(n.as_str())
                             && p.metadata.deletion_timestamp.is_none()
-                            && gpu_pilot_controller::rollout::PodFacts::from_pod(p)
+                            && gpu_pilot_core::facts::PodFacts::from_pod(p)
                                 .map(|f| f.ready)
                                 .unwrap_or_else(|| ready(p))
                     })

@@ -18,14 +18,14 @@ use std::sync::Arc;
 use anyhow::{Context, bail, ensure};
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::policy::{DRIVER_CRD_REFUSAL, SANDBOX_REFUSAL};
+use gpu_pilot_core::values::nvidia::{self, Does, NEWER_KEYS, TEMPLATE_ONLY_KEYS};
+use gpu_pilot_core::values::{POLICY_OPERATOR_KEYS, POLICY_SECTIONS, merge};
 use gpu_pilot_e2e::nvidia::{gpu_operator_module, read_yaml};
 use gpu_pilot_e2e::{Cluster, TestEnv, build_tools, plugin_binary, repo_root};
 use kube::Api;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, ValidationDirective,
 };
-use kubectl_gpu::nvidia::{self, Does, NEWER_KEYS, TEMPLATE_ONLY_KEYS};
-use kubectl_gpu::values::{POLICY_OPERATOR_KEYS, POLICY_SECTIONS, merge};
 use serde_json::{Value, json};
 
 use crate::TestFn;
@@ -94,7 +94,7 @@ fn objects_by_key(list: &Value) -> BTreeMap<String, Value> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|o| (kubectl_gpu::render::key(o), o.clone()))
+        .map(|o| (gpu_pilot_core::render::key(o), o.clone()))
         .collect()
 }
 
@@ -130,7 +130,7 @@ fn target(key: &str, value: &Value, ns: &str) -> Option<(String, String, Value)>
             return Some((
                 policy,
                 "/spec/migManager/config/name".into(),
-                json!(kubectl_gpu::render::MIG_PARTED_CONFIG),
+                json!(gpu_pilot_core::render::install::MIG_PARTED_CONFIG),
             ));
         }
         if let Some(r) = key.strip_prefix("driver.upgradePolicy.gpuPodDeletion.") {
@@ -258,7 +258,7 @@ async fn values_accepted(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     }
     ensure!(
         missing_rule.is_empty(),
-        "keys of NVIDIA's values with no row in kubectl_gpu::nvidia::RULES: {missing_rule:?}"
+        "keys of NVIDIA's values with no row in gpu_pilot_core::values::nvidia::RULES: {missing_rule:?}"
     );
     ensure!(
         wrong.is_empty(),

@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, label, webhook as names};
+use gpu_pilot_core::render::install::{self as render, Include};
+use gpu_pilot_core::render::key;
+use gpu_pilot_core::values::Values;
 use gpu_pilot_e2e::controller::RunningController;
 use gpu_pilot_e2e::eventually;
 use gpu_pilot_webhook::certs::CertSettings;
@@ -19,8 +22,6 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use kubectl_gpu::render::{self, Include, key};
-use kubectl_gpu::values::Values;
 use serde_json::{Value, json};
 
 use crate::TestFn;
@@ -115,7 +116,7 @@ async fn versions(env: &Env, objs: &[Value]) -> anyhow::Result<BTreeMap<String, 
     let kube = kube_for(env).await?;
     let mut out = BTreeMap::new();
     for o in objs {
-        let api = kubectl_gpu::objects::api_for(&kube, o)?;
+        let api = kubectl_gpu::cluster::objects::api_for(&kube, o)?;
         let name = o["metadata"]["name"].as_str().unwrap_or_default();
         if let Some(m) = api.get_metadata_opt(name).await? {
             out.insert(key(o), m.metadata.resource_version.unwrap_or_default());
@@ -124,15 +125,15 @@ async fn versions(env: &Env, objs: &[Value]) -> anyhow::Result<BTreeMap<String, 
     Ok(out)
 }
 
-async fn kube_for(env: &Env) -> anyhow::Result<kubectl_gpu::context::Kube> {
-    let global = kubectl_gpu::context::Global {
+async fn kube_for(env: &Env) -> anyhow::Result<kubectl_gpu::cluster::Kube> {
+    let global = kubectl_gpu::global::Global {
         kubeconfig: Some(env.cluster.kubeconfig().to_path_buf()),
         context: None,
         namespace: env.ns.clone(),
-        output: kubectl_gpu::context::Output::Table,
-        color: kubectl_gpu::context::ColorChoice::Never,
+        output: kubectl_gpu::ui::Output::Table,
+        color: kubectl_gpu::ui::ColorChoice::Never,
     };
-    kubectl_gpu::context::Kube::connect(&global).await
+    kubectl_gpu::cluster::Kube::connect(&global).await
 }
 
 /// Every gpu-pilot label or annotation left on nodes, as `node: key`.
@@ -243,7 +244,7 @@ async fn install_reinstall_uninstall(env: Env) -> anyhow::Result<()> {
         eventually("every installed object is gone", Duration::from_secs(90), || async {
             let mut left = Vec::new();
             for o in objs.iter().filter(|o| o["kind"] != "Namespace") {
-                if kubectl_gpu::objects::exists(&kube, o).await? {
+                if kubectl_gpu::cluster::objects::exists(&kube, o).await? {
                     left.push(key(o));
                 }
             }
@@ -422,8 +423,8 @@ async fn classic_flags(env: Env) -> anyhow::Result<()> {
         let docs: Vec<Value> = serde_yaml::Deserializer::from_slice(&dry.stdout)
             .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))
             .collect::<Result<_, _>>()?;
-        let mut tree = kubectl_gpu::values::default_tree();
-        kubectl_gpu::values::apply_set(
+        let mut tree = gpu_pilot_core::values::default_tree();
+        gpu_pilot_core::values::apply_set(
             &mut tree,
             "webhook.enabled=false,mig.strategy=mixed",
             false,
@@ -855,7 +856,7 @@ async fn ownership(env: Env) -> anyhow::Result<()> {
         eventually("every object gpu-pilot made is gone", Duration::from_secs(90), || async {
             let mut left = Vec::new();
             for o in render::objects(&ns, &values, Include::ALL).iter().filter(|o| o["kind"] != "Namespace") {
-                if kubectl_gpu::objects::exists(&kube, o).await? {
+                if kubectl_gpu::cluster::objects::exists(&kube, o).await? {
                     left.push(key(o));
                 }
             }

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::webhook as names;
+use gpu_pilot_core::render::webhook::{Registration, Target};
 use gpu_pilot_e2e::{Cluster, TestEnv, eventually};
 use gpu_pilot_webhook::certs::CertSettings;
 use gpu_pilot_webhook::cluster::Scope;
-use gpu_pilot_webhook::manifests::{Registration, Target};
 use gpu_pilot_webhook::server::Limits;
 use gpu_pilot_webhook::{CertSource, Options, Running};
 use k8s_openapi::api::admissionregistration::v1::{
@@ -1128,7 +1128,7 @@ pub(crate) async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()>
     let env = TestEnv::new(&cluster, "webhook-rbac").await?;
     let id = env.namespace.clone();
     // The shipped RBAC, named for this test, and a client that acts as its ServiceAccount.
-    let rbac = gpu_pilot_webhook::manifests::rbac_for(&id, &id, TLS_SECRET);
+    let rbac = gpu_pilot_core::render::webhook::rbac_for(&id, &id, TLS_SECRET);
     let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
     let (ok, _, err) = kubectl(&cluster, &["create", "-f", "-"], Some(&list)).await?;
     ensure!(ok, "creating the RBAC objects: {err}");

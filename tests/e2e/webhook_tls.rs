@@ -245,7 +245,8 @@ pub(crate) async fn cert_files_rotate_under_load(cluster: Arc<Cluster>) -> anyho
         }
     };
     let addr = running.addr;
-    fx.registration.target = gpu_pilot_webhook::manifests::Target::Url(format!("https://{addr}"));
+    fx.registration.target =
+        gpu_pilot_core::render::webhook::Target::Url(format!("https://{addr}"));
     fx.running = Some(running);
     let dir = mounted.dir.clone();
     let ns = env.namespace.clone();

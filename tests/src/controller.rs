@@ -47,7 +47,7 @@ impl RunningController {
             metrics_addr: metrics,
             leader_elect,
             identity: identity.into(),
-            lease_duration: 4,
+            lease_duration: std::time::Duration::from_secs(4),
             resync: Duration::from_secs(10),
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -101,13 +101,29 @@ impl RunningController {
         }
     }
 
-    /// Reads one series of the controller's /metrics (summed over labels matching `filter`).
+    /// Reads one metric of the controller's /metrics with prometheus-parse, summed over the series
+    /// whose labels match `filter` (`kind="node"`, or empty for all).
     pub async fn metric(&self, name: &str, filter: &str) -> anyhow::Result<f64> {
         let body = http_get(self.metrics, "/metrics").await?;
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with(name) && l.contains(filter))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))?;
+        let wanted = filter
+            .split_once('=')
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()));
+        Ok(scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| {
+                wanted
+                    .as_ref()
+                    .is_none_or(|(k, v)| s.labels.get(k) == Some(v.as_str()))
+            })
+            .filter_map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            })
             .sum())
     }
 }
@@ -204,7 +220,7 @@ pub fn restricted_kubeconfig(
     namespace: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
     use std::io::Write;
-    let rbac = gpu_pilot_controller::rbac::yaml(namespace);
+    let rbac = gpu_pilot_core::render::controller_rbac::yaml(namespace);
     let mut apply = cluster
         .kubectl()
         .args(["apply", "-f", "-"])
@@ -221,7 +237,7 @@ pub fn restricted_kubeconfig(
         .args([
             "create",
             "token",
-            gpu_pilot_controller::rbac::SERVICE_ACCOUNT,
+            gpu_pilot_core::render::controller_rbac::SERVICE_ACCOUNT,
             "-n",
             namespace,
             "--duration=1h",

@@ -189,22 +189,11 @@ async fn direct(seconds: u64) -> anyhow::Result<()> {
     println!(
         "CPU/request is this whole process (client and server, user and system time) per request; the machine's other load shows in p99, not in it."
     );
-    let text = state.metrics.render();
-    let handler = |suffix: &str| -> f64 {
-        text.lines()
-            .find(|l| {
-                l.starts_with(&format!(
-                    "gpupilot_webhook_request_duration_seconds_{suffix}{{endpoint=\"mutate_pods\"}}"
-                ))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let (handler_sum, handler_count) = handler_time(&state.metrics.render());
     println!(
         "the handler itself (body read to answer built): mean {:.1} us over {} reviews",
-        handler("sum") / handler("count").max(1.0) * 1e6,
-        handler("count")
+        handler_sum / (handler_count.max(1) as f64) * 1e6,
+        handler_count
     );
     handle.shutdown();
     Ok(())
@@ -215,7 +204,7 @@ async fn through_apiserver(
     pods: usize,
     parallel: usize,
 ) -> anyhow::Result<()> {
-    use gpu_pilot_webhook::manifests::{Registration, Target};
+    use gpu_pilot_core::render::webhook::{Registration, Target};
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -472,22 +461,11 @@ async fn through_apiserver(
         bench_cpu[2],
         bench_cpu[3]
     );
-    let text = running.metrics.render();
-    let handler = |suffix: &str| -> f64 {
-        text.lines()
-            .find(|l| {
-                l.starts_with(&format!(
-                    "gpupilot_webhook_request_duration_seconds_{suffix}{{endpoint=\"mutate_pods\"}}"
-                ))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let (handler_sum, handler_count) = handler_time(&running.metrics.render());
     println!(
         "  the webhook's own handler time: mean {:.1} us over {} reviews",
-        handler("sum") / handler("count").max(1.0) * 1e6,
-        handler("count")
+        handler_sum / (handler_count.max(1) as f64) * 1e6,
+        handler_count
     );
     running.stop().await;
     let _ = mwcs.delete(&id, &DeleteParams::default()).await;
@@ -551,4 +529,34 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Seconds the webhook spent in its pod handler and how many reviews, from a /metrics scrape.
+fn handler_time(metrics: &str) -> (f64, u64) {
+    let scrape =
+        prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).unwrap();
+    scrape
+        .samples
+        .iter()
+        .find_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets)
+                if s.metric == "gpupilot_webhook_request_duration_seconds"
+                    && s.labels.get("endpoint") == Some("mutate_pods") =>
+            {
+                let count = buckets.last().map_or(0.0, |b| b.count) as u64;
+                let sum = scrape
+                    .samples
+                    .iter()
+                    .find(|x| x.metric == "gpupilot_webhook_request_duration_seconds_sum")
+                    .and_then(|x| match x.value {
+                        prometheus_parse::Value::Untyped(v)
+                        | prometheus_parse::Value::Counter(v) => Some(v),
+                        _ => None,
+                    })
+                    .unwrap_or(0.0);
+                Some((sum, count))
+            }
+            _ => None,
+        })
+        .unwrap_or((0.0, 0))
 }

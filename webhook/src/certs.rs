@@ -640,7 +640,7 @@ impl Reloader {
 }
 
 /// What a certificate says of itself that matters for running it: which one it is and until when
-/// it is valid. Read from the DER by hand (a few fixed fields), for logs, metrics and tests.
+/// it is valid, for logs, metrics and tests (read with x509-parser).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertSummary {
     /// The serial number, lowercase hex of its DER bytes.
@@ -657,72 +657,19 @@ impl CertSummary {
         CertSummary::from_der(&der)
     }
 
-    /// An X.509 certificate: `SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
-    /// serialNumber INTEGER, signature, issuer, validity SEQUENCE { notBefore, notAfter }, ... } ... }`.
+    /// An X.509 certificate in DER.
     pub fn from_der(der: &[u8]) -> Option<CertSummary> {
-        let (0x30, cert, _) = der_tlv(der)? else {
-            return None;
-        };
-        let (0x30, tbs, _) = der_tlv(cert)? else {
-            return None;
-        };
-        let (mut tag, mut value, mut rest) = der_tlv(tbs)?;
-        if tag == 0xa0 {
-            (tag, value, rest) = der_tlv(rest)?;
-        }
-        if tag != 0x02 {
-            return None;
-        }
-        let serial = value.iter().map(|b| format!("{b:02x}")).collect();
-        let (_signature, _, rest) = der_tlv(rest)?;
-        let (_issuer, _, rest) = der_tlv(rest)?;
-        let (0x30, validity, _) = der_tlv(rest)? else {
-            return None;
-        };
-        let (_not_before, _, validity) = der_tlv(validity)?;
-        let (tag, value, _) = der_tlv(validity)?;
-        Some(CertSummary {
-            serial,
-            not_after: der_time(tag, value)?,
-        })
-    }
-}
-
-/// One DER tag-length-value: (tag, value, what follows).
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let serial = cert
+            .tbs_certificate
+            .raw_serial()
             .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`, years 1950-2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-fn der_time(tag: u8, value: &[u8]) -> Option<OffsetDateTime> {
-    let text = std::str::from_utf8(value).ok()?.strip_suffix('Z')?;
-    let (year, rest) = match tag {
-        0x17 if text.len() == 12 => {
-            let yy: i32 = text[..2].parse().ok()?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
-        }
-        0x18 if text.len() == 14 => (text[..4].parse().ok()?, &text[4..]),
-        _ => return None,
-    };
-    let num = |i: usize| -> Option<u8> { rest.get(i..i + 2)?.parse().ok() };
-    let date =
-        time::Date::from_calendar_date(year, time::Month::try_from(num(0)?).ok()?, num(2)?).ok()?;
-    let t = time::Time::from_hms(num(4)?, num(6)?, num(8)?).ok()?;
-    Some(time::PrimitiveDateTime::new(date, t).assume_utc())
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let not_after =
+            OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok()?;
+        Some(CertSummary { serial, not_after })
+    }
 }
 
 /// Keeps the certificates current: every `interval`, one [`CertManager::reconcile`] pass and a
@@ -806,210 +753,4 @@ pub async fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<(String, String)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> CertSettings {
-        CertSettings {
-            namespace: "gpu-pilot".into(),
-            secret: "s".into(),
-            names: vec!["gpu-pilot-webhook.gpu-pilot.svc".into(), "127.0.0.1".into()],
-            ca_validity: Duration::from_secs(1000),
-            ca_renew_before: Duration::from_secs(300),
-            ca_overlap: Duration::from_secs(60),
-            cert_validity: Duration::from_secs(100),
-            cert_renew_before: Duration::from_secs(30),
-            mutating_config: None,
-            validating_config: None,
-        }
-    }
-
-    fn at(secs: i64) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp(1_800_000_000 + secs).unwrap()
-    }
-
-    fn step(now: OffsetDateTime, st: Stored, s: &CertSettings) -> (Plan, Stored) {
-        let p = plan(now, Some(&st), s);
-        let next = carry_out(p, now, Some(st.clone()), s)
-            .unwrap()
-            .unwrap_or(st);
-        (p, next)
-    }
-
-    #[test]
-    fn settings_that_overlap_are_refused() {
-        assert!(settings().check().is_ok());
-        let mut s = settings();
-        s.cert_renew_before = s.cert_validity;
-        assert!(
-            s.check()
-                .unwrap_err()
-                .to_string()
-                .contains("--cert-renew-before")
-        );
-        let mut s = settings();
-        s.ca_overlap = Duration::from_secs(290);
-        assert!(
-            s.check()
-                .unwrap_err()
-                .to_string()
-                .contains("--ca-renew-before")
-        );
-    }
-
-    #[test]
-    fn a_full_life_cycle_keeps_a_trusted_chain() {
-        let s = settings();
-        assert_eq!(plan(at(0), None, &s), Plan::Create);
-        let st = carry_out(Plan::Create, at(0), None, &s).unwrap().unwrap();
-        assert_eq!(st.cert_not_after, at(100));
-        assert_eq!(plan(at(50), Some(&st), &s), Plan::Keep);
-        let (p, st) = step(at(75), st, &s);
-        assert_eq!(p, Plan::RenewCert);
-        assert_eq!(st.cert_not_after, at(175));
-        let first_ca = st.ca.cert_pem.clone();
-
-        // Walk forward in 10 s steps; every step, the serving cert's CA must be in the bundle.
-        let mut st = st;
-        let mut seen = Vec::new();
-        for t in (80..=2500).step_by(10) {
-            let (p, next) = step(at(t), st, &s);
-            if p != Plan::Keep {
-                seen.push((t, p));
-            }
-            st = next;
-            assert!(st.cert_not_after > at(t), "expired serving cert at {t}");
-            assert!(st.ca.not_after > at(t), "expired CA at {t}");
-            assert!(st.bundle().contains(&st.ca.cert_pem));
-        }
-        let staged = seen
-            .iter()
-            .find(|(_, p)| *p == Plan::StageNextCa)
-            .expect("a next CA")
-            .0;
-        let promoted = seen
-            .iter()
-            .find(|(_, p)| *p == Plan::PromoteNextCa)
-            .expect("a promotion")
-            .0;
-        assert_eq!(staged, 700, "staged ca_renew_before ahead of expiry");
-        assert_eq!(promoted, 760, "promoted after ca_overlap");
-        assert!(seen.iter().any(|(_, p)| *p == Plan::DropPreviousCa));
-        assert!(
-            !seen.iter().any(|(_, p)| *p == Plan::Create),
-            "never from scratch: {seen:?}"
-        );
-        assert_ne!(st.ca.cert_pem, first_ca);
-    }
-
-    #[test]
-    fn changed_names_renew_the_serving_cert() {
-        let s = settings();
-        let st = carry_out(Plan::Create, at(0), None, &s).unwrap().unwrap();
-        let mut s2 = s.clone();
-        s2.names.push("other.example".into());
-        assert_eq!(plan(at(1), Some(&st), &s2), Plan::RenewCert);
-    }
-
-    #[test]
-    fn secret_round_trip() {
-        let s = settings();
-        let mut st = carry_out(Plan::Create, at(0), None, &s).unwrap().unwrap();
-        st = carry_out(Plan::StageNextCa, at(1), Some(st), &s)
-            .unwrap()
-            .unwrap();
-        let secret = st.to_secret("ns", "name");
-        assert_eq!(Stored::from_secret(&secret), Some(st.clone()));
-        assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
-        let bundle =
-            String::from_utf8(secret.data.unwrap()[names::CA_BUNDLE_KEY].0.clone()).unwrap();
-        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
-    }
-
-    #[test]
-    fn serving_cert_chains_to_the_ca_in_rustls() {
-        use rustls::client::danger::ServerCertVerifier;
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-        let s = settings();
-        let now = OffsetDateTime::now_utc();
-        let st = carry_out(Plan::Create, now, None, &s).unwrap().unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(st.bundle().as_bytes()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )
-        .build()
-        .unwrap();
-        let leaf = CertificateDer::from_pem_slice(st.cert_pem.as_bytes()).unwrap();
-        for name in ["gpu-pilot-webhook.gpu-pilot.svc", "127.0.0.1"] {
-            verifier
-                .verify_server_cert(
-                    &leaf,
-                    &[],
-                    &ServerName::try_from(name).unwrap(),
-                    &[],
-                    UnixTime::now(),
-                )
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-        }
-        assert!(
-            verifier
-                .verify_server_cert(
-                    &leaf,
-                    &[],
-                    &ServerName::try_from("evil.example").unwrap(),
-                    &[],
-                    UnixTime::now()
-                )
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn cert_summary_reads_serial_and_expiry() {
-        let s = settings();
-        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let ca = new_ca(now, Duration::from_secs(1000)).unwrap();
-        // rcgen writes UTCTime before 2050 and GeneralizedTime from 2050 on.
-        for validity in [100u64, 40 * 365 * 86400] {
-            let (pem, _, not_after) =
-                new_serving_cert(&ca, &s.names, now, Duration::from_secs(validity)).unwrap();
-            let summary = CertSummary::from_pem(&pem).expect("a summary");
-            assert_eq!(summary.not_after, not_after.min(ca.not_after));
-            assert!(!summary.serial.is_empty());
-        }
-        let far = new_ca(now, Duration::from_secs(40 * 365 * 86400)).unwrap();
-        assert_eq!(
-            CertSummary::from_pem(&far.cert_pem).unwrap().not_after,
-            far.not_after
-        );
-        let mut params = CertificateParams::new(vec!["x".to_string()]).unwrap();
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x01, 0xab, 0xcd]));
-        let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
-        assert_eq!(CertSummary::from_pem(&cert.pem()).unwrap().serial, "01abcd");
-        assert_eq!(CertSummary::from_pem("no PEM here"), None);
-        assert_eq!(CertSummary::from_der(&[0x30, 0x82, 0x01]), None);
-    }
-
-    #[test]
-    fn a_mismatched_or_broken_pair_keeps_the_served_certificate() {
-        let s = settings();
-        let now = OffsetDateTime::now_utc();
-        let ca = new_ca(now, Duration::from_secs(1000)).unwrap();
-        let (c1, k1, _) = new_serving_cert(&ca, &s.names, now, Duration::from_secs(100)).unwrap();
-        let (c2, k2, _) = new_serving_cert(&ca, &s.names, now, Duration::from_secs(200)).unwrap();
-        let reloader = Reloader::new(&c1, &k1, Arc::new(Metrics::default())).unwrap();
-        let first = reloader.served().unwrap();
-        // The new certificate with the old key, half a file, an empty key.
-        assert!(reloader.update(&c2, &k1, None).is_err());
-        assert!(reloader.update(&c2[..c2.len() / 2], &k2, None).is_err());
-        assert!(reloader.update(&c2, "", None).is_err());
-        assert_eq!(reloader.served().unwrap(), first);
-        assert!(reloader.update(&c2, &k2, None).unwrap());
-        assert_ne!(reloader.served().unwrap(), first);
-    }
-}
+mod tests;

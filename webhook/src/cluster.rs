@@ -7,15 +7,25 @@ use std::time::Duration;
 use futures::StreamExt;
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{annotation, resource};
+use gpu_pilot_core::facts::pick_active;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::ListParams;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
 use crate::handler::{BoxFuture, ClusterView, FactsError};
 use crate::inventory::MigInventory;
 use crate::validate::{Facts, GpuPod};
+
+/// The watch caches did not fill in time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the ClusterPolicy and Node caches were not filled within {timeout:?}; check that the CRD is installed and the webhook may list and watch clusterpolicies and nodes"
+)]
+pub struct CachesNotReady {
+    pub timeout: Duration,
+}
 
 /// Which objects the webhook looks at.
 #[derive(Debug, Clone, Default)]
@@ -83,16 +93,14 @@ impl KubeView {
     }
 
     /// Waits until both caches hold a first full list.
-    pub async fn wait_until_ready(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_until_ready(&self, timeout: Duration) -> Result<(), CachesNotReady> {
         let both = async {
             self.policies.wait_until_ready().await.ok();
             self.nodes.wait_until_ready().await.ok();
         };
-        tokio::time::timeout(timeout, both).await.map_err(|_| {
-            format!(
-                "the ClusterPolicy and Node caches were not filled within {timeout:?}; check that the CRD is installed and the webhook may list and watch clusterpolicies and nodes"
-            )
-        })
+        tokio::time::timeout(timeout, both)
+            .await
+            .map_err(|_| CachesNotReady { timeout })
     }
 
     async fn gpu_pods(&self) -> Result<Vec<GpuPod>, kube::Error> {
@@ -154,17 +162,11 @@ pub fn gpu_pod(pod: &Pod) -> Option<GpuPod> {
 
 impl ClusterView for KubeView {
     fn active_policy(&self) -> Option<std::sync::Arc<ClusterPolicy>> {
-        // There should be one; if a second slipped in before the webhook ran, the oldest wins.
-        self.policies.state().into_iter().min_by(|a, b| {
-            (
-                a.metadata.creation_timestamp.as_ref(),
-                a.metadata.name.as_ref(),
-            )
-                .cmp(&(
-                    b.metadata.creation_timestamp.as_ref(),
-                    b.metadata.name.as_ref(),
-                ))
-        })
+        // There should be one; if a second slipped in before the webhook ran, the controller's
+        // choice holds.
+        let policies = self.policies.state();
+        let active = pick_active(policies.iter().map(AsRef::as_ref))?.name_any();
+        policies.into_iter().find(|p| p.name_any() == active)
     }
 
     fn mig_inventory(&self) -> MigInventory {

@@ -8,7 +8,6 @@ pub mod certs;
 pub mod cluster;
 pub mod handler;
 pub mod inventory;
-pub mod manifests;
 pub mod metrics;
 pub mod mutate;
 pub mod review;
@@ -54,8 +53,10 @@ pub struct Options {
 pub enum RunError {
     #[error(transparent)]
     Certs(#[from] CertError),
-    #[error("{0}")]
-    NotReady(String),
+    #[error(transparent)]
+    NotReady(#[from] crate::cluster::CachesNotReady),
+    #[error("the server stopped before it listened")]
+    StoppedEarly,
     #[error("serving HTTPS on {addr}: {source}; is the port free and may this process bind it?")]
     Serve {
         addr: SocketAddr,
@@ -124,7 +125,7 @@ pub async fn run(
         // Answering before the caches are filled would admit GPU pods as if no policy existed.
         view.wait_until_ready(opts.startup_timeout)
             .await
-            .map_err(RunError::NotReady)?;
+            .map_err(RunError::from)?;
         let ready = Arc::new(AtomicBool::new(true));
         let state = Arc::new(AppState {
             view: Arc::new(view),
@@ -169,12 +170,12 @@ impl Running {
                 Some(addr) => Ok(Running { addr, metrics, handle, task }),
                 None => Err(match task.await {
                     Ok(Err(e)) => e,
-                    _ => RunError::NotReady("the server stopped before it listened".into()),
+                    _ => RunError::StoppedEarly,
                 }),
             },
             done = &mut task => Err(match done {
                 Ok(Err(e)) => e,
-                _ => RunError::NotReady("the server stopped before it listened".into()),
+                _ => RunError::StoppedEarly,
             }),
         }
     }
@@ -183,43 +184,5 @@ impl Running {
     pub async fn stop(self) {
         self.handle.shutdown();
         let _ = self.task.await;
-    }
-}
-
-/// Parses durations written like `90d`, `12h`, `30m`, `45s` (one unit).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{s:?} has no unit: write it like 90d, 12h, 30m or 45s"))?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| {
-        format!("{s:?} does not start with a whole number: write it like 90d, 12h, 30m or 45s")
-    })?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("{s:?} has unit {unit:?}; use s, m, h or d")),
-    };
-    Ok(Duration::from_secs(n * secs))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86400)));
-        assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
-        assert!(parse_duration("5").unwrap_err().contains("no unit"));
-        assert!(
-            parse_duration("5y")
-                .unwrap_err()
-                .contains("use s, m, h or d")
-        );
-        assert!(parse_duration("h").is_err());
     }
 }

@@ -7,10 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gpu_pilot_api::names::{DEFAULT_NAMESPACE, webhook};
+use gpu_pilot_core::duration::parse as parse_duration;
+use gpu_pilot_core::render::webhook as manifests;
+use gpu_pilot_core::telemetry::{self, LogFormat};
 use gpu_pilot_webhook::certs::CertSettings;
 use gpu_pilot_webhook::cluster::Scope;
 use gpu_pilot_webhook::server::Limits;
-use gpu_pilot_webhook::{CertSource, Options, manifests, parse_duration};
+use gpu_pilot_webhook::{CertSource, Options};
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +93,9 @@ struct Serve {
     max_body_bytes: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// Log format (lines on standard error).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[tokio::main]
@@ -113,11 +119,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(s: Serve) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    telemetry::init(s.log_format, "info");
     let client = kube::Client::try_default().await.context(
         "no Kubernetes credentials: run in a pod with a service account, or set KUBECONFIG",
     )?;

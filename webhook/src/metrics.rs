@@ -1,12 +1,15 @@
-//! Prometheus metrics in the text exposition format: admission requests by endpoint and outcome,
-//! a latency histogram per endpoint, and certificate facts. Written by hand: a handful of series
-//! does not need a metrics library.
+//! Prometheus metrics (prometheus-client, OpenMetrics text): admission requests by endpoint and
+//! outcome, a latency histogram per endpoint, and certificate facts.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -14,7 +17,7 @@ const BUCKETS: [f64; 12] = [
 ];
 
 /// How a review ended, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Outcome {
     /// Admitted unchanged.
     Allowed,
@@ -29,7 +32,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Allowed,
+        Outcome::Patched,
+        Outcome::Denied,
+        Outcome::Invalid,
+        Outcome::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
             Outcome::Patched => "patched",
@@ -40,173 +51,162 @@ impl Outcome {
     }
 }
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
 }
 
-#[derive(Default)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: &'static str,
+}
+
+type HistogramFamily = Family<EndpointLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, Outcome), u64>>,
-    latency: Mutex<BTreeMap<&'static str, Histogram>>,
-    rotations: AtomicU64,
-    reloads: AtomicU64,
-    reload_failures: AtomicU64,
-    write_conflicts: AtomicU64,
-    cert_not_after: AtomicI64,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    rotations: Counter,
+    reloads: Counter,
+    reload_failures: Counter,
+    write_conflicts: Counter,
+    cert_not_after: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gpupilot_webhook");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let rotations = Counter::default();
+        let reloads = Counter::default();
+        let reload_failures = Counter::default();
+        let write_conflicts = Counter::default();
+        let cert_not_after = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "requests",
+            "Admission reviews answered, by endpoint and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer an admission review",
+            latency.clone(),
+        );
+        registry.register(
+            "certificate_rotations",
+            "Serving certificates or CAs this process issued",
+            rotations.clone(),
+        );
+        registry.register(
+            "certificate_reloads",
+            "Times the server loaded a new serving certificate",
+            reloads.clone(),
+        );
+        registry.register(
+            "certificate_reload_failures",
+            "New certificates that could not be served (incomplete, mismatched or invalid); the previous one stayed",
+            reload_failures.clone(),
+        );
+        registry.register(
+            "certificate_write_conflicts",
+            "Writes of the TLS Secret or caBundle that lost a race with another replica and were redone from a fresh read",
+            write_conflicts.clone(),
+        );
+        registry.register(
+            "certificate_not_after_seconds",
+            "Expiry of the serving certificate, Unix time",
+            cert_not_after.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            rotations,
+            reloads,
+            reload_failures,
+            write_conflicts,
+            cert_not_after,
+        }
+    }
 }
 
 impl Metrics {
     pub fn observe(&self, endpoint: &'static str, outcome: Outcome, took: Duration) {
-        *self
-            .requests
-            .lock()
-            .expect("metrics lock")
-            .entry((endpoint, outcome))
-            .or_default() += 1;
-        let secs = took.as_secs_f64();
-        let mut lat = self.latency.lock().expect("metrics lock");
-        let h = lat.entry(endpoint).or_default();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += secs;
+        self.requests
+            .get_or_create(&RequestLabels { endpoint, outcome })
+            .inc();
+        self.latency
+            .get_or_create(&EndpointLabel { endpoint })
+            .observe(took.as_secs_f64());
     }
 
-    pub fn requests(&self, endpoint: &str, outcome: Outcome) -> u64 {
+    pub fn requests(&self, endpoint: &'static str, outcome: Outcome) -> u64 {
         self.requests
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .filter(|((e, o), _)| *e == endpoint && *o == outcome)
-            .map(|(_, n)| *n)
-            .sum()
+            .get_or_create(&RequestLabels { endpoint, outcome })
+            .get()
     }
 
     /// Reviews answered on `endpoint`, whatever the outcome.
-    pub fn total(&self, endpoint: &str) -> u64 {
-        self.requests
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .filter(|((e, _), _)| *e == endpoint)
-            .map(|(_, n)| *n)
+    pub fn total(&self, endpoint: &'static str) -> u64 {
+        Outcome::ALL
+            .into_iter()
+            .map(|outcome| self.requests(endpoint, outcome))
             .sum()
     }
 
     pub fn certificate_rotated(&self) {
-        self.rotations.fetch_add(1, Ordering::Relaxed);
+        self.rotations.inc();
     }
 
     pub fn certificate_reloaded(&self, not_after_unix: i64) {
-        self.reloads.fetch_add(1, Ordering::Relaxed);
-        self.cert_not_after.store(not_after_unix, Ordering::Relaxed);
+        self.reloads.inc();
+        self.cert_not_after.set(not_after_unix);
     }
 
     pub fn reloads(&self) -> u64 {
-        self.reloads.load(Ordering::Relaxed)
+        self.reloads.get()
     }
 
     pub fn certificate_rotations(&self) -> u64 {
-        self.rotations.load(Ordering::Relaxed)
+        self.rotations.get()
     }
 
     /// A new certificate (from the Secret or the files) could not be served; the old one stays.
     pub fn reload_failed(&self) {
-        self.reload_failures.fetch_add(1, Ordering::Relaxed);
+        self.reload_failures.inc();
     }
 
     pub fn reload_failures(&self) -> u64 {
-        self.reload_failures.load(Ordering::Relaxed)
+        self.reload_failures.get()
     }
 
     /// A write to the Secret or a webhook configuration lost a race with another writer (409).
     pub fn write_conflict(&self) {
-        self.write_conflicts.fetch_add(1, Ordering::Relaxed);
+        self.write_conflicts.inc();
     }
 
     pub fn write_conflicts(&self) -> u64 {
-        self.write_conflicts.load(Ordering::Relaxed)
+        self.write_conflicts.get()
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP gpupilot_webhook_requests_total Admission reviews answered, by endpoint and outcome.\n");
-        out.push_str("# TYPE gpupilot_webhook_requests_total counter\n");
-        for ((endpoint, outcome), n) in self.requests.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "gpupilot_webhook_requests_total{{endpoint=\"{endpoint}\",outcome=\"{}\"}} {n}",
-                outcome.as_str()
-            );
-        }
-        out.push_str("# HELP gpupilot_webhook_request_duration_seconds Time to answer an admission review.\n");
-        out.push_str("# TYPE gpupilot_webhook_request_duration_seconds histogram\n");
-        for (endpoint, h) in self.latency.lock().expect("metrics lock").iter() {
-            for (i, le) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "gpupilot_webhook_request_duration_seconds_bucket{{endpoint=\"{endpoint}\",le=\"{le}\"}} {}",
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "gpupilot_webhook_request_duration_seconds_bucket{{endpoint=\"{endpoint}\",le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "gpupilot_webhook_request_duration_seconds_sum{{endpoint=\"{endpoint}\"}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "gpupilot_webhook_request_duration_seconds_count{{endpoint=\"{endpoint}\"}} {}",
-                h.count
-            );
-        }
-        out.push_str("# HELP gpupilot_webhook_certificate_rotations_total Serving certificates or CAs this process issued.\n");
-        out.push_str("# TYPE gpupilot_webhook_certificate_rotations_total counter\n");
-        let _ = writeln!(
-            out,
-            "gpupilot_webhook_certificate_rotations_total {}",
-            self.rotations.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP gpupilot_webhook_certificate_reloads_total Times the server loaded a new serving certificate.\n");
-        out.push_str("# TYPE gpupilot_webhook_certificate_reloads_total counter\n");
-        let _ = writeln!(
-            out,
-            "gpupilot_webhook_certificate_reloads_total {}",
-            self.reloads()
-        );
-        out.push_str("# HELP gpupilot_webhook_certificate_reload_failures_total New certificates that could not be served (incomplete, mismatched or invalid); the previous one stayed.\n");
-        out.push_str("# TYPE gpupilot_webhook_certificate_reload_failures_total counter\n");
-        let _ = writeln!(
-            out,
-            "gpupilot_webhook_certificate_reload_failures_total {}",
-            self.reload_failures()
-        );
-        out.push_str("# HELP gpupilot_webhook_certificate_write_conflicts_total Writes of the TLS Secret or caBundle that lost a race with another replica and were redone from a fresh read.\n");
-        out.push_str("# TYPE gpupilot_webhook_certificate_write_conflicts_total counter\n");
-        let _ = writeln!(
-            out,
-            "gpupilot_webhook_certificate_write_conflicts_total {}",
-            self.write_conflicts()
-        );
-        out.push_str("# HELP gpupilot_webhook_certificate_not_after_seconds Expiry of the serving certificate, Unix time.\n");
-        out.push_str("# TYPE gpupilot_webhook_certificate_not_after_seconds gauge\n");
-        let _ = writeln!(
-            out,
-            "gpupilot_webhook_certificate_not_after_seconds {}",
-            self.cert_not_after.load(Ordering::Relaxed)
-        );
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 }
@@ -216,18 +216,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
+    fn counts_and_cumulative_buckets_as_a_scraper_reads_them() {
         let m = Metrics::default();
         m.observe("mutate", Outcome::Patched, Duration::from_micros(300));
         m.observe("mutate", Outcome::Allowed, Duration::from_millis(30));
-        let text = m.render();
-        assert!(text.contains(
-            "gpupilot_webhook_requests_total{endpoint=\"mutate\",outcome=\"patched\"} 1"
-        ));
-        assert!(text.contains("le=\"0.00025\"} 0"));
-        assert!(text.contains("le=\"0.0005\"} 1"));
-        assert!(text.contains("le=\"0.05\"} 2"));
-        assert!(text.contains("le=\"+Inf\"} 2"));
+        m.certificate_reloaded(1_900_000_000);
         assert_eq!(m.requests("mutate", Outcome::Allowed), 1);
+        assert_eq!(m.total("mutate"), 2);
+        let text = m.render();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let scrape = prometheus_parse::Scrape::parse(lines.into_iter().map(Ok)).unwrap();
+        let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                })
+                .map(|s| match &s.value {
+                    prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Untyped(v) => *v,
+                    other => panic!("{name}: {other:?}"),
+                })
+                .unwrap_or_else(|| panic!("{name} {labels:?} in:\n{text}"))
+        };
+        assert_eq!(
+            value(
+                "gpupilot_webhook_requests_total",
+                &[("endpoint", "mutate"), ("outcome", "patched")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value("gpupilot_webhook_certificate_not_after_seconds", &[]),
+            1.9e9
+        );
+        let hist = scrape
+            .samples
+            .iter()
+            .find_map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(h)
+                    if s.metric == "gpupilot_webhook_request_duration_seconds" =>
+                {
+                    Some(h.clone())
+                }
+                _ => None,
+            })
+            .expect("the latency histogram");
+        let at = |le: f64| hist.iter().find(|b| b.less_than == le).unwrap().count;
+        assert_eq!((at(0.00025), at(0.0005), at(0.05)), (0.0, 1.0, 2.0));
+        assert!(
+            text.contains("gpupilot_webhook_request_duration_seconds_sum{endpoint=\"mutate\"}")
+        );
     }
 }

@@ -445,36 +445,13 @@ fn single_placement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use json_patch_apply::apply;
 
-    /// A tiny RFC 6902 applier for the three operations the webhook emits, so the tests can check
-    /// idempotency on the patched pod.
-    mod json_patch_apply {
-        use serde_json::Value;
-
-        use crate::review::PatchOp;
-
-        pub fn apply(doc: &mut Value, ops: &[PatchOp]) {
-            for op in ops {
-                let (parent, last) = op.path.rsplit_once('/').expect("absolute path");
-                let key = last.replace("~1", "/").replace("~0", "~");
-                let target = if parent.is_empty() {
-                    &mut *doc
-                } else {
-                    doc.pointer_mut(parent)
-                        .unwrap_or_else(|| panic!("{} missing", parent))
-                };
-                let value = op.value.clone().expect("add/replace carry a value");
-                match target {
-                    Value::Object(m) => {
-                        m.insert(key, value);
-                    }
-                    Value::Array(a) if key == "-" => a.push(value),
-                    Value::Array(a) => a.insert(key.parse().unwrap(), value),
-                    other => panic!("cannot apply {op:?} to {other}"),
-                }
-            }
-        }
+    /// Applies the webhook's patch with json-patch (RFC 6902), so the tests check idempotency
+    /// on the pod the apiserver would store.
+    fn apply(doc: &mut Value, ops: &[crate::review::PatchOp]) {
+        let patch: json_patch::Patch =
+            serde_json::from_value(serde_json::to_value(ops).unwrap()).expect("an RFC 6902 patch");
+        json_patch::patch(doc, &patch).unwrap_or_else(|e| panic!("{ops:?} does not apply: {e}"));
     }
 
     fn policy(strategy: MigStrategy) -> ClusterPolicySpec {

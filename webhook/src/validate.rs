@@ -10,6 +10,8 @@ use gpu_pilot_api::names::annotation;
 use gpu_pilot_api::policy::{ClusterPolicy, ConfigRef, MigManagerSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 
+use gpu_pilot_core::mig_parted::mig_layouts;
+
 use crate::review::{Operation, Verdict};
 
 /// A pod that holds GPUs, as far as the rules care.
@@ -212,22 +214,6 @@ fn missing_config_map(
             config.name, facts.namespace, facts.namespace, config.name
         ))),
     }
-}
-
-/// The layout names under `mig-configs` in every YAML value of a mig-parted ConfigMap.
-pub fn mig_layouts(cm: &ConfigMap) -> Vec<String> {
-    let mut names = Vec::new();
-    for text in cm.data.iter().flat_map(|d| d.values()) {
-        let Ok(doc) = serde_yaml::from_str::<serde_yaml::Value>(text) else {
-            continue;
-        };
-        if let Some(map) = doc.get("mig-configs").and_then(|m| m.as_mapping()) {
-            names.extend(map.keys().filter_map(|k| k.as_str().map(str::to_string)));
-        }
-    }
-    names.sort();
-    names.dedup();
-    names
 }
 
 /// True when `new` is a lower dotted version than `old` (e.g. 580.95.05 -> 570.172.08). Versions

@@ -4,35 +4,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+pub use gpu_pilot_api::policy::MigStrategy;
 use serde::Deserialize;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MigStrategy {
-    #[default]
-    None,
-    Single,
-    Mixed,
-}
-
-impl MigStrategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MigStrategy::None => "none",
-            MigStrategy::Single => "single",
-            MigStrategy::Mixed => "mixed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<MigStrategy> {
-        match s {
-            "none" => Some(MigStrategy::None),
-            "single" => Some(MigStrategy::Single),
-            "mixed" => Some(MigStrategy::Mixed),
-            _ => None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -191,7 +164,9 @@ impl PluginConfig {
     }
 
     pub fn mig_strategy(&self) -> MigStrategy {
-        self.flags.mig_strategy.unwrap_or_default()
+        // NVIDIA's device plugin exposes no MIG devices unless its config says otherwise (the
+        // policy's own default, `single`, reaches the plugin as --mig-strategy).
+        self.flags.mig_strategy.unwrap_or(MigStrategy::None)
     }
 
     /// Whether containers get CDI device names (`cdi-cri`), the env var (`envvar`), or both.

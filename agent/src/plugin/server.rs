@@ -11,8 +11,8 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, watch};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
 
@@ -85,26 +85,19 @@ impl DevicePlugin for Service {
         &self,
         _: Request<api::Empty>,
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
-        let mut rx = self.snapshot.clone();
+        // The current devices first, then again whenever they change (a device turning
+        // unhealthy, or healthy again when its XIDs clear).
         let name = self.resource.clone();
-        let stream = async_stream(move |tx| async move {
-            let mut last = None;
-            loop {
-                let devices = devices_of(&rx.borrow_and_update(), &name);
-                if last.as_ref() != Some(&devices) {
-                    let msg = api::ListAndWatchResponse {
-                        devices: devices.clone(),
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
-                    }
-                    last = Some(devices);
-                }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let mut last = None;
+        let stream: DeviceStream = Box::pin(WatchStream::new(self.snapshot.clone()).filter_map(
+            move |snap| {
+                let devices = devices_of(&snap, &name);
+                (last.as_ref() != Some(&devices)).then(|| {
+                    last = Some(devices.clone());
+                    Ok(api::ListAndWatchResponse { devices })
+                })
+            },
+        ));
         Ok(Response::new(stream))
     }
 
@@ -188,17 +181,6 @@ fn options() -> api::DevicePluginOptions {
         pre_start_required: false,
         get_preferred_allocation_available: true,
     }
-}
-
-/// A stream fed by a task through a channel (keeps tonic's stream type simple).
-fn async_stream<F, Fut>(f: F) -> DeviceStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<api::ListAndWatchResponse, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// The socket file name for a resource: `gpu-pilot-nvidia.com_mig-1g.10gb.sock`.

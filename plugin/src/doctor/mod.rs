@@ -5,6 +5,7 @@
 //! (`-o table|json|yaml`) and picks the exit code: 0 healthy (info only), 1 warnings, 2 errors
 //! (also when the cluster cannot be checked at all).
 
+pub mod bundle;
 pub mod checks;
 pub mod snapshot;
 #[cfg(test)]
@@ -15,7 +16,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::context::{Global, Kube, Output};
+use crate::cluster::Kube;
+use crate::global::Global;
+use crate::ui::Output;
 pub use snapshot::Snapshot;
 
 #[derive(Debug, clap::Args)]
@@ -211,13 +214,13 @@ pub async fn run(g: &Global, args: DoctorArgs) -> anyhow::Result<i32> {
     let mut out = std::io::stdout();
     if args.list_checks {
         for c in checks::CHECKS {
-            writeln!(out, "{:<30} {:<8} {}", c.id, c.severity, c.about)?;
+            writeln!(out, "{:<30} {:<8} {}", c.id, c.severity.as_str(), c.about)?;
         }
         return Ok(0);
     }
     if let Some(path) = &args.bundle {
         // Say so before reading the cluster, not after.
-        if let Err(e) = crate::bundle::check_path(path) {
+        if let Err(e) = bundle::check_path(path) {
             eprintln!("error: {e:#}");
             return Ok(2);
         }
@@ -248,7 +251,7 @@ pub async fn run(g: &Global, args: DoctorArgs) -> anyhow::Result<i32> {
     out.flush()?;
     if let Some(path) = &args.bundle {
         let before = kube.requests();
-        let line = match crate::bundle::write(&kube, &snap, &report, path).await {
+        let line = match bundle::write(&kube, &snap, &report, path).await {
             Ok(b) => format!(
                 "Support bundle written to {} ({} files, {} KiB, {} more API requests for logs). Attach it to your bug report; it holds no Secret data.",
                 b.path.display(),

@@ -22,10 +22,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, LogParams};
 use kube::{Api, ResourceExt};
 
-use crate::context::{Kube, explain};
+use crate::cluster::{Kube, explain};
 
 /// Requests one snapshot takes: the version, 15 lists or gets, the TLS Secret's metadata and the
-/// two of [`crate::install::gpu_operator_signs`]. Log reads of failing pods come on top.
+/// two of [`crate::cluster::probe::gpu_operator_signs`]. Log reads of failing pods come on top.
 pub const SNAPSHOT_REQUESTS: u64 = 19;
 /// Logs are fetched for at most this many failing operand pods.
 pub const MAX_LOG_PODS: usize = 5;
@@ -134,7 +134,7 @@ impl Snapshot {
         // view a moment old, and the big lists (nodes, pods) cost the apiserver far less.
         let all = ListParams::default().match_any();
         // The version first: it tells "cannot reach the cluster" apart from everything else.
-        let version = crate::install::server_version(kube).await?;
+        let version = crate::cluster::probe::server_version(kube).await?;
 
         let crd_api = Api::<CustomResourceDefinition>::all(c.clone());
         let rc_api = Api::<RuntimeClass>::all(c.clone());
@@ -186,7 +186,7 @@ impl Snapshot {
                 all.clone().fields("type=Warning")
             ),
             lease_api.get_opt(CONTROLLER_LEASE),
-            crate::install::gpu_operator_signs(kube),
+            crate::cluster::probe::gpu_operator_signs(kube),
         );
         let server = kube.server.clone();
         let mut u = Vec::new();

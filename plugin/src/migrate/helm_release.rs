@@ -26,7 +26,7 @@ impl HelmRelease {
     /// The values the release was rendered with: the chart's defaults under the admin's.
     pub fn effective_values(&self) -> Value {
         let mut v = self.chart_values.clone();
-        crate::values::merge(&mut v, self.user_values.clone());
+        gpu_pilot_core::values::merge(&mut v, self.user_values.clone());
         v
     }
 }

@@ -40,10 +40,11 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPo
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::context::{Global, Kube, Output, explain};
-use crate::install::{Printer, parse_duration};
-use crate::render::{self, Include};
-use crate::values::{Values, default_tree, merge};
+use crate::cluster::{Kube, explain};
+use crate::global::{Global, Output};
+use crate::ui::Printer;
+use gpu_pilot_core::render::install::{self as render, Include};
+use gpu_pilot_core::values::{Values, default_tree, merge};
 use plan::{Snapshot, Step, Translation};
 
 #[derive(Debug, clap::Args)]
@@ -74,7 +75,7 @@ pub struct MigrateArgs {
     pub set_string: Vec<String>,
     /// How long each waiting step may take (the operator gone, the DaemonSets orphaned, the
     /// rollout).
-    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, default_value = "15m", value_parser = gpu_pilot_core::duration::parse)]
     pub timeout: Duration,
 }
 
@@ -416,7 +417,7 @@ async fn adopt(kube: &Kube, ns: &str, object: &str) -> anyhow::Result<()> {
         }
         _ => json!({"apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": ns}}),
     };
-    let api = crate::objects::api_for(kube, &obj)?;
+    let api = crate::cluster::objects::api_for(kube, &obj)?;
     let Some(current) = api
         .get_metadata_opt(name)
         .await
@@ -555,8 +556,7 @@ async fn replace(
                             && p.labels().get(label::COMPONENT).map(String::as_str)
                                 == Some(component.gate_name())
                             && p.metadata.deletion_timestamp.is_none()
-                            && gpu_pilot_controller::rollout::PodFacts::from_pod(p)
-                                .is_some_and(|f| f.ready)
+                            && gpu_pilot_core::facts::PodFacts::from_pod(p).is_some_and(|f| f.ready)
                     });
                     if !ready {
                         return Ok(Some(format!(

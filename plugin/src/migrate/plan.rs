@@ -7,8 +7,8 @@ use gpu_pilot_api::names::{Component, label};
 use serde_json::{Map, Value, json};
 
 use super::helm_release::HelmRelease;
-use crate::nvidia::{Does, REPLACED_IMAGES};
-use crate::values::{POLICY_OPERATOR_KEYS, POLICY_SECTIONS};
+use gpu_pilot_core::values::nvidia::{Does, REPLACED_IMAGES};
+use gpu_pilot_core::values::{POLICY_OPERATOR_KEYS, POLICY_SECTIONS};
 
 /// NVIDIA's installation as migrate read it.
 #[derive(Debug, Clone, Default)]
@@ -318,7 +318,7 @@ pub fn translate(snap: &Snapshot) -> Translation {
     for key in LEFT_OUT {
         if let Some(v) = remove(&mut values, key)
             && !is_empty(&v)
-            && let Some(does) = crate::nvidia::lookup(key)
+            && let Some(does) = gpu_pilot_core::values::nvidia::lookup(key)
             && !matches!(does, Does::RefusedWhenOn(_))
             && !differences.iter().any(|d| d.key.starts_with(key))
         {
@@ -363,7 +363,8 @@ pub fn translate(snap: &Snapshot) -> Translation {
         }
     }
 
-    let values = minus_defaults(&values, &crate::values::default_tree()).unwrap_or(json!({}));
+    let values =
+        minus_defaults(&values, &gpu_pilot_core::values::default_tree()).unwrap_or(json!({}));
     Translation {
         values,
         differences,
@@ -691,10 +692,16 @@ mod tests {
                 .any(|d| d.key == "operator.initContainer")
         );
         // What it says is accepted by install.
-        crate::values::Values::load_over(crate::values::default_tree(), &[], &[], &[]).unwrap();
-        let mut tree = crate::values::default_tree();
-        crate::values::merge(&mut tree, t.values.clone());
-        crate::values::Values::from_tree(tree).unwrap();
+        gpu_pilot_core::values::Values::load_over(
+            gpu_pilot_core::values::default_tree(),
+            &[],
+            &[],
+            &[],
+        )
+        .unwrap();
+        let mut tree = gpu_pilot_core::values::default_tree();
+        gpu_pilot_core::values::merge(&mut tree, t.values.clone());
+        gpu_pilot_core::values::Values::from_tree(tree).unwrap();
     }
 
     #[test]

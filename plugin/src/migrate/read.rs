@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use super::helm_release::{self, HelmRelease};
 use super::plan::{NvidiaDaemonSet, NvidiaPod, Operator, Snapshot, component_of_app};
-use crate::context::{Kube, explain};
-use crate::objects;
+use crate::cluster::objects;
+use crate::cluster::{Kube, explain};
 
 /// NVIDIA's ClusterPolicy kind.
 pub fn nvidia_policy_resource() -> ApiResource {
@@ -185,7 +185,7 @@ pub async fn gather(kube: &Kube) -> anyhow::Result<Snapshot> {
         to_adopt.push(format!("RuntimeClass/{runtime_class}"));
     }
     let cms: Api<ConfigMap> = Api::namespaced(kube.client.clone(), &namespace);
-    let mig = crate::render::MIG_PARTED_CONFIG;
+    let mig = gpu_pilot_core::render::install::MIG_PARTED_CONFIG;
     if let Some(cm) = cms
         .get_metadata_opt(mig)
         .await

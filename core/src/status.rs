@@ -5,14 +5,8 @@ use gpu_pilot_api::policy::{ComponentStatus, PolicyState, StageCounts, StuckNode
 use gpu_pilot_api::{ClusterPolicySpec, ClusterPolicyStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use crate::facts::DaemonSetCounts;
 use crate::rollout::NodeState;
-
-/// Ready/desired pods of one operand DaemonSet.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct DaemonSetCounts {
-    pub desired: i32,
-    pub ready: i32,
-}
 
 /// What the controller observed, as the status needs it.
 pub struct Observed<'a> {

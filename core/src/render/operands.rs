@@ -14,6 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 use serde_json::{Value, json};
 
+use super::{common_labels, content_hash};
+
 /// Service account of the operands that run the gpu-pilot agent image (they patch their Node).
 pub const AGENT_SERVICE_ACCOUNT: &str = "gpu-pilot-agent";
 /// Service account of NVIDIA's operands, which need no API access.
@@ -34,23 +36,6 @@ pub struct Desired {
     pub daemonsets: Vec<(Component, DaemonSet)>,
 }
 
-/// Labels every object gpu-pilot creates carries, so it can be found and removed.
-pub fn common_labels(component: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            label::MANAGED_BY.to_string(),
-            label::MANAGED_BY_VALUE.to_string(),
-        ),
-        (label::PART_OF.to_string(), "gpu-pilot".to_string()),
-        (label::COMPONENT.to_string(), component.to_string()),
-    ])
-}
-
-/// The selector of every object the controller owns.
-pub fn managed_selector() -> String {
-    format!("{}={}", label::MANAGED_BY, label::MANAGED_BY_VALUE)
-}
-
 pub fn owner_reference(policy: &ClusterPolicy) -> OwnerReference {
     OwnerReference {
         api_version: ClusterPolicy::api_version(&()).into_owned(),
@@ -60,15 +45,6 @@ pub fn owner_reference(policy: &ClusterPolicy) -> OwnerReference {
         controller: Some(true),
         block_owner_deletion: Some(true),
     }
-}
-
-/// A stable hash of an object's JSON, stored in an annotation so unchanged objects are skipped.
-pub fn content_hash(value: &impl serde::Serialize) -> String {
-    let bytes = serde_json::to_vec(value).expect("Kubernetes objects serialize");
-    let h = bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    });
-    format!("{h:016x}")
 }
 
 fn with_hash<T: serde::Serialize + Resource>(mut obj: T) -> T {
@@ -366,7 +342,7 @@ pub fn render_daemonset(
     })];
     match c {
         Component::ContainerToolkit => {
-            env.push(json!({"name": "RUNTIME", "value": format!("{:?}", spec.operator.default_runtime).to_lowercase()}));
+            env.push(json!({"name": "RUNTIME", "value": spec.operator.default_runtime.as_str()}));
             env.push(
                 json!({"name": "CONTAINERD_RUNTIME_CLASS", "value": spec.operator.runtime_class}),
             );

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::render::common_labels;
+use super::common_labels;
 
 pub const SERVICE_ACCOUNT: &str = "gpu-pilot-controller";
 
@@ -98,7 +98,8 @@ mod tests {
 
     #[test]
     fn committed_manifest_matches() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/deploy/rbac.yaml");
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             committed == yaml("gpu-pilot"),

@@ -1,8 +1,10 @@
 //! The connection to the cluster: kubeconfig and context as kubectl picks them, a client that
-//! counts its requests (the doctor reports how many it made), and the global output options.
+//! counts its requests (the doctor reports how many it made), errors an admin can act on, and
+//! the few reads several commands share ([`probe`]) and the dynamic apply/delete ([`objects`]).
 
-use std::io::IsTerminal;
-use std::path::PathBuf;
+pub mod objects;
+pub mod probe;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context as TaskContext, Poll};
@@ -10,53 +12,7 @@ use std::task::{Context as TaskContext, Poll};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-/// How data is printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-    Yaml,
-}
-
-/// Options every command shares.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Global {
-    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
-    #[arg(long, global = true, env = "KUBECONFIG", value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context to use (default: its current context).
-    #[arg(long, global = true, value_name = "NAME")]
-    pub context: Option<String>,
-    /// gpu-pilot's namespace.
-    #[arg(short = 'n', long, global = true, default_value = gpu_pilot_api::names::DEFAULT_NAMESPACE)]
-    pub namespace: String,
-    /// Output format, for commands that print data.
-    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
-    pub output: Output,
-    /// Colour: auto (only on a terminal), always or never.
-    #[arg(long, global = true, value_enum, default_value = "auto")]
-    pub color: ColorChoice,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ColorChoice {
-    Auto,
-    Always,
-    Never,
-}
-
-impl Global {
-    /// Whether to colour standard output.
-    pub fn colour(&self) -> bool {
-        match self.color {
-            ColorChoice::Always => true,
-            ColorChoice::Never => false,
-            ColorChoice::Auto => {
-                std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
-            }
-        }
-    }
-}
+use crate::global::Global;
 
 /// A client plus the number of HTTP requests it has sent.
 #[derive(Clone)]

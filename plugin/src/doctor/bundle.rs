@@ -18,7 +18,7 @@ use kube::{Api, ResourceExt};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::context::Kube;
+use crate::cluster::Kube;
 use crate::doctor::Report;
 use crate::doctor::snapshot::{Snapshot, is_operand};
 

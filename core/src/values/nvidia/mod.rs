@@ -150,7 +150,7 @@ pub fn chart_keys_to_spec(spec: &mut Value) {
     if let Some(name) = spec.pointer_mut("/migManager/config/name")
         && name.as_str() == Some("")
     {
-        *name = json!(crate::render::MIG_PARTED_CONFIG);
+        *name = json!(crate::render::install::MIG_PARTED_CONFIG);
     }
     if let Some(driver) = spec.get_mut("driver").and_then(Value::as_object_mut) {
         if let Some(crd) = driver.remove("nvidiaDriverCRD")
@@ -283,11 +283,10 @@ pub fn notices(tree: &Value, spec: &ClusterPolicySpec) -> Vec<String> {
 }
 
 /// NVIDIA's values.yaml (or any values file) as a JSON tree.
-pub fn read_values_file(path: &std::path::Path) -> anyhow::Result<Value> {
+pub fn read_values_file(path: &std::path::Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    serde_yaml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{} is not valid YAML: {e}", path.display()))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_yaml::from_str(&text).map_err(|e| format!("{} is not valid YAML: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -331,7 +330,7 @@ mod tests {
     #[test]
     fn the_charts_refusals_are_current() {
         assert!(
-            include_str!("../../../charts/gpu-pilot/files/refused.yaml") == refusals_yaml(),
+            include_str!("../../../../charts/gpu-pilot/files/refused.yaml") == refusals_yaml(),
             "charts/gpu-pilot/files/refused.yaml is stale: run `cargo run -p kubectl-gpu -- refused-keys > charts/gpu-pilot/files/refused.yaml`"
         );
     }

@@ -5,10 +5,10 @@
 //! crates that use them, so each is defined once.
 
 use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, annotation, field_manager, label, webhook};
-use gpu_pilot_controller::render::common_labels;
-use gpu_pilot_webhook::manifests::{Registration, Target};
 use serde_json::{Value, json};
 
+use super::common_labels;
+use super::webhook::{IGNORE_BY_DESIGN, Registration, Target};
 use crate::values::{FailurePolicy, Values};
 
 pub const CONTROLLER: &str = "gpu-pilot-controller";
@@ -51,12 +51,12 @@ pub fn objects(namespace: &str, values: &Values, include: Include) -> Vec<Value>
             },
         }));
     }
-    out.extend(gpu_pilot_controller::rbac::objects(namespace));
+    out.extend(super::controller_rbac::objects(namespace));
     out.push(mig_parted_config(namespace));
     out.extend(values_config_maps(namespace, values));
     out.extend(controller(namespace, values));
     if values.webhook.enabled {
-        let mut rbac = gpu_pilot_webhook::manifests::rbac(namespace);
+        let mut rbac = super::webhook::rbac(namespace);
         for o in &mut rbac {
             o["metadata"]["labels"] = json!(labels("webhook"));
         }
@@ -110,7 +110,7 @@ pub fn values_config_maps(namespace: &str, values: &Values) -> Vec<Value> {
 /// check refuses items that are not objects). Unlike Helm's, strings are not templates, and a
 /// namespaced object needs its `metadata.namespace`.
 pub fn extra_objects(values: &Values) -> Vec<Value> {
-    crate::nvidia::extra_objects(&values.tree)
+    crate::values::nvidia::extra_objects(&values.tree)
         .into_iter()
         .filter_map(Result::ok)
         .collect()
@@ -183,7 +183,7 @@ pub fn controller(namespace: &str, values: &Values) -> Vec<Value> {
         Workload {
             name: CONTROLLER,
             component: "controller",
-            service_account: gpu_pilot_controller::rbac::SERVICE_ACCOUNT,
+            service_account: super::controller_rbac::SERVICE_ACCOUNT,
             replicas: op.replicas,
             image: values.controller_image(),
             pull_policy: json!(op.image_pull_policy),
@@ -356,7 +356,7 @@ pub fn webhook_configurations(namespace: &str, values: &Values) -> Vec<Value> {
             for h in hooks {
                 // The pod UPDATE entry and the policy CREATE entry are `Ignore` by design.
                 let name = h["name"].as_str().unwrap_or_default();
-                if !gpu_pilot_webhook::manifests::IGNORE_BY_DESIGN.contains(&name) {
+                if !IGNORE_BY_DESIGN.contains(&name) {
                     h["failurePolicy"] = json!(policy);
                 }
                 if !w.ca_bundle.is_empty() {
@@ -410,14 +410,14 @@ pub fn mig_parted_config(namespace: &str) -> Value {
 /// Profiles that exist only on some GPUs fail on the others, which the MIG manager reports as
 /// `nvidia.com/mig.config.state=failed` with the reason.
 pub const MIG_PARTED_LAYOUTS: &str =
-    include_str!("../../charts/gpu-pilot/files/mig-parted-config.yaml");
+    include_str!("../../../charts/gpu-pilot/files/mig-parted-config.yaml");
 
 /// The webhook's CEL match conditions, which the chart reads from `files/cel/<name>.cel`
 /// (written by `kubectl-gpu cel <name>`, test-checked), so they are spelled once in Rust.
 pub fn chart_cel(name: &str) -> Option<String> {
     match name {
-        "gpu-pod" => Some(gpu_pilot_webhook::manifests::gpu_pod_cel()),
-        "keep-on-update" => Some(gpu_pilot_webhook::manifests::update_drops_cel()),
+        "gpu-pod" => Some(super::webhook::gpu_pod_cel()),
+        "keep-on-update" => Some(super::webhook::update_drops_cel()),
         _ => None,
     }
 }
@@ -431,28 +431,10 @@ pub fn cluster_policy(values: &Values) -> Value {
     })
 }
 
-/// `kind/namespace/name` of an object, for messages and comparisons.
-pub fn key(o: &Value) -> String {
-    let kind = o["kind"].as_str().unwrap_or("?");
-    let name = o["metadata"]["name"].as_str().unwrap_or("?");
-    match o["metadata"]["namespace"].as_str() {
-        Some(ns) => format!("{kind}/{ns}/{name}"),
-        None => format!("{kind}/{name}"),
-    }
-}
-
-/// The objects as one YAML stream.
-pub fn to_yaml(objects: &[Value]) -> String {
-    objects
-        .iter()
-        .map(|o| serde_yaml::to_string(o).expect("YAML serializes"))
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::render::key;
     use crate::values::{Values, apply_set, default_tree};
 
     fn with(sets: &[&str]) -> Values {
@@ -578,11 +560,11 @@ mod tests {
         for (name, committed) in [
             (
                 "gpu-pod",
-                include_str!("../../charts/gpu-pilot/files/cel/gpu-pod.cel"),
+                include_str!("../../../charts/gpu-pilot/files/cel/gpu-pod.cel"),
             ),
             (
                 "keep-on-update",
-                include_str!("../../charts/gpu-pilot/files/cel/keep-on-update.cel"),
+                include_str!("../../../charts/gpu-pilot/files/cel/keep-on-update.cel"),
             ),
         ] {
             assert!(

@@ -6,8 +6,8 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditi
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::Value;
 
-use crate::context::{Kube, explain};
-use crate::render::key;
+use crate::cluster::{Kube, explain};
+use gpu_pilot_core::render::key;
 
 /// The plural resource name and scope of every kind install renders.
 fn resource_of(kind: &str) -> Option<(&'static str, bool)> {
@@ -254,7 +254,7 @@ pub async fn values_config_maps(kube: &Kube, namespace: &str) -> anyhow::Result<
         gpu_pilot_api::names::label::MANAGED_BY,
         gpu_pilot_api::names::label::MANAGED_BY_VALUE,
         gpu_pilot_api::names::label::COMPONENT,
-        crate::render::VALUES_CONFIG_COMPONENT
+        gpu_pilot_core::render::install::VALUES_CONFIG_COMPONENT
     );
     let list = api
         .list_metadata(&kube::api::ListParams::default().labels(&selector))
@@ -366,8 +366,14 @@ mod tests {
 
     #[test]
     fn the_rendered_namespace_is_marked_as_created_by_install() {
-        let values = crate::values::Values::from_tree(crate::values::default_tree()).unwrap();
-        let objs = crate::render::objects("gpu-pilot", &values, crate::render::Include::ALL);
+        let values =
+            gpu_pilot_core::values::Values::from_tree(gpu_pilot_core::values::default_tree())
+                .unwrap();
+        let objs = gpu_pilot_core::render::install::objects(
+            "gpu-pilot",
+            &values,
+            gpu_pilot_core::render::install::Include::ALL,
+        );
         let ns = objs.iter().find(|o| o["kind"] == "Namespace").unwrap();
         let m: ObjectMeta = serde_json::from_value(ns["metadata"].clone()).unwrap();
         assert!(is_ours("Namespace", "gpu-pilot", &m));
@@ -378,7 +384,7 @@ mod tests {
             assert!(
                 is_ours(kind, m.name.as_deref().unwrap(), &m),
                 "{}",
-                crate::render::key(o)
+                gpu_pilot_core::render::key(o)
             );
         }
     }

@@ -16,8 +16,16 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+mod schema;
+mod set;
+
+pub mod nvidia;
+pub use schema::{check, schema};
+pub use set::apply_set;
+use set::set_values;
+
 /// The chart's values.yaml, the defaults of every install.
-pub const DEFAULT_VALUES: &str = include_str!("../../charts/gpu-pilot/values.yaml");
+pub const DEFAULT_VALUES: &str = include_str!("../../../charts/gpu-pilot/values.yaml");
 
 /// The sections of the values that are ClusterPolicy spec sections under the same key (the
 /// chart's `gpu-pilot.policySpec` lists the same).
@@ -269,12 +277,12 @@ impl Values {
 
     /// Check a merged tree and split it.
     pub fn from_tree(tree: Value) -> Result<Values, ValuesError> {
-        let mut errors = check(&tree, &schema());
+        let mut errors = check(&tree);
         if !errors.is_empty() {
             return Err(ValuesError::Schema(errors));
         }
-        errors.extend(crate::nvidia::refused(&tree));
-        errors.extend(crate::nvidia::invalid(&tree));
+        errors.extend(nvidia::refused(&tree));
+        errors.extend(nvidia::invalid(&tree));
         let section = |key: &str| tree.get(key).cloned().unwrap_or_else(|| json!({}));
         let operator: OperatorValues = typed("operator", section("operator"))?;
         let webhook: WebhookValues = typed("webhook", section("webhook"))?;
@@ -290,7 +298,7 @@ impl Values {
         if !errors.is_empty() {
             return Err(ValuesError::Schema(errors));
         }
-        let notices = crate::nvidia::notices(&tree, &spec);
+        let notices = nvidia::notices(&tree, &spec);
         Ok(Values {
             tree,
             operator,
@@ -371,7 +379,7 @@ impl Values {
     /// The controller's image reference (NVIDIA's operator image, from NVIDIA's values, means
     /// gpu-pilot's controller).
     pub fn controller_image(&self) -> String {
-        if crate::nvidia::is_nvidia_operator_image(&self.operator.image) {
+        if nvidia::is_nvidia_operator_image(&self.operator.image) {
             let defaults = Values::defaults();
             return image_ref(
                 &defaults.operator.repository,
@@ -440,7 +448,7 @@ pub fn spec_json(tree: &Value) -> Value {
         }
     }
     let mut spec = Value::Object(spec);
-    crate::nvidia::chart_keys_to_spec(&mut spec);
+    nvidia::chart_keys_to_spec(&mut spec);
     spec
 }
 
@@ -464,26 +472,13 @@ fn merge_user(base: &mut Value, overlay: Value) {
     }
 }
 
-/// Helm's merge of values over defaults: maps merge key by key, anything else replaces, `null`
-/// deletes.
+/// Helm's merge of values over defaults, which is a JSON merge patch (RFC 7386): maps merge key
+/// by key, anything else replaces, `null` deletes.
 pub fn merge(base: &mut Value, overlay: Value) {
-    match (base, overlay) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                if v.is_null() {
-                    b.remove(&k);
-                } else if let Some(existing) = b.get_mut(&k) {
-                    merge(existing, v);
-                } else {
-                    b.insert(k, v);
-                }
-            }
-        }
-        (b, o) => *b = o,
-    }
+    json_patch::merge(base, &overlay);
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -491,462 +486,6 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "a map",
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// --set
-
-#[derive(Debug, Clone, PartialEq)]
-enum Seg {
-    Key(String),
-    Index(usize),
-}
-
-/// Apply one `--set` argument (`a.b=1,c[0]=x,d={p,q}`) to a complete tree, in place: lists are
-/// indexed as they stand and `null` removes the key. (`--set` on the command line goes through
-/// [`Values::load`], which writes into the user's values first, as Helm does.)
-pub fn apply_set(tree: &mut Value, expr: &str, string_only: bool) -> Result<(), ValuesError> {
-    set_values(tree, expr, string_only, false)
-}
-
-/// Write one `--set` argument into `tree`. With `keep_null`, `key=null` stores a null (which
-/// removes the default when the user's values are laid over the defaults) instead of removing
-/// the key.
-fn set_values(
-    tree: &mut Value,
-    expr: &str,
-    string_only: bool,
-    keep_null: bool,
-) -> Result<(), ValuesError> {
-    let err = |why: String| ValuesError::Set {
-        expr: expr.to_string(),
-        why,
-    };
-    for assignment in split_unescaped(expr, ',', true) {
-        if assignment.is_empty() {
-            continue;
-        }
-        let Some(eq) = find_unescaped(&assignment, '=') else {
-            return Err(err(format!("{assignment:?} has no '='")));
-        };
-        let (key, raw) = (&assignment[..eq], &assignment[eq + 1..]);
-        let path = parse_path(key).map_err(err)?;
-        let value = if !string_only && raw.starts_with('{') && raw.ends_with('}') {
-            let inner = &raw[1..raw.len() - 1];
-            Value::Array(
-                split_unescaped(inner, ',', false)
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .map(|s| typed_scalar(&unescape(s), false))
-                    .collect(),
-            )
-        } else {
-            typed_scalar(&unescape(raw), string_only)
-        };
-        set_path(tree, &path, value, keep_null).map_err(err)?;
-    }
-    Ok(())
-}
-
-/// Split on `sep` outside `{...}` (when `braces`) and not after a backslash.
-fn split_unescaped(s: &str, sep: char, braces: bool) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut depth = 0usize;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                cur.push(c);
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-            }
-            '{' if braces => {
-                depth += 1;
-                cur.push(c);
-            }
-            '}' if braces => {
-                depth = depth.saturating_sub(1);
-                cur.push(c);
-            }
-            c if c == sep && depth == 0 => out.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out
-}
-
-fn find_unescaped(s: &str, target: char) -> Option<usize> {
-    let mut escaped = false;
-    for (i, c) in s.char_indices() {
-        if escaped {
-            escaped = false;
-        } else if c == '\\' {
-            escaped = true;
-        } else if c == target {
-            return Some(i);
-        }
-    }
-    None
-}
-
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(n) = chars.next() {
-                out.push(n);
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Helm's typing of `--set` values: booleans, integers and null; everything else a string.
-fn typed_scalar(s: &str, string_only: bool) -> Value {
-    if string_only {
-        return Value::String(s.to_string());
-    }
-    match s {
-        "true" => Value::Bool(true),
-        "false" => Value::Bool(false),
-        "null" => Value::Null,
-        _ => match s.parse::<i64>() {
-            // Helm keeps numbers with a leading zero (e.g. "0755") as strings.
-            Ok(n) if !(s.len() > 1 && s.starts_with('0')) => json!(n),
-            _ => Value::String(s.to_string()),
-        },
-    }
-}
-
-fn parse_path(key: &str) -> Result<Vec<Seg>, String> {
-    let mut segs = Vec::new();
-    for part in split_unescaped(key, '.', false) {
-        let part = part.trim();
-        if part.is_empty() {
-            return Err(format!("key {key:?} has an empty part"));
-        }
-        let (name, mut rest) = match find_unescaped(part, '[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        if !name.is_empty() {
-            segs.push(Seg::Key(unescape(name)));
-        } else if segs.is_empty() {
-            return Err(format!("key {key:?} starts with an index"));
-        }
-        while !rest.is_empty() {
-            let close = rest
-                .find(']')
-                .ok_or_else(|| format!("key {key:?} has an unclosed '['"))?;
-            let idx: usize = rest[1..close]
-                .parse()
-                .map_err(|_| format!("key {key:?}: {:?} is not a list index", &rest[1..close]))?;
-            if idx > 1024 {
-                return Err(format!("key {key:?}: index {idx} is too large"));
-            }
-            segs.push(Seg::Index(idx));
-            rest = &rest[close + 1..];
-            if !rest.is_empty() && !rest.starts_with('[') {
-                return Err(format!("key {key:?}: unexpected {rest:?} after an index"));
-            }
-        }
-    }
-    if segs.is_empty() {
-        return Err("the key is empty".into());
-    }
-    Ok(segs)
-}
-
-fn set_path(tree: &mut Value, path: &[Seg], value: Value, keep_null: bool) -> Result<(), String> {
-    let (last, parents) = path.split_last().expect("paths are never empty");
-    let mut cur = tree;
-    for (i, seg) in parents.iter().enumerate() {
-        let next_is_index = matches!(path[i + 1], Seg::Index(_));
-        let fresh = || {
-            if next_is_index {
-                Value::Array(Vec::new())
-            } else {
-                Value::Object(Map::new())
-            }
-        };
-        cur = match seg {
-            Seg::Key(k) => {
-                if !cur.is_object() {
-                    *cur = Value::Object(Map::new());
-                }
-                let map = cur.as_object_mut().expect("just made a map");
-                let slot = map.entry(k.clone()).or_insert_with(fresh);
-                if slot.is_null() || (next_is_index != slot.is_array()) && !slot.is_object() {
-                    *slot = fresh();
-                }
-                if next_is_index && !slot.is_array() {
-                    *slot = fresh();
-                }
-                slot
-            }
-            Seg::Index(n) => {
-                if !cur.is_array() {
-                    *cur = Value::Array(Vec::new());
-                }
-                let list = cur.as_array_mut().expect("just made a list");
-                while list.len() <= *n {
-                    list.push(Value::Null);
-                }
-                if list[*n].is_null() {
-                    list[*n] = fresh();
-                }
-                &mut list[*n]
-            }
-        };
-    }
-    match last {
-        Seg::Key(k) => {
-            if !cur.is_object() {
-                *cur = Value::Object(Map::new());
-            }
-            let map = cur.as_object_mut().expect("just made a map");
-            if value.is_null() && !keep_null {
-                map.remove(k);
-            } else {
-                map.insert(k.clone(), value);
-            }
-        }
-        Seg::Index(n) => {
-            if !cur.is_array() {
-                *cur = Value::Array(Vec::new());
-            }
-            let list = cur.as_array_mut().expect("just made a list");
-            while list.len() <= *n {
-                list.push(Value::Null);
-            }
-            list[*n] = value;
-        }
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// The schema
-
-/// The chart's `values.schema.json`: gpu-pilot's own sections from the Rust types, the policy
-/// sections from the CRD's structural schema, and no unknown keys anywhere.
-pub fn schema() -> Value {
-    let mut settings = schemars::generate::SchemaSettings::draft07();
-    settings.inline_subschemas = true;
-    let generator = settings.into_generator();
-    let own = |schema: schemars::Schema| -> Value {
-        let mut v = schema.to_value();
-        if let Some(o) = v.as_object_mut() {
-            o.remove("$schema");
-            o.remove("title");
-        }
-        v
-    };
-    let mut g = generator;
-    let mut properties = Map::new();
-    properties.insert(
-        "operator".into(),
-        own(g.root_schema_for::<OperatorValues>()),
-    );
-    properties.insert("webhook".into(), own(g.root_schema_for::<WebhookValues>()));
-    properties.insert("nfd".into(), own(g.root_schema_for::<NfdValues>()));
-    let crd = serde_json::to_value(gpu_pilot_api::crd()).expect("the CRD serializes");
-    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
-    for key in POLICY_SECTIONS {
-        let mut s = spec[key].clone();
-        strip_openapi(&mut s);
-        properties.insert(key.into(), s);
-    }
-    crate::nvidia::add_chart_keys(&mut properties);
-    let mut root = json!({
-        "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": "gpu-pilot chart values",
-        "type": "object",
-        "properties": properties,
-    });
-    close_objects(&mut root);
-    root
-}
-
-/// Drop OpenAPI-only keywords a JSON-schema validator does not know, keeping their meaning
-/// where it matters (`nullable` becomes a `null` type).
-fn strip_openapi(v: &mut Value) {
-    match v {
-        Value::Object(o) => {
-            o.retain(|k, _| !k.starts_with("x-kubernetes-validations"));
-            if o.remove("nullable") == Some(Value::Bool(true))
-                && let Some(Value::String(t)) = o.get("type").cloned()
-            {
-                o.insert("type".into(), json!([t, "null"]));
-            }
-            if o.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
-                o.remove("x-kubernetes-int-or-string");
-                o.insert("type".into(), json!(["integer", "string"]));
-            }
-            o.retain(|k, _| !k.starts_with("x-kubernetes-"));
-            for child in o.values_mut() {
-                strip_openapi(child);
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(strip_openapi),
-        _ => {}
-    }
-}
-
-/// Every object schema with `properties` and no rule for other keys gets
-/// `additionalProperties: false`.
-fn close_objects(v: &mut Value) {
-    match v {
-        Value::Object(o) => {
-            if o.contains_key("properties") && !o.contains_key("additionalProperties") {
-                o.insert("additionalProperties".into(), Value::Bool(false));
-            }
-            for child in o.values_mut() {
-                close_objects(child);
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(close_objects),
-        _ => {}
-    }
-}
-
-/// Check `value` against the subset of JSON Schema [`schema`] produces: type, enum, properties,
-/// additionalProperties, items, anyOf/oneOf, minimum/maximum, pattern-free strings.
-pub fn check(value: &Value, schema: &Value) -> Vec<String> {
-    let mut errors = Vec::new();
-    check_at(value, schema, "", &mut errors);
-    errors
-}
-
-fn type_ok(value: &Value, t: &str) -> bool {
-    match t {
-        "object" => value.is_object(),
-        "array" => value.is_array(),
-        "string" => value.is_string(),
-        "boolean" => value.is_boolean(),
-        "integer" => value.is_i64() || value.is_u64(),
-        "number" => value.is_number(),
-        "null" => value.is_null(),
-        _ => true,
-    }
-}
-
-fn check_at(value: &Value, schema: &Value, path: &str, errors: &mut Vec<String>) {
-    let here = if path.is_empty() { "(top level)" } else { path };
-    for key in ["anyOf", "oneOf"] {
-        if let Some(branches) = schema.get(key).and_then(Value::as_array) {
-            let mut best: Option<Vec<String>> = None;
-            for b in branches {
-                let mut e = Vec::new();
-                check_at(value, b, path, &mut e);
-                if e.is_empty() {
-                    best = None;
-                    break;
-                }
-                if best.as_ref().is_none_or(|x| e.len() < x.len()) {
-                    best = Some(e);
-                }
-            }
-            if let Some(e) = best {
-                errors.extend(e);
-                return;
-            }
-        }
-    }
-    if let Some(t) = schema.get("type") {
-        let types: Vec<&str> = match t {
-            Value::String(s) => vec![s.as_str()],
-            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-            _ => vec![],
-        };
-        if !types.is_empty() && !types.iter().any(|t| type_ok(value, t)) {
-            errors.push(format!(
-                "{here}: expected {}, found {} {}",
-                types.join(" or "),
-                kind(value),
-                short(value)
-            ));
-            return;
-        }
-    }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
-        && !allowed.contains(value)
-    {
-        errors.push(format!(
-            "{here}: {} is not one of {}",
-            short(value),
-            allowed.iter().map(short).collect::<Vec<_>>().join(", ")
-        ));
-        return;
-    }
-    if let Some(n) = value.as_f64() {
-        if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
-            && n < min
-        {
-            errors.push(format!("{here}: {n} is below the minimum {min}"));
-        }
-        if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
-            && n > max
-        {
-            errors.push(format!("{here}: {n} is above the maximum {max}"));
-        }
-    }
-    match value {
-        Value::Object(map) => {
-            let props = schema.get("properties").and_then(Value::as_object);
-            for (k, v) in map {
-                let child = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                if let Some(s) = props.and_then(|p| p.get(k)) {
-                    check_at(v, s, &child, errors);
-                } else {
-                    match schema.get("additionalProperties") {
-                        Some(Value::Bool(false)) => {
-                            let known: Vec<&str> = props
-                                .map(|p| p.keys().map(String::as_str).collect())
-                                .unwrap_or_default();
-                            errors.push(format!(
-                                "{child}: unknown key{}",
-                                if known.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(" ({here} takes: {})", known.join(", "))
-                                }
-                            ));
-                        }
-                        Some(s @ Value::Object(_)) => check_at(v, s, &child, errors),
-                        _ => {}
-                    }
-                }
-            }
-        }
-        Value::Array(items) => {
-            if let Some(s) = schema.get("items") {
-                for (i, v) in items.iter().enumerate() {
-                    check_at(v, s, &format!("{path}[{i}]"), errors);
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-fn short(v: &Value) -> String {
-    let s = v.to_string();
-    if s.len() > 60 {
-        format!("{}...", &s[..s.floor_char_boundary(57)])
-    } else {
-        s
     }
 }
 
@@ -1096,7 +635,7 @@ mod tests {
     #[test]
     fn the_committed_schema_is_current() {
         let committed: Value =
-            serde_json::from_str(include_str!("../../charts/gpu-pilot/values.schema.json"))
+            serde_json::from_str(include_str!("../../../charts/gpu-pilot/values.schema.json"))
                 .unwrap();
         assert!(
             committed == schema(),

@@ -204,7 +204,7 @@ impl Registration {
 /// The CEL condition under which the apiserver sends a pod UPDATE to the webhook: the update would
 /// drop the GPU toleration, or put `nvidia.com/gpu` back into a container that holds a MIG
 /// resource (what re-applying a manifest does to what the webhook added, see
-/// [`crate::mutate::keep_on_update`]). Other updates never reach it.
+/// `gpu_pilot_webhook::mutate::keep_on_update`). Other updates never reach it.
 pub fn update_drops_cel() -> String {
     let has_gpu_toleration = |obj: &str| {
         format!(
@@ -384,7 +384,7 @@ mod tests {
 
     #[test]
     fn the_committed_manifests_are_current() {
-        let committed = include_str!("../deploy/gpu-pilot-webhook.yaml");
+        let committed = include_str!("../../../webhook/deploy/gpu-pilot-webhook.yaml");
         let fresh = format!(
             "{GENERATED_HEADER}{}",
             all_yaml(gpu_pilot_api::names::DEFAULT_NAMESPACE, DEFAULT_IMAGE, None)
