@@ -229,6 +229,12 @@ pub fn controller(namespace: &str, values: &Values) -> Vec<Value> {
 
 /// The webhook's Service and Deployment.
 pub fn webhook_workload(namespace: &str, values: &Values) -> Vec<Value> {
+    webhook_workload_with_image(namespace, values, values.webhook_image())
+}
+
+/// The webhook's Service and Deployment running `image` (the webhook's own `manifests` command
+/// passes the image it was given; install takes it from the values).
+pub fn webhook_workload_with_image(namespace: &str, values: &Values, image: String) -> Vec<Value> {
     let w = &values.webhook;
     let mut args = vec![json!("serve"), json!("--namespace"), json!(namespace)];
     let mut volumes = json!([]);
@@ -250,7 +256,7 @@ pub fn webhook_workload(namespace: &str, values: &Values) -> Vec<Value> {
             component: "webhook",
             service_account: webhook::NAME,
             replicas: w.replicas,
-            image: values.webhook_image(),
+            image,
             pull_policy: json!(w.image_pull_policy),
             pull_secrets: &w.image_pull_secrets,
             resources: &w.resources,
