@@ -866,6 +866,30 @@ pub enum PolicyState {
     Ignored,
 }
 
+impl PolicyState {
+    /// The wire spelling, e.g. `notReady`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyState::Ready => "ready",
+            PolicyState::NotReady => "notReady",
+            PolicyState::Ignored => "ignored",
+        }
+    }
+}
+
+/// One operand DaemonSet's state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ComponentState {
+    /// Every pod it wants runs and is ready, on every node gated for it.
+    Ready,
+    /// Some pod is missing or not ready.
+    NotReady,
+    /// Turned off in the policy.
+    #[default]
+    Disabled,
+}
+
 /// What the controller observed.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
@@ -915,8 +939,7 @@ pub struct ComponentStatus {
     /// The spec field, e.g. `devicePlugin`.
     pub name: String,
     pub enabled: bool,
-    /// ready, notReady or disabled.
-    pub state: String,
+    pub state: ComponentState,
     /// Pods the DaemonSet wants.
     pub desired: i32,
     /// Pods ready.

@@ -102,6 +102,8 @@ pub fn plan_node(spec: &ClusterPolicySpec, node: &NodeFacts, pods: &[&PodFacts])
     let mut wanted: Vec<Component> = Vec::new();
     let mut stage = Stage::Ready;
     let mut reason = None;
+    // Whether what holds the node is a fault (a pod that will not start by itself), not a wait.
+    let mut failure = false;
     for (st, comp) in STAGE_COMPONENTS {
         match comp {
             Some(c) => {
@@ -121,6 +123,7 @@ pub fn plan_node(spec: &ClusterPolicySpec, node: &NodeFacts, pods: &[&PodFacts])
                     Some(p) if p.ready => continue,
                     Some(p) => {
                         stage = st;
+                        failure = p.reason.as_deref().is_some_and(is_failure);
                         let why = p.reason.clone().unwrap_or_else(|| "not ready".into());
                         reason = Some(format!("{} pod: {why}", c.gate_name()));
                         break;
@@ -170,9 +173,6 @@ pub fn plan_node(spec: &ClusterPolicySpec, node: &NodeFacts, pods: &[&PodFacts])
         }
     }
 
-    let failure = reason
-        .as_deref()
-        .is_some_and(|r| r.rsplit(": ").next().is_some_and(is_failure));
     if node.label(label::STAGE) != Some(stage.as_str()) {
         labels.insert(label::STAGE.into(), Some(stage.as_str().into()));
     }

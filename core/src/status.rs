@@ -1,7 +1,7 @@
 //! Pure status computation: node decisions and DaemonSet counts in, `ClusterPolicyStatus` out.
 
 use gpu_pilot_api::names::{Component, Stage};
-use gpu_pilot_api::policy::{ComponentStatus, PolicyState, StageCounts, StuckNode};
+use gpu_pilot_api::policy::{ComponentState, ComponentStatus, PolicyState, StageCounts, StuckNode};
 use gpu_pilot_api::{ClusterPolicySpec, ClusterPolicyStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -69,16 +69,16 @@ pub fn active_status(
             // A DaemonSet's status lags behind new gate labels: it is ready only once it wants a
             // pod on every node gated for it and all of them are ready.
             let state = if !enabled {
-                "disabled"
+                ComponentState::Disabled
             } else if counts.ready == counts.desired && counts.desired >= gated(c) {
-                "ready"
+                ComponentState::Ready
             } else {
-                "notReady"
+                ComponentState::NotReady
             };
             ComponentStatus {
                 name: c.spec_field().into(),
                 enabled,
-                state: state.into(),
+                state,
                 desired: counts.desired,
                 ready: counts.ready,
             }
@@ -89,7 +89,7 @@ pub fn active_status(
         && ready_nodes == gpu_nodes
         && components
             .iter()
-            .all(|c: &ComponentStatus| c.state != "notReady");
+            .all(|c: &ComponentStatus| c.state != ComponentState::NotReady);
     let (ready_status, ready_reason, ready_message) = if gpu_nodes == 0 {
         (
             "False",
@@ -105,7 +105,7 @@ pub fn active_status(
     } else if ready_nodes == gpu_nodes {
         let waiting: Vec<&str> = components
             .iter()
-            .filter(|c| c.state == "notReady")
+            .filter(|c| c.state == ComponentState::NotReady)
             .map(|c| c.name.as_str())
             .collect();
         (
@@ -452,11 +452,11 @@ mod tests {
             &now(),
         );
         let by = |n: &str| s.components.iter().find(|c| c.name == n).unwrap().clone();
-        assert_eq!(by("driver").state, "disabled");
+        assert_eq!(by("driver").state, ComponentState::Disabled);
         let dp = by("devicePlugin");
         assert_eq!(
-            (dp.state.as_str(), dp.desired, dp.ready),
-            ("notReady", 3, 2)
+            (dp.state, dp.desired, dp.ready),
+            (ComponentState::NotReady, 3, 2)
         );
     }
 

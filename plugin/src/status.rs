@@ -27,11 +27,17 @@ pub struct Status {
     pub deployments: Vec<DeploymentSummary>,
 }
 
+fn policy_state<S: serde::Serializer>(s: &Option<PolicyState>, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s.map_or("unknown", PolicyState::as_str))
+}
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicySummary {
     pub name: String,
-    pub state: String,
+    /// `None` until the controller has written a status (printed `unknown`).
+    #[serde(serialize_with = "policy_state")]
+    pub state: Option<PolicyState>,
     pub generation: i64,
     pub observed_generation: i64,
     pub message: String,
@@ -119,13 +125,7 @@ pub async fn collect(kube: &Kube, namespace: &str) -> anyhow::Result<Status> {
             .unwrap_or_default();
         PolicySummary {
             name: p.metadata.name.clone().unwrap_or_default(),
-            state: match status.state {
-                Some(PolicyState::Ready) => "ready",
-                Some(PolicyState::NotReady) => "notReady",
-                Some(PolicyState::Ignored) => "ignored",
-                None => "unknown",
-            }
-            .into(),
+            state: status.state,
             generation: p.metadata.generation.unwrap_or(0),
             observed_generation: status.observed_generation.unwrap_or(0),
             message,
@@ -175,9 +175,9 @@ pub fn table(s: &Status, colour: bool) -> String {
             "no ClusterPolicy: gpu-pilot is installed but not configured; run `kubectl gpu install`\n",
         ),
         Some(p) => {
-            let state = match p.state.as_str() {
-                "ready" => paint("32", "ready"),
-                other => paint("33", other),
+            let state = match p.state {
+                Some(PolicyState::Ready) => paint("32", "ready"),
+                other => paint("33", other.map_or("unknown", PolicyState::as_str)),
             };
             let stale = if p.observed_generation < p.generation {
                 paint(
@@ -324,7 +324,7 @@ mod tests {
         let s = Status {
             policy: Some(PolicySummary {
                 name: "cluster-policy".into(),
-                state: "notReady".into(),
+                state: Some(PolicyState::NotReady),
                 generation: 2,
                 observed_generation: 1,
                 message: "1 node stuck".into(),

@@ -274,7 +274,9 @@ async fn rollout(env: Env) -> anyhow::Result<()> {
             .any(|c| c.type_ == "Ready" && c.status == "True" && c.reason == "AllNodesReady")
     );
     ensure!(
-        st.components.iter().all(|c| c.state == "ready"),
+        st.components
+            .iter()
+            .all(|c| c.state == gpu_pilot_api::policy::ComponentState::Ready),
         "{:?}",
         st.components
     );
@@ -661,7 +663,12 @@ async fn toggle_device_plugin(env: Env) -> anyhow::Result<()> {
                     .into_iter()
                     .find(|x| x.name == "devicePlugin");
                 Ok(match comp {
-                    Some(x) if x.state == "disabled" && !x.enabled => Ok(()),
+                    Some(x)
+                        if x.state == gpu_pilot_api::policy::ComponentState::Disabled
+                            && !x.enabled =>
+                    {
+                        Ok(())
+                    }
                     other => Err(format!("{other:?}")),
                 })
             }
