@@ -237,24 +237,47 @@ struct GpuEntry {
     telemetry: Telemetry,
 }
 
+/// An inventory file that names something it does not define.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error(
+        "GPU {index} names model '{model}', which the file's `models` does not define (it has: {known})"
+    )]
+    UnknownModel {
+        index: u32,
+        model: String,
+        known: String,
+    },
+    #[error(
+        "GPU {index} has a MIG device of profile '{profile}', which model '{model}' does not offer"
+    )]
+    UnknownProfile {
+        index: u32,
+        profile: String,
+        model: String,
+    },
+}
+
 impl InventoryFile {
-    fn resolve(self) -> Result<Inventory, String> {
+    fn resolve(self) -> Result<Inventory, InventoryError> {
         let mut gpus = Vec::with_capacity(self.gpus.len());
         for g in self.gpus {
-            let model = self.models.get(&g.model).cloned().ok_or_else(|| {
-                format!(
-                    "GPU {} names model '{}', which the file's `models` does not define (it has: {})",
-                    g.index,
-                    g.model,
-                    self.models.keys().cloned().collect::<Vec<_>>().join(", ")
-                )
-            })?;
+            let model =
+                self.models
+                    .get(&g.model)
+                    .cloned()
+                    .ok_or_else(|| InventoryError::UnknownModel {
+                        index: g.index,
+                        model: g.model.clone(),
+                        known: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
+                    })?;
             for d in &g.mig_devices {
                 if model.mig_profile(&d.profile).is_none() {
-                    return Err(format!(
-                        "GPU {} has a MIG device of profile '{}', which model '{}' does not offer",
-                        g.index, d.profile, g.model
-                    ));
+                    return Err(InventoryError::UnknownProfile {
+                        index: g.index,
+                        profile: d.profile.clone(),
+                        model: g.model.clone(),
+                    });
                 }
             }
             gpus.push(Gpu {

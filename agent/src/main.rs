@@ -274,38 +274,32 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(run(args))),
         Command::Discover(args) => discover(&args),
         Command::Validate { hold, step } => {
-            let r = match step {
+            let r: anyhow::Result<String> = match step {
                 Step::Driver(b) => open_backend(&b)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| validate::driver(b.as_ref())),
-                Step::Toolkit { host_root } => validate::toolkit(&host_root),
+                    .and_then(|b| validate::driver(b.as_ref()).map_err(anyhow::Error::from)),
+                Step::Toolkit { host_root } => {
+                    validate::toolkit(&host_root).map_err(anyhow::Error::from)
+                }
                 Step::Plugin { node_name } => tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| e.to_string())
+                    .map_err(anyhow::Error::from)
                     .and_then(|rt| {
                         rt.block_on(async {
                             let client = kube::Client::try_default()
                                 .await
-                                .map_err(|e| format!("connecting to the Kubernetes API: {e}"))?;
-                            let n = node::NodeClient::new(client, &node_name)
-                                .get()
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            validate::plugin(&n)
+                                .context("connecting to the Kubernetes API")?;
+                            let n = node::NodeClient::new(client, &node_name).get().await?;
+                            Ok(validate::plugin(&n)?)
                         })
                     }),
             };
-            match r {
-                Ok(msg) => {
-                    println!("{msg}");
-                    if hold {
-                        hold_until_signal();
-                    }
-                    Ok(())
+            r.map(|msg| {
+                println!("{msg}");
+                if hold {
+                    hold_until_signal();
                 }
-                Err(e) => Err(anyhow::Error::msg(e)),
-            }
+            })
         }
     };
     match result {

@@ -1,21 +1,45 @@
 //! `gpu-pilot-agent validate driver|toolkit|plugin`: the checks the controller's validator pods
 //! run. Each returns a line that says what was found, or an error that says what to do.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use gpu_pilot_api::names::resource;
 use k8s_openapi::api::core::v1::Node;
 
-use crate::backend::GpuBackend;
+use crate::backend::{BackendError, GpuBackend};
 
-pub fn driver(backend: &dyn GpuBackend) -> Result<String, String> {
-    let inv = backend.inventory().map_err(|e| e.to_string())?;
+/// Why a validation step failed; each says what to check or do.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidationError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(
+        "the NVIDIA driver {driver_version} is loaded but sees no GPU: check `lspci -d 10de:` and \
+         dmesg for NVRM errors"
+    )]
+    NoGpu { driver_version: String },
+    #[error(
+        "no NVIDIA container toolkit under {}: neither nvidia-container-runtime/nvidia-ctk nor a \
+         CDI spec (/etc/cdi/nvidia.yaml, /var/run/cdi/nvidia.yaml). Enable gpu-pilot's toolkit \
+         stage, or install nvidia-container-toolkit and run `nvidia-ctk cdi generate`",
+        host_root.display()
+    )]
+    NoToolkit { host_root: PathBuf },
+    #[error(
+        "Node {node} advertises no nvidia.com/* resource: the device plugin has not registered \
+         with the kubelet. Check the agent's log on that node and that \
+         /var/lib/kubelet/device-plugins is mounted into it"
+    )]
+    NoGpuResources { node: String },
+}
+
+/// The driver sees at least one GPU; says which.
+pub fn driver(backend: &dyn GpuBackend) -> Result<String, ValidationError> {
+    let inv = backend.inventory()?;
     if inv.gpus.is_empty() {
-        return Err(format!(
-            "the NVIDIA driver {} is loaded but sees no GPU: check `lspci -d 10de:` and dmesg for \
-             NVRM errors",
-            inv.driver_version
-        ));
+        return Err(ValidationError::NoGpu {
+            driver_version: inv.driver_version,
+        });
     }
     Ok(format!(
         "driver {} (CUDA {}) sees {} GPU(s): {}",
@@ -31,7 +55,7 @@ pub fn driver(backend: &dyn GpuBackend) -> Result<String, String> {
 }
 
 /// Looks under `host_root` for the NVIDIA container runtime or a CDI spec for NVIDIA devices.
-pub fn toolkit(host_root: &Path) -> Result<String, String> {
+pub fn toolkit(host_root: &Path) -> Result<String, ValidationError> {
     let runtimes = [
         "usr/bin/nvidia-container-runtime",
         "usr/local/nvidia/toolkit/nvidia-container-runtime",
@@ -51,12 +75,9 @@ pub fn toolkit(host_root: &Path) -> Result<String, String> {
         .filter(|p| p.exists())
         .collect();
     if found.is_empty() {
-        return Err(format!(
-            "no NVIDIA container toolkit under {}: neither nvidia-container-runtime/nvidia-ctk nor a \
-             CDI spec (/etc/cdi/nvidia.yaml, /var/run/cdi/nvidia.yaml). Enable gpu-pilot's toolkit \
-             stage, or install nvidia-container-toolkit and run `nvidia-ctk cdi generate`",
-            host_root.display()
-        ));
+        return Err(ValidationError::NoToolkit {
+            host_root: host_root.to_path_buf(),
+        });
     }
     Ok(format!(
         "container toolkit found: {}",
@@ -69,7 +90,7 @@ pub fn toolkit(host_root: &Path) -> Result<String, String> {
 }
 
 /// The kubelet has taken the device plugin's resources into the node's allocatable.
-pub fn plugin(node: &Node) -> Result<String, String> {
+pub fn plugin(node: &Node) -> Result<String, ValidationError> {
     let name = node.metadata.name.clone().unwrap_or_default();
     let alloc = node
         .status
@@ -82,11 +103,7 @@ pub fn plugin(node: &Node) -> Result<String, String> {
         .map(|(k, q)| format!("{k}={}", q.0))
         .collect();
     if gpus.is_empty() {
-        return Err(format!(
-            "Node {name} advertises no nvidia.com/* resource: the device plugin has not registered \
-             with the kubelet. Check the agent's log on that node and that \
-             /var/lib/kubelet/device-plugins is mounted into it"
-        ));
+        return Err(ValidationError::NoGpuResources { node: name });
     }
     Ok(format!("Node {name} advertises {}", gpus.join(", ")))
 }
@@ -105,7 +122,7 @@ mod tests {
     #[test]
     fn toolkit_missing_says_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let e = toolkit(dir.path()).unwrap_err();
+        let e = toolkit(dir.path()).unwrap_err().to_string();
         assert!(e.contains("nvidia-ctk cdi generate"), "{e}");
         std::fs::create_dir_all(dir.path().join("etc/cdi")).unwrap();
         std::fs::write(dir.path().join("etc/cdi/nvidia.yaml"), "").unwrap();

@@ -11,11 +11,11 @@ use futures::StreamExt;
 use gpu_pilot_api::names::{Component, annotation, label};
 use gpu_pilot_api::policy::PolicyState;
 use gpu_pilot_api::{ClusterPolicy, Stage};
-use gpu_pilot_e2e::controller::{RunningController, gate_labels, reset_cluster};
-use gpu_pilot_e2e::{Cluster, eventually, node_names};
+use gpu_pilot_e2e::controller::{RunningController, gate_labels};
+use gpu_pilot_e2e::{eventually, node_names};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, Pod, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -24,8 +24,9 @@ use serde_json::{Value, json};
 
 use crate::TestFn;
 
-const GPU: usize = 20;
-const CPU: usize = 5;
+// The scenarios' helpers live in the test crate's library; these names stay for the modules
+// that import them from here.
+pub(crate) use gpu_pilot_e2e::serial::{Env, GPU, serial, shutdown};
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
@@ -55,72 +56,6 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             Box::pin(serial(two_replicas))
         }),
     ]
-}
-
-static CLUSTER: Mutex<Option<Arc<Cluster>>> = Mutex::new(None);
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-static NEXT_NS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-
-fn cluster() -> anyhow::Result<Arc<Cluster>> {
-    let mut c = CLUSTER.lock().unwrap();
-    if c.is_none() {
-        *c = Some(Arc::new(Cluster::start_named(
-            "controller",
-            GPU,
-            CPU,
-            false,
-        )?));
-    }
-    Ok(c.as_ref().unwrap().clone())
-}
-
-/// Stops the controller tests' cluster (called once all tests ran).
-pub fn shutdown() {
-    CLUSTER.lock().unwrap().take();
-}
-
-pub(crate) struct Env {
-    pub(crate) cluster: Arc<Cluster>,
-    pub(crate) client: Client,
-    /// The operand namespace of this scenario.
-    pub(crate) ns: String,
-}
-
-/// Runs `f` alone on the controller cluster, from a clean slate, with an operand namespace of
-/// its own. Every test that changes cluster-wide state (the plugin's too) goes through this.
-pub(crate) async fn serial<F, Fut>(f: F) -> anyhow::Result<()>
-where
-    F: FnOnce(Env) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    let _turn = SERIAL.lock().await;
-    let cluster = tokio::task::spawn_blocking(cluster).await??;
-    let client = cluster.client().await?;
-    reset_cluster(&client).await?;
-    // An operand namespace of its own: nothing left from an earlier scenario can count.
-    let ns = format!(
-        "gpu-pilot-{}",
-        NEXT_NS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
-        )
-        .await?;
-    crate::foundation::ensure_crd(&client).await?;
-    let result = f(Env {
-        cluster,
-        client: client.clone(),
-        ns: ns.clone(),
-    })
-    .await;
-    // The one teardown, run whatever the scenario did: its operand namespace goes (cluster-wide
-    // state is reset by the next scenario's reset_cluster).
-    let _ = Api::<Namespace>::all(client)
-        .delete(&ns, &kube::api::DeleteParams::background())
-        .await;
-    result
 }
 
 async fn create_policy(client: &Client, name: &str, spec: Value) -> anyhow::Result<()> {

@@ -145,42 +145,7 @@ async fn label_node(c: &Client, name: &str, key: &str, value: Option<&str>) -> a
     patch_node(c, name, json!({"metadata": {"labels": {key: value}}})).await
 }
 
-pub(crate) async fn add_fault_node(c: &Client, name: &str) -> anyhow::Result<()> {
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {
-            "name": name,
-            "annotations": {"kwok.x-k8s.io/node": "fake"},
-            "labels": {(label::NFD_PCI_10DE): "true", "type": "kwok", "kubernetes.io/os": "linux"}
-        },
-        "status": {
-            "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110", (resource::GPU): "1"},
-            "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110", (resource::GPU): "1"}
-        }
-    }))?;
-    Api::<Node>::all(c.clone())
-        .create(&PostParams::default(), &node)
-        .await?;
-    Ok(())
-}
-
-pub(crate) async fn delete_node(c: &Client, name: &str) -> anyhow::Result<()> {
-    let _ = Api::<Node>::all(c.clone())
-        .delete(name, &DeleteParams::default())
-        .await;
-    // Its pods are orphans now: remove them rather than wait for the pod garbage collector.
-    let pods: Api<Pod> = Api::all(c.clone());
-    let lp = kube::api::ListParams::default().fields(&format!("spec.nodeName={name}"));
-    for p in pods.list(&lp).await?.items {
-        let ns = p.metadata.namespace.clone().unwrap_or_default();
-        let _ = Api::<Pod>::namespaced(c.clone(), &ns)
-            .delete(
-                p.metadata.name.as_deref().unwrap_or_default(),
-                &DeleteParams::default().grace_period(0),
-            )
-            .await;
-    }
-    Ok(())
-}
+pub(crate) use gpu_pilot_e2e::nodes::{add_fault_node, delete_node};
 
 /// The faults, one at a time. Each says what it does, the finding it must produce, and is undone.
 #[derive(Debug, Clone, Copy)]

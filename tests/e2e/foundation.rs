@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use gpu_pilot_api::names::{field_manager, label};
+use gpu_pilot_api::names::label;
 use gpu_pilot_api::{ClusterPolicy, ClusterPolicySpec};
 use gpu_pilot_e2e::{Cluster, TestEnv, eventually, node_names};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
@@ -44,38 +44,7 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
     ]
 }
 
-/// Applies the generated CRD (idempotent) and waits until the apiserver serves it.
-pub async fn ensure_crd(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = gpu_pilot_api::crd();
-    let name = crd.metadata.name.clone().unwrap();
-    crds.patch(
-        &name,
-        &PatchParams::apply(field_manager::PLUGIN).force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .context("applying the ClusterPolicy CRD")?;
-    eventually("CRD Established", Duration::from_secs(30), || {
-        let crds = crds.clone();
-        let name = name.clone();
-        async move {
-            let crd = crds.get(&name).await?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            Ok(if established {
-                Ok(())
-            } else {
-                Err("not Established".into())
-            })
-        }
-    })
-    .await
-}
+pub(crate) use gpu_pilot_e2e::ensure_crd;
 
 async fn crd_installs(cluster: Arc<Cluster>) -> anyhow::Result<()> {
     let env = TestEnv::new(&cluster, "crd").await?;

@@ -1,7 +1,6 @@
 //! The webhook's TLS as the apiserver meets it: certificates written to files by someone else
 //! (cert-manager) and rotated on disk under load, and two replicas racing to make the one CA.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,11 +16,8 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
 use crate::webhook::{
@@ -29,67 +25,7 @@ use crate::webhook::{
     with_cleanup,
 };
 
-/// A CA made here with rcgen, independent of the webhook's own certificate code.
-pub(crate) struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    pub(crate) fn new(name: &str) -> anyhow::Result<TestCa> {
-        let mut p = CertificateParams::new(Vec::<String>::new())?;
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        Ok(TestCa {
-            issuer: CertifiedIssuer::self_signed(p, KeyPair::generate()?)?,
-        })
-    }
-
-    pub(crate) fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A serving certificate for 127.0.0.1, valid for `hours`, and its key, as PEM.
-    pub(crate) fn leaf(&self, hours: i64) -> anyhow::Result<(String, String)> {
-        let key = KeyPair::generate()?;
-        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::minutes(5);
-        p.not_after = now + time::Duration::hours(hours);
-        p.use_authority_key_identifier_extension = true;
-        let cert = p.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-}
-
-/// Connects to `addr` trusting only the certificates in `bundle` (as the apiserver does with a
-/// caBundle) and returns the certificate the server handed out, DER.
-pub(crate) async fn served_certificate(addr: SocketAddr, bundle: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(bundle) {
-        roots.add(c?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp)
-        .await
-        .with_context(|| format!("TLS handshake with {addr}"))?;
-    let certs = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .context("the server sent no certificate")?;
-    Ok(certs[0].to_vec())
-}
+pub(crate) use gpu_pilot_e2e::webhook::{TestCa, served_certificate};
 
 /// Reads, changes and writes back a MutatingWebhookConfiguration.
 async fn edit_mutating(

@@ -12,13 +12,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-pub mod controller;
-pub mod nvidia;
 use std::time::{Duration, Instant};
 
+pub mod controller;
+pub mod nodes;
+pub mod nvidia;
+pub mod serial;
+pub mod webhook;
+
 use anyhow::{Context, bail};
+use gpu_pilot_api::names::field_manager;
 use k8s_openapi::api::core::v1::{Namespace, Node};
-use kube::api::{DeleteParams, ListParams, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
@@ -260,10 +266,77 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// What one test gets: a client and a namespace of its own, deleted afterwards.
+/// A namespace a test created. Dropping it deletes the namespace (without waiting), so it goes
+/// whatever the test did: returned early with an error, or panicked. This is the one teardown of
+/// the suite; fixtures with processes of their own stop those in their own `Drop`.
+pub struct OwnedNamespace {
+    name: String,
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl OwnedNamespace {
+    /// Creates `name` with `labels`.
+    pub async fn create(
+        cluster: &Cluster,
+        client: &Client,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<OwnedNamespace> {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": labels }
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(OwnedNamespace {
+            name: name.to_string(),
+            kubectl: cluster.tools.join("kubectl"),
+            kubeconfig: cluster.kubeconfig.clone(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for OwnedNamespace {
+    fn drop(&mut self) {
+        // Synchronous on purpose: a Drop cannot await, and the test's runtime may be ending.
+        let out = Command::new(&self.kubectl)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "e2e: deleting namespace {}: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("e2e: deleting namespace {}: {e}", self.name),
+        }
+    }
+}
+
+/// What one test gets: a client and a namespace of its own, deleted when the `TestEnv` is
+/// dropped (see [`OwnedNamespace`]).
 pub struct TestEnv {
     pub client: Client,
     pub namespace: String,
+    _owned: OwnedNamespace,
 }
 
 impl TestEnv {
@@ -286,24 +359,52 @@ impl TestEnv {
             .collect();
         name.push('-');
         name.push_str(&suffix[..8]);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": { "name": name, "labels": { "gpupilot.io/e2e": "true" } }
-        }))?;
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .with_context(|| format!("creating namespace {name}"))?;
+        let owned =
+            OwnedNamespace::create(cluster, &client, &name, &[("gpupilot.io/e2e", "true")]).await?;
         Ok(TestEnv {
             client,
             namespace: name,
+            _owned: owned,
         })
     }
 
+    /// Ends the test's use of the namespace now (the same as dropping the `TestEnv`).
     pub async fn cleanup(self) {
-        let _ = Api::<Namespace>::all(self.client)
-            .delete(&self.namespace, &DeleteParams::background())
-            .await;
+        drop(self);
     }
+}
+
+/// Applies the generated CRD (idempotent) and waits until the apiserver serves it.
+pub async fn ensure_crd(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = gpu_pilot_api::crd();
+    let name = crd.metadata.name.clone().unwrap();
+    crds.patch(
+        &name,
+        &PatchParams::apply(field_manager::PLUGIN).force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .context("applying the ClusterPolicy CRD")?;
+    eventually("CRD Established", Duration::from_secs(30), || {
+        let crds = crds.clone();
+        let name = name.clone();
+        async move {
+            let crd = crds.get(&name).await?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok(if established {
+                Ok(())
+            } else {
+                Err("not Established".into())
+            })
+        }
+    })
+    .await
 }
 
 /// Names of the nodes that carry (or do not carry) the NFD GPU label.
