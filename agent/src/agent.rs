@@ -81,6 +81,9 @@ pub struct Facts<'a> {
     pub fresh_node: Option<&'a Node>,
     /// The device-plugin config for this pass.
     pub config: &'a PluginConfig,
+    /// Why the configured device-plugin config was refused: then no device is offered (the
+    /// admin asked for something gpu-pilot does not do; whole GPUs would be a silent lie).
+    pub config_error: Option<&'a str>,
     pub health: &'a HealthRules,
 }
 
@@ -122,9 +125,16 @@ pub fn step(state: &mut State, roles: Roles, facts: Facts) -> Vec<Action> {
     };
     state.no_driver_reported = false;
     let mut out = Vec::new();
-    let resources = match resources::plan(inv, facts.config, facts.health) {
-        Ok(r) => r,
-        Err(e) => {
+    let resources = match (
+        facts.config_error,
+        resources::plan(inv, facts.config, facts.health),
+    ) {
+        (Some(why), _) => {
+            out.push(Action::Error(why.to_string()));
+            Vec::new()
+        }
+        (None, Ok(r)) => r,
+        (None, Err(e)) => {
             out.push(Action::Error(e.to_string()));
             Vec::new()
         }
@@ -157,18 +167,16 @@ pub fn step(state: &mut State, roles: Roles, facts: Facts) -> Vec<Action> {
     out
 }
 
-/// The device-plugin config for this pass: file/folder, the node's label, then CLI overrides.
-fn plugin_config(s: &Settings, node_choice: Option<&str>) -> PluginConfig {
-    let mut cfg = match &s.plugin_config {
+/// The device-plugin config for this pass: file/folder, the node's label, then CLI overrides;
+/// with the reason it was refused, if it was (then the default config stands in for labels).
+fn plugin_config(s: &Settings, node_choice: Option<&str>) -> (PluginConfig, Option<String>) {
+    let (mut cfg, refused) = match &s.plugin_config {
         Some(src) => match PluginConfig::load(src, node_choice, s.plugin_config_default.as_deref())
         {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("{e}; using the default config");
-                PluginConfig::default()
-            }
+            Ok(c) => (c, None),
+            Err(e) => (PluginConfig::default(), Some(e.to_string())),
         },
-        None => PluginConfig::default(),
+        None => (PluginConfig::default(), None),
     };
     if let Some(m) = s.mig_strategy {
         cfg.flags.mig_strategy = Some(m);
@@ -177,7 +185,7 @@ fn plugin_config(s: &Settings, node_choice: Option<&str>) -> PluginConfig {
         cfg.flags.plugin.device_list_strategy =
             Some(OneOrMany::Many(vec!["envvar".into(), "cdi-cri".into()]));
     }
-    cfg
+    (cfg, refused)
 }
 
 /// Runs a blocking backend call on tokio's blocking threads.
@@ -238,7 +246,7 @@ pub async fn run(backend: Arc<dyn GpuBackend>, s: Settings) -> anyhow::Result<()
             .as_ref()
             .and_then(|n| node::label_of(n, label::DEVICE_PLUGIN_CONFIG))
             .map(str::to_string);
-        let cfg = plugin_config(&s, choice.as_deref());
+        let (cfg, refused) = plugin_config(&s, choice.as_deref());
         let (envvar, cdi) = cfg.device_list();
         list_tx.send_if_modified(|l| {
             let changed = l.envvar != envvar || l.cdi != cdi;
@@ -254,6 +262,7 @@ pub async fn run(backend: Arc<dyn GpuBackend>, s: Settings) -> anyhow::Result<()
                 gpus: &gpus,
                 fresh_node: fresh_node.as_ref(),
                 config: &cfg,
+                config_error: refused.as_deref(),
                 health: &s.health,
             },
         );
@@ -432,6 +441,7 @@ mod tests {
                 gpus,
                 fresh_node: node,
                 config: &PluginConfig::default(),
+                config_error: None,
                 health: &HealthRules::default(),
             },
         )
@@ -450,6 +460,31 @@ mod tests {
                 Action::PatchLabels(_) => "labels",
             })
             .collect()
+    }
+
+    #[test]
+    fn a_refused_config_offers_no_devices_and_says_why() {
+        let mut st = State::default();
+        let t4 = gpus("t4");
+        let why = "device-plugin config x is refused: sharing.mps asks for MPS";
+        let actions = step(
+            &mut st,
+            ALL,
+            Facts {
+                gpus: &t4,
+                fresh_node: None,
+                config: &PluginConfig::default(),
+                config_error: Some(why),
+                health: &HealthRules::default(),
+            },
+        );
+        assert!(actions.contains(&Action::Error(why.into())), "{actions:?}");
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Publish { resources, .. } if resources.is_empty())),
+            "{actions:?}"
+        );
     }
 
     #[test]

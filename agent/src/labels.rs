@@ -12,6 +12,22 @@ use crate::plugin::config::{MigStrategy, PluginConfig};
 
 pub type Labels = BTreeMap<String, String>;
 
+/// Whether `key` is one of GFD's feature labels, the only labels the agent writes and so the
+/// only ones it may remove: `nvidia.com/cuda.*`, `nvidia.com/gpu.*`, `nvidia.com/mig-<profile>.*`,
+/// `nvidia.com/mig.capable` and `nvidia.com/mig.strategy`; never a deploy gate
+/// (`nvidia.com/gpu.deploy.*`) or an admin's choice (`nvidia.com/mig.config`,
+/// `nvidia.com/device-plugin.config`), whatever a node's annotation lists.
+pub fn is_feature_label(key: &str) -> bool {
+    if key.starts_with(label::DEPLOY_PREFIX) {
+        return false;
+    }
+    key.starts_with("nvidia.com/cuda.")
+        || key.starts_with(label::GPU_PREFIX)
+        || key.starts_with(label::MIG_PROFILE_PREFIX)
+        || key == label::MIG_CAPABLE
+        || key == label::MIG_STRATEGY
+}
+
 /// GFD's spelling of a product name: spaces become dashes.
 pub fn product_label(product: &str) -> String {
     product.trim().replace(' ', "-")
@@ -206,6 +222,45 @@ mod tests {
         assert_eq!(l["nvidia.com/gpu.replicas"], "4");
         assert_eq!(l["nvidia.com/gpu.sharing-strategy"], "time-slicing");
         assert_eq!(l["nvidia.com/mig.capable"], "false");
+    }
+
+    #[test]
+    fn every_label_written_is_a_feature_label_and_nothing_else_is() {
+        let mut mixed = inv("a100-40gb");
+        mixed.gpus[0].mig_enabled = true;
+        mixed.gpus[0].mig_devices = vec![MigDevice {
+            uuid: "MIG-0".into(),
+            profile: "1g.5gb".into(),
+        }];
+        let configs = [
+            "version: v1\n",
+            "version: v1\nflags: {migStrategy: mixed}\n",
+            "version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - {name: nvidia.com/gpu, replicas: 2}\n",
+        ];
+        for (inv, cfg) in [inv("dgx-h100"), inv("t4"), mixed]
+            .into_iter()
+            .flat_map(|i| configs.map(|c| (i.clone(), PluginConfig::parse(c, "c").unwrap())))
+        {
+            for k in labels(&inv, &cfg).keys() {
+                assert!(
+                    is_feature_label(k),
+                    "{k} is written but not a feature label"
+                );
+            }
+        }
+        for k in [
+            "nvidia.com/gpu.deploy.driver",
+            "nvidia.com/gpu.deploy.operands",
+            "nvidia.com/mig.config",
+            "nvidia.com/mig.config.state",
+            "nvidia.com/device-plugin.config",
+            "gpupilot.io/stage",
+            "kubernetes.io/hostname",
+            "node-role.kubernetes.io/control-plane",
+            "team",
+        ] {
+            assert!(!is_feature_label(k), "{k}");
+        }
     }
 
     #[test]

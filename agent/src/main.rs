@@ -241,21 +241,24 @@ fn discover(args: &BackendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Completes on SIGTERM or SIGINT. In a container the agent is PID 1, which the kernel spares
+/// every signal it has no handler for: without this, stopping its pod waits out the grace period.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// Sleeps until SIGTERM or SIGINT.
 fn hold_until_signal() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     if let Ok(rt) = rt {
-        rt.block_on(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("a SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        });
+        rt.block_on(terminated());
     }
 }
 
@@ -271,7 +274,17 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run(args))),
+            .and_then(|rt| {
+                rt.block_on(async {
+                    tokio::select! {
+                        r = run(args) => r,
+                        () = terminated() => {
+                            tracing::info!("stopping: SIGTERM or SIGINT");
+                            Ok(())
+                        }
+                    }
+                })
+            }),
         Command::Discover(args) => discover(&args),
         Command::Validate { hold, step } => {
             let r: anyhow::Result<String> = match step {

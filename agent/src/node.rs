@@ -36,9 +36,15 @@ pub enum NodeError {
 pub fn label_patch(node: &Node, want: &Labels) -> Option<Value> {
     let have = node.metadata.labels.clone().unwrap_or_default();
     let annotations = node.metadata.annotations.clone().unwrap_or_default();
+    // The annotation is only a memo: anyone who may annotate the Node can edit it, so only
+    // GFD's feature labels it lists are ever removed.
     let previous: Vec<&str> = annotations
         .get(annotation::AGENT_LABELS)
-        .map(|s| s.split(',').filter(|k| !k.is_empty()).collect())
+        .map(|s| {
+            s.split(',')
+                .filter(|k| crate::labels::is_feature_label(k))
+                .collect()
+        })
         .unwrap_or_default();
     let mut labels = Map::new();
     for (k, v) in want {
@@ -69,15 +75,21 @@ pub fn gates_to_pause(node: &Node) -> Vec<String> {
         .collect()
 }
 
-/// Gates a previous run paused and did not restore (it crashed in the middle).
+/// Gates a previous run paused and did not restore (it crashed in the middle). Only the gates
+/// of [`PAUSED_COMPONENTS`] count, whatever else the annotation lists: restoring sets a label
+/// to `true`, and the annotation is no proof of who wrote it.
 pub fn paused_gates(node: &Node) -> Vec<String> {
+    let pausable: Vec<String> = PAUSED_COMPONENTS
+        .iter()
+        .map(|c| label::deploy_gate(*c))
+        .collect();
     node.metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(annotation::MIG_PAUSED_GATES))
         .map(|s| {
             s.split(',')
-                .filter(|k| !k.is_empty())
+                .filter(|k| pausable.iter().any(|p| p == k))
                 .map(str::to_string)
                 .collect()
         })
@@ -206,6 +218,34 @@ mod tests {
             &[(annotation::AGENT_LABELS, "nvidia.com/gpu.count")],
         );
         assert_eq!(label_patch(&done, &want), None);
+    }
+
+    #[test]
+    fn a_forged_annotation_removes_no_label_it_does_not_own() {
+        let n = node(
+            &[
+                ("nvidia.com/gpu.deploy.driver", "true"),
+                ("kubernetes.io/hostname", "n1"),
+                ("nvidia.com/mig.config", "all-1g.10gb"),
+                ("team", "a"),
+            ],
+            &[
+                (
+                    annotation::AGENT_LABELS,
+                    "nvidia.com/gpu.deploy.driver,kubernetes.io/hostname,nvidia.com/mig.config,team",
+                ),
+                (
+                    annotation::MIG_PAUSED_GATES,
+                    "nvidia.com/gpu.deploy.driver,team,nvidia.com/gpu.deploy.device-plugin",
+                ),
+            ],
+        );
+        let p = label_patch(&n, &Labels::new()).unwrap();
+        assert_eq!(p["metadata"]["labels"], serde_json::json!({}), "{p}");
+        assert_eq!(
+            paused_gates(&n),
+            vec!["nvidia.com/gpu.deploy.device-plugin".to_string()]
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 use crate::names::{Component, GPU_TAINT_KEY, Stage};
@@ -26,6 +26,53 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const GPU_PILOT_REPOSITORY: &str = "ghcr.io/gpu-pilot";
 /// The one image that serves every gpu-pilot-owned operand (device plugin, GFD, MIG manager, validator).
 pub const AGENT_IMAGE: &str = "gpu-pilot-agent";
+
+/// The bounds the schema puts on what the controller turns into objects, so that every policy the
+/// apiserver admits renders (`gpu_pilot_core`'s `policy_bounds` tests hold the schema to them).
+pub mod bounds {
+    /// Items in a list the controller copies into a DaemonSet (pull secrets, args, env, tolerations).
+    pub const MAX_ITEMS: usize = 64;
+    /// Length of one extra container argument.
+    pub const MAX_ARG: usize = 4096;
+    /// Entries in a label or annotation map.
+    pub const MAX_ENTRIES: usize = 64;
+    /// Length of one annotation value (64 of them fill Kubernetes' 256 KiB annotation budget).
+    pub const MAX_ANNOTATION_VALUE: usize = 4096;
+    /// A DNS subdomain (RFC 1123): the names of Secrets, ConfigMaps and PriorityClasses.
+    pub const DNS_SUBDOMAIN: &str =
+        r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+    /// A label or annotation key: an optional DNS prefix and `/`, then a name of up to 63.
+    pub const LABEL_KEY: &str =
+        r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+    /// A label value: empty, or up to 63 letters, digits, '-', '_' and '.', alphanumeric at both ends.
+    pub const LABEL_VALUE: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
+}
+
+/// The schema of a label map: bounded, every key and value as Kubernetes allows them.
+fn label_map(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "maxProperties": bounds::MAX_ENTRIES,
+        "additionalProperties": {"type": "string", "maxLength": 63},
+        "x-kubernetes-validations": [{
+            "rule": format!("self.all(k, k.matches('{}') && self[k].matches('{}'))", bounds::LABEL_KEY, bounds::LABEL_VALUE),
+            "message": "labels must be valid Kubernetes labels: keys like example.com/name (a name of up to 63 letters, digits, '-', '_' and '.', alphanumeric at both ends, after an optional DNS prefix and '/'), values of up to 63 such characters"
+        }]
+    })
+}
+
+/// The schema of an annotation map: bounded, every key as Kubernetes allows it.
+fn annotation_map(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "maxProperties": bounds::MAX_ENTRIES,
+        "additionalProperties": {"type": "string", "maxLength": bounds::MAX_ANNOTATION_VALUE},
+        "x-kubernetes-validations": [{
+            "rule": format!("self.all(k, k.matches('{}'))", bounds::LABEL_KEY),
+            "message": "annotation keys must be valid Kubernetes keys like example.com/name (a name of up to 63 letters, digits, '-', '_' and '.', alphanumeric at both ends, after an optional DNS prefix and '/')"
+        }]
+    })
+}
 
 /// Desired state of the GPU stack on every GPU node of the cluster.
 // Each `printcolumn(...)` repeats `type_`; clippy reads that as one attribute given twice.
@@ -306,6 +353,7 @@ macro_rules! component {
             pub image_pull_policy: ImagePullPolicy,
             /// Names of Secrets in the operator's namespace used to pull the image.
             #[serde(skip_serializing_if = "Vec::is_empty")]
+            #[schemars(length(max = bounds::MAX_ITEMS), inner(length(max = 253), pattern(bounds::DNS_SUBDOMAIN)))]
             pub image_pull_secrets: Vec<String>,
             /// CPU and memory for the component's containers.
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -313,10 +361,11 @@ macro_rules! component {
             pub resources: Option<ResourceRequirements>,
             /// Extra arguments for the component's main container.
             #[serde(skip_serializing_if = "Vec::is_empty")]
+            #[schemars(length(max = bounds::MAX_ITEMS), inner(length(max = bounds::MAX_ARG)))]
             pub args: Vec<String>,
             /// Extra environment variables for the component's main container.
             #[serde(skip_serializing_if = "Vec::is_empty")]
-            #[schemars(schema_with = "terse::<Vec<EnvVar>>")]
+            #[schemars(schema_with = "terse::<Vec<EnvVar>>", length(max = bounds::MAX_ITEMS))]
             pub env: Vec<EnvVar>,
             $($( $(#[$fdoc])* pub $field: $ty, )*)?
         }
@@ -415,7 +464,7 @@ component! {
     }
     extra {
         /// Where the toolkit is installed on the host.
-        #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/')", "message": "installDir must be an absolute path"}]))]
+        #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')", "message": "installDir must be an absolute path without '..' elements"}]))]
         #[schemars(length(max = 4096))]
         install_dir: String = "/usr/local/nvidia".into(),
     }
@@ -564,6 +613,7 @@ pub use not_run::*;
 #[serde(rename_all = "camelCase")]
 pub struct ValidatorEnv {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::MAX_ITEMS))]
     pub env: Vec<NameValue>,
 }
 
@@ -573,6 +623,7 @@ pub struct ValidatorEnv {
 pub struct MpsSpec {
     /// MPS's folder on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub root: Option<String>,
 }
 
@@ -624,8 +675,14 @@ pub struct ConfigRef {
         }
     ]))]
     pub name: String,
-    /// The entry of that ConfigMap used on nodes that do not choose one.
+    /// The entry of that ConfigMap used on nodes that do not choose one (a ConfigMap key).
     #[schemars(length(max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self == '' || self.matches('^[-._a-zA-Z0-9]+$') && !self.startsWith('-')",
+            "message": "config.default must be a key of the ConfigMap: letters, digits, '-', '_' and '.', not starting with '-'"
+        }
+    ]))]
     pub default: String,
 }
 
@@ -656,20 +713,23 @@ impl ContainerRuntime {
 pub struct OperatorSpec {
     /// The container runtime the toolkit configures.
     pub default_runtime: ContainerRuntime,
-    /// RuntimeClass created for GPU pods and set on them by the webhook.
-    #[schemars(length(max = 253))]
+    /// RuntimeClass created for GPU pods and set on them by the webhook; also its handler, the
+    /// runtime name the toolkit configures, so it must be a DNS label.
+    #[schemars(length(max = 63))]
     #[schemars(extend("x-kubernetes-validations" = [
         {
-            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
-            "message": "runtimeClass must be a valid RuntimeClass name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+            "message": "runtimeClass must be a DNS label (it is also the RuntimeClass handler): up to 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
         }
     ]))]
     pub runtime_class: String,
     /// Labels added to every object the operator creates.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "label_map")]
     pub labels: BTreeMap<String, String>,
     /// Annotations added to every object the operator creates.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "annotation_map")]
     pub annotations: BTreeMap<String, String>,
     /// NVIDIA's CUDA image for its operands' init containers: accepted, not used (gpu-pilot's
     /// operands need none).
@@ -711,15 +771,23 @@ pub enum UpdateStrategy {
 pub struct DaemonsetsSpec {
     /// Labels added to every operand pod.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "label_map")]
     pub labels: BTreeMap<String, String>,
     /// Annotations added to every operand pod.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "annotation_map")]
     pub annotations: BTreeMap<String, String>,
     /// Tolerations of every operand pod.
-    #[schemars(schema_with = "terse::<Vec<Toleration>>")]
+    #[schemars(schema_with = "terse::<Vec<Toleration>>", length(max = bounds::MAX_ITEMS))]
     pub tolerations: Vec<Toleration>,
-    /// PriorityClass of every operand pod.
+    /// PriorityClass of every operand pod (empty: none).
     #[schemars(length(max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self == '' || self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "priorityClassName must be a PriorityClass name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+        }
+    ]))]
     pub priority_class_name: String,
     /// Update strategy of the operand DaemonSets (the driver's is always OnDelete).
     pub update_strategy: UpdateStrategy,
@@ -749,12 +817,13 @@ impl Default for DaemonsetsSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct RollingUpdateSpec {
-    /// How many nodes (a number, or a percentage like `10%`) may update at once.
+    /// How many nodes (a number from 1 to 999999999, or a percentage like `10%`) may update at
+    /// once. The count becomes a DaemonSet's 32-bit `maxUnavailable`, hence its nine digits.
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-validations" = [
         {
-            "rule": "self.matches('^([1-9][0-9]*|([1-9][0-9]?|100)%)$')",
-            "message": "maxUnavailable must be a positive number of nodes like '1' or a percentage from 1% to 100% like '10%'"
+            "rule": "self.matches('^([1-9][0-9]{0,8}|([1-9][0-9]?|100)%)$')",
+            "message": "maxUnavailable must be a number of nodes from 1 to 999999999 like '1', or a percentage from 1% to 100% like '10%'"
         }
     ]))]
     pub max_unavailable: String,
@@ -822,11 +891,11 @@ pub struct HostPathsSpec {
     /// The host's root filesystem.
     #[serde(rename = "rootFS")]
     #[schemars(length(max = 4096))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/')", "message": "rootFS must be an absolute path"}]))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')", "message": "rootFS must be an absolute path without '..' elements"}]))]
     pub root_fs: String,
     /// Where the driver container installs the driver on the host.
     #[schemars(length(max = 4096))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/')", "message": "driverInstallDir must be an absolute path"}]))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')", "message": "driverInstallDir must be an absolute path without '..' elements"}]))]
     pub driver_install_dir: String,
 }
 

@@ -3,9 +3,11 @@
 //!
 //! The decisions are pure functions in `gpu-pilot-core` (rendering, each node's stage, the
 //! status) over an in-memory index of the cluster; this crate is the thin runtime around them:
-//! the watches that feed the index ([`watch`]), the writes ([`reconcile`]), leader election and
-//! the health server ([`run`]), and the metrics ([`metrics`]).
+//! the watches that feed the index ([`watch`]), the writes ([`reconcile`]), the write fence
+//! that stops them when leadership ends ([`fence`]), leader election and the health server
+//! ([`run`]), and the metrics and liveness ([`metrics`]).
 
+pub mod fence;
 pub mod metrics;
 pub mod reconcile;
 pub mod run;

@@ -1,8 +1,8 @@
 //! Prometheus metrics and the health endpoints (`/healthz`, `/readyz`, `/metrics`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -39,6 +39,70 @@ pub struct Metrics {
     leader: Gauge,
     /// True once every watch has listed its objects.
     pub ready: AtomicBool,
+    /// What `/healthz` answers from.
+    pub health: Health,
+}
+
+/// Liveness: the reconcile loop bumps a heartbeat every time it goes round (at least once per
+/// resync, and around every pass); `/healthz` fails once the heartbeat is older than
+/// `stale_after`, or once a task the controller cannot live without has ended. The kubelet's
+/// livenessProbe then restarts the pod instead of leaving a wedged controller that answers ok.
+pub struct Health {
+    started: Instant,
+    /// Milliseconds after `started` of the last heartbeat.
+    beat_ms: AtomicU64,
+    stale_after_ms: AtomicU64,
+    ended: parking_lot::Mutex<Option<String>>,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            started: Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            stale_after_ms: AtomicU64::new(u64::MAX),
+            ended: parking_lot::Mutex::new(None),
+        }
+    }
+
+    fn since_start_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How old the heartbeat may get before `/healthz` fails.
+    pub fn set_stale_after(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.stale_after_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The reconcile loop is alive and not stuck.
+    pub fn beat(&self) {
+        self.beat_ms.store(self.since_start_ms(), Ordering::Relaxed);
+    }
+
+    /// A task that must run for ever has ended (or panicked).
+    pub fn task_ended(&self, what: String) {
+        self.ended.lock().get_or_insert(what);
+    }
+
+    /// `Err(why)` when the controller is wedged or part of it is dead.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(what) = self.ended.lock().as_ref() {
+            return Err(what.clone());
+        }
+        let age = self
+            .since_start_ms()
+            .saturating_sub(self.beat_ms.load(Ordering::Relaxed));
+        let limit = self.stale_after_ms.load(Ordering::Relaxed);
+        if age > limit {
+            return Err(format!(
+                "the reconcile loop has not gone round for {:.0}s (limit {:.0}s): it is stuck",
+                age as f64 / 1000.0,
+                limit as f64 / 1000.0
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Metrics {
@@ -91,6 +155,7 @@ impl Metrics {
             nodes,
             leader,
             ready: AtomicBool::new(false),
+            health: Health::new(),
         }
     }
 
@@ -145,8 +210,11 @@ impl Metrics {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.health.check() {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
@@ -173,4 +241,26 @@ pub fn router(m: Arc<Metrics>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_when_the_loop_stops_beating_or_a_task_ends() {
+        let h = Health::new();
+        h.beat();
+        assert_eq!(h.check(), Ok(()), "no limit set yet");
+        h.set_stale_after(Duration::from_millis(50));
+        h.beat();
+        assert_eq!(h.check(), Ok(()));
+        std::thread::sleep(Duration::from_millis(120));
+        let e = h.check().unwrap_err();
+        assert!(e.contains("it is stuck"), "{e}");
+        h.beat();
+        assert_eq!(h.check(), Ok(()));
+        h.task_ended("the Node watch ended".into());
+        assert_eq!(h.check(), Err("the Node watch ended".into()));
+    }
 }

@@ -19,17 +19,19 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::Mutex as AsyncMutex;
 
-use gpu_pilot_core::decide::{Cleanup, Plan, Rollout, decide};
+use gpu_pilot_core::decide::{Cleanup, Invalid, Plan, Rollout, decide};
 use gpu_pilot_core::facts::pick_active;
 use gpu_pilot_core::index::Indexed;
 use gpu_pilot_core::render::operands::{self as render, Desired};
 use gpu_pilot_core::render::{content_hash, managed_selector};
 use gpu_pilot_core::rollout::{self, NodePlan, NodeState};
+use gpu_pilot_core::status::{self, WriteFailure};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::DefaultBackoff;
 
+use crate::fence::{Fence, Fenced};
 use crate::metrics::Metrics;
 use crate::watch::SharedIndex;
 
@@ -46,6 +48,12 @@ pub enum Error {
     /// read from the apiserver.
     #[error("cannot manage the finalizer of ClusterPolicy {0:?}")]
     Finalizer(String),
+    /// Leadership ended: the pass stopped before its next write.
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+    /// The pass ran past its time limit and was stopped; the next one starts from the index.
+    #[error("a reconcile pass ran longer than {0:?} and was stopped; the next pass starts over")]
+    Timeout(Duration),
 }
 
 /// The API server's own sentence, without the debug dump of the whole Status.
@@ -61,6 +69,26 @@ impl Error {
         match self {
             Error::Write { .. } => "write",
             Error::Finalizer(_) => "finalizer",
+            Error::Fenced(_) => "fenced",
+            Error::Timeout(_) => "timeout",
+        }
+    }
+
+    /// The failed write, for the policy's `WriteFailed` condition and a Warning Event.
+    pub fn failure(&self) -> Option<WriteFailure> {
+        match self {
+            Error::Write { what, source } => {
+                let code = match source {
+                    kube::Error::Api(s) => Some(s.code),
+                    _ => None,
+                };
+                Some(WriteFailure {
+                    what: what.clone(),
+                    reason: WriteFailure::reason_for(code).into(),
+                    message: api_message(source),
+                })
+            }
+            _ => None,
         }
     }
 }
@@ -78,7 +106,17 @@ pub struct Context {
     pending_events: AsyncMutex<PendingEvents>,
     /// How many node patches run at once.
     pub write_concurrency: usize,
+    /// Open while this replica may write.
+    pub fence: Fence,
+    /// The write that failed the last pass, until a pass succeeds.
+    last_failure: parking_lot::Mutex<Option<WriteFailure>>,
+    /// The longest a pass may run before it is stopped (and counted as failed).
+    pub pass_timeout: Duration,
 }
+
+/// How long one pass may take: thousands of node patches take seconds; a pass stuck on a hung
+/// connection is stopped and the next one starts over.
+pub const PASS_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Default)]
 struct PendingEvents {
@@ -96,6 +134,7 @@ impl Context {
         index: SharedIndex,
         metrics: Arc<Metrics>,
         recorder: Recorder,
+        fence: Fence,
     ) -> Context {
         Context {
             client,
@@ -106,6 +145,19 @@ impl Context {
             applied: AsyncMutex::new(HashMap::new()),
             pending_events: AsyncMutex::new(PendingEvents::default()),
             write_concurrency: 32,
+            fence,
+            last_failure: parking_lot::Mutex::new(None),
+            pass_timeout: PASS_TIMEOUT,
+        }
+    }
+
+    /// Publishes an Event on `policy`, unless this replica may no longer write.
+    async fn publish(&self, ev: &Event, policy: &k8s_openapi::api::core::v1::ObjectReference) {
+        if self.fence.check().is_err() {
+            return;
+        }
+        if let Err(e) = self.recorder.publish(ev, policy).await {
+            tracing::warn!(error = %e, "could not publish an Event");
         }
     }
 }
@@ -117,7 +169,8 @@ fn now() -> Time {
 /// One reconcile pass. Returns how many writes it made.
 pub async fn reconcile_once(ctx: &Context) -> Result<usize, Error> {
     let started = Instant::now();
-    let plan = decide(&ctx.index.lock().unwrap(), &ctx.namespace, &now());
+    let failure = ctx.last_failure.lock().clone();
+    let plan = decide(&ctx.index.lock(), &ctx.namespace, &now(), failure.as_ref());
     if let Plan::Rollout(r) = &plan {
         ctx.metrics.set_stages(&r.states);
     }
@@ -140,6 +193,7 @@ async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Er
         Plan::Idle => return Ok(()),
         Plan::Rollout(r) => r.active.clone(),
         Plan::Cleanup(c) => c.active.clone(),
+        Plan::Invalid(i) => i.active.clone(),
     };
     // kube-runtime's finalizer helper adds and removes `gpupilot.io/cleanup` with a JSON patch
     // that first tests the list it read, so a concurrent edit fails the patch instead of being
@@ -149,11 +203,14 @@ async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Er
     let deleting = matches!(plan, Plan::Cleanup(_));
     let name = active.name_any();
     let mut done = 0usize;
+    // The helper may write the finalizer before it calls back.
+    ctx.fence.check()?;
     let result = finalizer(&policies, FINALIZER, Arc::new(active), |event| {
         let done = &mut done;
         async move {
             match (event, plan) {
                 (FinalizerEvent::Apply(_), Plan::Rollout(r)) => rollout(ctx, *r, done).await,
+                (FinalizerEvent::Apply(_), Plan::Invalid(i)) => invalid(ctx, *i, done).await,
                 (FinalizerEvent::Cleanup(_), Plan::Cleanup(c)) => cleanup(ctx, *c, done).await,
                 // The helper reads the same deletion timestamp `decide` did.
                 _ => Ok(()),
@@ -196,6 +253,26 @@ async fn execute(ctx: &Context, plan: Plan, writes: &mut usize) -> Result<(), Er
     Ok(())
 }
 
+/// The policy cannot be rendered: nothing is touched; the status and a Warning Event say why.
+async fn invalid(ctx: &Context, plan: Invalid, writes: &mut usize) -> Result<(), Error> {
+    let Some(st) = &plan.status else {
+        return Ok(());
+    };
+    let policies: Api<ClusterPolicy> = Api::all(ctx.client.clone());
+    patch_status(ctx, &policies, &plan.active, st).await?;
+    *writes += 1;
+    tracing::warn!(policy = %plan.active.name_any(), reason = %plan.reason, "the policy cannot be rendered");
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "InvalidSpec".into(),
+        note: Some(plan.reason),
+        action: "Render".into(),
+        secondary: None,
+    };
+    ctx.publish(&ev, &plan.active.object_ref(&())).await;
+    Ok(())
+}
+
 /// Keeps the active policy's operands in place and moves the nodes on.
 async fn rollout(ctx: &Context, plan: Rollout, writes: &mut usize) -> Result<(), Error> {
     let Rollout {
@@ -214,11 +291,12 @@ async fn rollout(ctx: &Context, plan: Rollout, writes: &mut usize) -> Result<(),
     for ds in &daemonset_applies {
         let name = ds.name_any();
         // The index sees only gpu-pilot's DaemonSets: one it does not know may be someone else's.
-        let known = ctx.index.lock().unwrap().daemonsets.contains_key(&name);
+        let known = ctx.index.lock().daemonsets.contains_key(&name);
         if !known && !may_write(&ds_api, &name, "DaemonSet").await? {
             not_owned(ctx, &active, "DaemonSet", &name).await;
             continue;
         }
+        ctx.fence.check()?;
         let applied = ds_api
             .patch(&name, &ssa, &Patch::Apply(ds))
             .await
@@ -228,7 +306,7 @@ async fn rollout(ctx: &Context, plan: Rollout, writes: &mut usize) -> Result<(),
             })?;
         ctx.metrics.write("daemonset");
         *writes += 1;
-        applied.upsert(&mut ctx.index.lock().unwrap());
+        applied.upsert(&mut ctx.index.lock());
         tracing::info!(daemonset = %name, "applied");
     }
     for name in &stale_daemonsets {
@@ -267,6 +345,7 @@ async fn apply_helpers(
             let hash = content_hash(obj);
             if applied.get(&key) != Some(&hash) {
                 if may_write(&$api, &name, $display).await? {
+                    ctx.fence.check()?;
                     $api.patch(&name, &ssa, &Patch::Apply(obj))
                         .await
                         .map_err(|source| Error::Write {
@@ -339,12 +418,11 @@ async fn not_owned(ctx: &Context, policy: &ClusterPolicy, kind: &str, name: &str
         action: "Apply".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &policy.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an Event");
-    }
+    ctx.publish(&ev, &policy.object_ref(&())).await;
 }
 
 async fn delete_daemonset(ctx: &Context, api: &Api<DaemonSet>, name: &str) -> Result<(), Error> {
+    ctx.fence.check()?;
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -356,7 +434,7 @@ async fn delete_daemonset(ctx: &Context, api: &Api<DaemonSet>, name: &str) -> Re
         }
     }
     ctx.metrics.write("daemonset");
-    ctx.index.lock().unwrap().daemonsets.remove(name);
+    ctx.index.lock().daemonsets.remove(name);
     tracing::info!(daemonset = %name, "deleted: its component is disabled");
     Ok(())
 }
@@ -396,13 +474,14 @@ async fn patch_nodes(ctx: &Context, plans: Vec<(String, NodePlan)>) -> Result<us
                 let body = json!({
                     "metadata": { "labels": plan.labels, "annotations": plan.annotations }
                 });
+                ctx.fence.check()?;
                 let r = nodes
                     .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
                     .await;
                 match r {
                     Ok(_) => {
                         ctx.metrics.write("node");
-                        if let Some(n) = ctx.index.lock().unwrap().nodes.get_mut(&name) {
+                        if let Some(n) = ctx.index.lock().nodes.get_mut(&name) {
                             rollout::apply_plan(n, &plan);
                         }
                         Ok(())
@@ -445,6 +524,7 @@ async fn patch_status(
         "kind": "ClusterPolicy",
         "status": st,
     });
+    ctx.fence.check()?;
     let updated = api
         .patch_status(
             &name,
@@ -457,7 +537,7 @@ async fn patch_status(
             source,
         })?;
     ctx.metrics.write("status");
-    updated.upsert(&mut ctx.index.lock().unwrap());
+    updated.upsert(&mut ctx.index.lock());
     Ok(())
 }
 
@@ -494,6 +574,7 @@ async fn delete_helpers(ctx: &Context) -> Result<usize, Error> {
                     source,
                 })?;
             for o in list.items {
+                ctx.fence.check()?;
                 match api.delete(&o.name_any(), &DeleteParams::background()).await {
                     Ok(_) => n += 1,
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -519,7 +600,7 @@ async fn delete_helpers(ctx: &Context) -> Result<usize, Error> {
 
 async fn publish_failure(ctx: &Context, node: &str, stage: Stage, reason: &str) {
     let policy = {
-        let idx = ctx.index.lock().unwrap();
+        let idx = ctx.index.lock();
         pick_active(idx.policies.values()).map(|p| p.object_ref(&()))
     };
     let Some(reference) = policy else { return };
@@ -530,9 +611,7 @@ async fn publish_failure(ctx: &Context, node: &str, stage: Stage, reason: &str) 
         action: "Rollout".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-        tracing::warn!(error = %e, "could not publish an Event");
-    }
+    ctx.publish(&ev, &reference).await;
 }
 
 /// Publishes one summary Event per stage for the nodes that reached it since the last flush.
@@ -571,25 +650,63 @@ async fn flush_events(ctx: &Context, policy: &ClusterPolicy) {
             action: format!("Reach-{stage}"),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-            tracing::warn!(error = %e, "could not publish an Event");
+        ctx.publish(&ev, &reference).await;
+    }
+}
+
+/// A write failed a pass: remember it (the next passes' status carries it until one succeeds),
+/// say it in a Warning Event on the active policy, and write the stored status with the
+/// `WriteFailed` condition now, since the failed write may come before the pass's status write.
+async fn report_failure(ctx: &Context, failure: WriteFailure) {
+    let changed = ctx.last_failure.lock().replace(failure.clone()).as_ref() != Some(&failure);
+    let active = {
+        let idx = ctx.index.lock();
+        pick_active(idx.policies.values()).cloned()
+    };
+    let Some(active) = active else { return };
+    if changed {
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "WriteFailed".into(),
+            note: Some(format!(
+                "writing {} failed: {}",
+                failure.what, failure.message
+            )),
+            action: "Write".into(),
+            secondary: None,
+        };
+        ctx.publish(&ev, &active.object_ref(&())).await;
+    }
+    let st = status::with_write_failure(
+        active.status.as_ref(),
+        Some(&failure),
+        active.metadata.generation,
+        &now(),
+    );
+    if active.status.as_ref() != Some(&st) {
+        let policies: Api<ClusterPolicy> = Api::all(ctx.client.clone());
+        if let Err(e) = patch_status(ctx, &policies, &active, &st).await {
+            tracing::warn!(error = %e, "could not report the failed write in the policy's status");
         }
     }
 }
 
-/// Runs passes while `leader` is true: after watch events (debounced), and every `resync`.
+/// Runs passes while the fence is open (this replica leads): after watch events (debounced),
+/// and every `resync`. A pass stops at once when the fence closes, and after `pass_timeout`.
+/// Every round bumps the health heartbeat, so `/healthz` fails if this loop dies or hangs.
 pub async fn run(
     ctx: Arc<Context>,
     wake: Arc<tokio::sync::Notify>,
-    mut leader: tokio::sync::watch::Receiver<bool>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     resync: Duration,
 ) {
+    let mut fence = ctx.fence.subscribe();
     let debounce = Duration::from_millis(200);
     // Failed passes wait 0.8 s, 1.6 s, ... up to 30 s (with jitter), like the watches; a pass that
     // succeeds starts the series again.
     let mut backoff = DefaultBackoff::default();
     loop {
+        ctx.metrics.health.beat();
         // Stage Events waiting for their summary are flushed by a pass within EVENT_INTERVAL.
         let events_waiting = !ctx.pending_events.lock().await.reached.is_empty();
         let idle = if events_waiting {
@@ -600,32 +717,63 @@ pub async fn run(
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(idle) => {}
-            _ = leader.changed() => {}
+            changed = fence.changed() => if changed.is_err() {
+                // The fence's task ended: this replica can never write again. Ending the loop
+                // fails /healthz and stops the process, so the pod restarts.
+                tracing::error!("the write fence stopped; the reconcile loop ends");
+                return;
+            },
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
             return;
         }
-        if !*leader.borrow() {
+        if !ctx.fence.is_open() {
             continue;
         }
-        if !ctx.index.lock().unwrap().is_synced() {
+        if !ctx.index.lock().is_synced() {
             continue;
         }
         // Let a burst of watch events settle into one pass.
         tokio::time::sleep(debounce).await;
-        match reconcile_once(&ctx).await {
+        ctx.metrics.health.beat();
+        let started = Instant::now();
+        let pass = tokio::time::timeout(ctx.pass_timeout, reconcile_once(&ctx));
+        // A pass in flight is dropped the moment leadership ends: no write after that. A dropped
+        // pass did not count itself, so it is counted here (errors{kind="fenced"|"timeout"}).
+        let dropped = |e: Error| {
+            ctx.metrics
+                .observe_pass(started.elapsed(), Some(e.metric_label()));
+            Err(e)
+        };
+        let result = tokio::select! {
+            biased;
+            _ = ctx.fence.closed() => dropped(Error::Fenced(Fenced)),
+            r = pass => r.unwrap_or_else(|_| dropped(Error::Timeout(ctx.pass_timeout))),
+        };
+        ctx.metrics.health.beat();
+        match result {
             Ok(n) => {
                 backoff.reset();
+                if ctx.last_failure.lock().take().is_some() {
+                    // The next pass clears the WriteFailed condition.
+                    wake.notify_one();
+                }
                 if n > 0 {
                     tracing::debug!(writes = n, "pass done");
                     // Writes change what we watch; look again soon even if no event arrives.
                     wake.notify_one();
                 }
             }
+            Err(Error::Fenced(_)) => {
+                tracing::warn!("leadership ended during a pass; it stopped before its next write");
+            }
             Err(e) => {
                 let wait = backoff.next().unwrap_or(Duration::from_secs(30));
                 tracing::warn!(error = %e, retry_in = ?wait, "reconcile pass failed");
+                if let Some(failure) = e.failure() {
+                    report_failure(&ctx, failure).await;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => return,

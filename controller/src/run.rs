@@ -19,6 +19,7 @@ use tokio::sync::{Notify, watch};
 use gpu_pilot_core::index::Index;
 use gpu_pilot_core::render::managed_selector;
 
+use crate::fence::Fence;
 use crate::metrics::{self, Metrics};
 use crate::reconcile::{self, Context};
 use crate::watch::{SharedIndex, run_watch};
@@ -104,11 +105,13 @@ pub async fn run(
         })
     };
 
-    let index: SharedIndex = Arc::new(std::sync::Mutex::new(Index::default()));
+    let index: SharedIndex = Arc::new(parking_lot::Mutex::new(Index::default()));
     let wake = Arc::new(Notify::new());
     let selector = managed_selector();
     let ns = opts.namespace.clone();
-    let mut tasks = vec![
+    // The watches and the reconcile loop must run for ever; one that ends (or panics) fails
+    // /healthz and stops the process, so the pod restarts instead of serving a stale view.
+    let watches = vec![
         tokio::spawn(run_watch(
             Api::<Node>::all(client.clone()),
             watcher::Config::default(),
@@ -134,11 +137,12 @@ pub async fn run(
             wake.clone(),
         )),
     ];
+    let mut tasks = Vec::new();
     {
         let index = index.clone();
         let metrics = metrics.clone();
         tasks.push(tokio::spawn(async move {
-            while !index.lock().unwrap().is_synced() {
+            while !index.lock().is_synced() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             metrics.ready.store(true, Ordering::Relaxed);
@@ -146,25 +150,37 @@ pub async fn run(
     }
 
     let lease_secs = opts.lease_duration.as_secs().max(1);
-    let (leader_rx, lease_task) = if opts.leader_elect {
+    let grace = lease_secs.div_ceil(3).max(1);
+    let (leader_rx, lease_task, fence) = if opts.leader_elect {
         label_lease(&client, &ns).await?;
         let manager = LeaseManagerBuilder::new(client.clone(), LEASE)
             .with_namespace(&ns)
             .with_identity(&opts.identity)
             .with_duration(lease_secs)
-            .with_grace(lease_secs.div_ceil(3).max(1))
+            .with_grace(grace)
             .build()
             .await
             .with_context(|| format!("cannot set up leader election on the Lease {LEASE}"))?;
         let (rx, handle) = manager.watch().await;
-        (rx, Some(handle))
+        let (fence, fence_task) = Fence::leased(
+            client.clone(),
+            &ns,
+            LEASE,
+            opts.identity.clone(),
+            Duration::from_secs(grace),
+            rx.clone(),
+        );
+        tasks.push(fence_task);
+        (rx, Some(handle), fence)
     } else {
         let (tx, rx) = watch::channel(true);
         std::mem::forget(tx);
-        (rx, None)
+        (rx, None, Fence::always_open())
     };
+    // The leader gauge follows the fence: 1 only while this replica may write (kube-lease-manager
+    // alone keeps saying "leader" while it cannot reach the apiserver).
     {
-        let mut rx = leader_rx.clone();
+        let mut rx = fence.subscribe();
         let metrics = metrics.clone();
         let identity = opts.identity.clone();
         tasks.push(tokio::spawn(async move {
@@ -187,24 +203,43 @@ pub async fn run(
         client.clone(),
         ns,
         index,
-        metrics,
+        metrics.clone(),
         Recorder::new(client, reporter),
+        fence,
     ));
-    let reconciler = tokio::spawn(reconcile::run(
-        ctx,
-        wake,
-        leader_rx,
-        shutdown_rx,
-        opts.resync,
-    ));
+    // The loop goes round at least every resync (and after each pass); give it a pass's time
+    // limit and the longest retry wait on top before calling it stuck.
+    metrics
+        .health
+        .set_stale_after(opts.resync + ctx.pass_timeout + Duration::from_secs(60));
+    let mut reconciler = tokio::spawn(reconcile::run(ctx, wake, shutdown_rx, opts.resync));
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    let mut watches = futures::future::select_all(watches);
+    let ended = tokio::select! {
+        _ = shutdown => None,
+        r = &mut reconciler => Some(format!("the reconcile loop ended: {}", task_end(r))),
+        (r, i, _) = &mut watches => {
+            let kind = ["Node", "Pod", "DaemonSet", "ClusterPolicy"].get(i).copied().unwrap_or("a");
+            Some(format!("the {kind} watch ended: {}", task_end(r)))
+        }
+    };
+    if let Some(why) = &ended {
+        tracing::error!("{why}; stopping so the pod restarts");
+        metrics.health.task_ended(why.clone());
+    } else {
+        tracing::info!("shutting down");
+    }
     let _ = shutdown_tx.send(true);
-    let _ = reconciler.await;
+    if ended.is_none() {
+        let _ = reconciler.await;
+    }
+    for w in watches.into_inner() {
+        w.abort();
+    }
     for t in tasks {
         t.abort();
     }
+    drop(leader_rx);
     // Dropping the watch receiver ends the lease task, which releases the Lease so another
     // replica takes over at once instead of after it expires.
     if let Some(handle) = lease_task {
@@ -218,7 +253,19 @@ pub async fn run(
         }
     }
     let _ = server.await;
-    Ok(())
+    match ended {
+        Some(why) => anyhow::bail!("{why}"),
+        None => Ok(()),
+    }
+}
+
+/// How a task that should never end ended.
+fn task_end(r: Result<(), tokio::task::JoinError>) -> String {
+    match r {
+        Ok(()) => "it returned".into(),
+        Err(e) if e.is_panic() => "it panicked".into(),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// Creates the leader-election Lease with gpu-pilot's labels, or labels the one that exists, so

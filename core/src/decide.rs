@@ -11,7 +11,7 @@ use crate::facts::pick_active;
 use crate::index::Index;
 use crate::render::operands::{self, Desired, hash_of};
 use crate::rollout::{self, NodePlan, NodeState};
-use crate::status;
+use crate::status::{self, WriteFailure};
 
 /// What one pass does.
 #[derive(Debug)]
@@ -22,6 +22,19 @@ pub enum Plan {
     Rollout(Box<Rollout>),
     /// The active policy is being deleted: take back everything it put in place.
     Cleanup(Box<Cleanup>),
+    /// The active policy cannot be rendered: nothing moves, the status says why.
+    Invalid(Box<Invalid>),
+}
+
+/// An active policy that cannot be turned into objects.
+#[derive(Debug)]
+pub struct Invalid {
+    pub active: ClusterPolicy,
+    pub ignored: Vec<(ClusterPolicy, ClusterPolicyStatus)>,
+    /// Why, for the Error condition and a Warning Event.
+    pub reason: String,
+    /// The active policy's new status, when it differs from the stored one.
+    pub status: Option<ClusterPolicyStatus>,
 }
 
 /// Keeping the active policy's operands in place.
@@ -61,12 +74,20 @@ impl Plan {
             Plan::Idle => &[],
             Plan::Rollout(r) => &r.ignored,
             Plan::Cleanup(c) => &c.ignored,
+            Plan::Invalid(i) => &i.ignored,
         }
     }
 }
 
-/// Decides a pass over the index. `namespace` is the operands' namespace.
-pub fn decide(idx: &Index, namespace: &str, now: &Time) -> Plan {
+/// Decides a pass over the index. `namespace` is the operands' namespace; `write_failure` is
+/// the write that failed the last pass, if the last pass failed (it reaches the status).
+/// Total: whatever the index holds, this returns a plan and never panics.
+pub fn decide(
+    idx: &Index,
+    namespace: &str,
+    now: &Time,
+    write_failure: Option<&WriteFailure>,
+) -> Plan {
     let Some(active) = pick_active(idx.policies.values()) else {
         return Plan::Idle;
     };
@@ -97,7 +118,26 @@ pub fn decide(idx: &Index, namespace: &str, now: &Time) -> Plan {
         }));
     }
 
-    let desired = operands::render(&active, namespace);
+    let desired = match operands::render(&active, namespace) {
+        Ok(desired) => desired,
+        Err(e) => {
+            let reason = e.to_string();
+            let st = status::invalid_status(
+                &reason,
+                active.metadata.generation,
+                namespace,
+                active.status.as_ref(),
+                now,
+            );
+            let status = (active.status.as_ref() != Some(&st)).then_some(st);
+            return Plan::Invalid(Box::new(Invalid {
+                active,
+                ignored,
+                reason,
+                status,
+            }));
+        }
+    };
     let wanted: Vec<String> = desired
         .daemonsets
         .iter()
@@ -142,7 +182,9 @@ pub fn decide(idx: &Index, namespace: &str, now: &Time) -> Plan {
         idx.nodes
             .values()
             .filter(|n| n.labels.get(&key).map(String::as_str) == Some("true"))
-            .count() as i32
+            .count()
+            .try_into()
+            .unwrap_or(i32::MAX)
     };
     let st = status::active_status(
         &active.spec,
@@ -152,6 +194,7 @@ pub fn decide(idx: &Index, namespace: &str, now: &Time) -> Plan {
             nodes: &node_refs,
             daemonsets: &ds_counts,
             gated: &gated,
+            write_failure,
         },
         active.status.as_ref(),
         now,
@@ -215,14 +258,19 @@ mod tests {
     #[test]
     fn no_policy_means_nothing_to_do() {
         assert!(matches!(
-            decide(&index(vec![]), "gpu-pilot", &now()),
+            decide(&index(vec![]), "gpu-pilot", &now(), None),
             Plan::Idle
         ));
     }
 
     #[test]
     fn a_fresh_policy_renders_everything_and_gates_the_first_stage() {
-        let r = rollout(decide(&index(vec![policy("p", 10)]), "gpu-pilot", &now()));
+        let r = rollout(decide(
+            &index(vec![policy("p", 10)]),
+            "gpu-pilot",
+            &now(),
+            None,
+        ));
         let enabled = Component::ALL
             .into_iter()
             .filter(|c| r.active.spec.operand(*c).enabled())
@@ -246,7 +294,7 @@ mod tests {
     #[test]
     fn applied_daemonsets_are_left_alone_and_disabled_ones_go() {
         let mut idx = index(vec![policy("p", 10)]);
-        let first = rollout(decide(&idx, "gpu-pilot", &now()));
+        let first = rollout(decide(&idx, "gpu-pilot", &now(), None));
         for ds in first.daemonset_applies {
             idx.fold(Event::Apply(ds));
         }
@@ -254,7 +302,7 @@ mod tests {
             "metadata": {"name": "gpu-pilot-left-over", "namespace": "gpu-pilot"}}))
         .unwrap();
         idx.fold(Event::Apply(stale));
-        let r = rollout(decide(&idx, "gpu-pilot", &now()));
+        let r = rollout(decide(&idx, "gpu-pilot", &now(), None));
         assert!(r.daemonset_applies.is_empty(), "hashes match");
         assert_eq!(r.stale_daemonsets, ["gpu-pilot-left-over"]);
     }
@@ -262,7 +310,7 @@ mod tests {
     #[test]
     fn the_oldest_policy_acts_and_the_others_are_marked_ignored_once() {
         let mut idx = index(vec![policy("new", 20), policy("old", 10)]);
-        let r = rollout(decide(&idx, "gpu-pilot", &now()));
+        let r = rollout(decide(&idx, "gpu-pilot", &now(), None));
         assert_eq!(r.active.name_any(), "old");
         assert_eq!(r.ignored.len(), 1);
         let (p, st) = &r.ignored[0];
@@ -272,14 +320,14 @@ mod tests {
         let mut stored = p.clone();
         stored.status = Some(st.clone());
         idx.fold(Event::Apply(stored));
-        assert!(decide(&idx, "gpu-pilot", &now()).ignored().is_empty());
+        assert!(decide(&idx, "gpu-pilot", &now(), None).ignored().is_empty());
     }
 
     #[test]
     fn a_deleted_policy_takes_back_everything() {
         let mut p = policy("p", 10);
         let mut idx = index(vec![p.clone()]);
-        for ds in rollout(decide(&idx, "gpu-pilot", &now())).daemonset_applies {
+        for ds in rollout(decide(&idx, "gpu-pilot", &now(), None)).daemonset_applies {
             idx.fold(Event::Apply(ds));
         }
         idx.nodes.get_mut("gpu-1").unwrap().labels.insert(
@@ -288,7 +336,7 @@ mod tests {
         );
         p.metadata.deletion_timestamp = Some(now());
         idx.fold(Event::Apply(p));
-        let Plan::Cleanup(c) = decide(&idx, "gpu-pilot", &now()) else {
+        let Plan::Cleanup(c) = decide(&idx, "gpu-pilot", &now(), None) else {
             panic!("a deleted policy is cleaned up");
         };
         assert_eq!(c.daemonsets.len(), idx.daemonsets.len());
@@ -300,10 +348,56 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_that_cannot_render_is_reported_not_panicked_on() {
+        let mut p = policy("p", 10);
+        p.spec.daemonsets.rolling_update.max_unavailable = "2147483648".into();
+        let mut idx = index(vec![p]);
+        let Plan::Invalid(inv) = decide(&idx, "gpu-pilot", &now(), None) else {
+            panic!("an unrenderable policy is an Invalid plan");
+        };
+        assert!(inv.reason.contains("2147483648"), "{}", inv.reason);
+        let st = inv.status.clone().expect("the reason reaches the status");
+        let err = st.conditions.iter().find(|c| c.type_ == "Error").unwrap();
+        assert_eq!(
+            (err.status.as_str(), err.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        // Once stored, the same status is not written again.
+        let mut stored = inv.active.clone();
+        stored.status = Some(st);
+        idx.fold(Event::Apply(stored));
+        let Plan::Invalid(again) = decide(&idx, "gpu-pilot", &now(), None) else {
+            panic!("still invalid");
+        };
+        assert!(again.status.is_none());
+    }
+
+    #[test]
+    fn the_last_failed_write_reaches_the_status() {
+        let idx = index(vec![policy("p", 10)]);
+        let failure = WriteFailure {
+            what: "DaemonSet gpu-pilot-driver".into(),
+            reason: "Forbidden".into(),
+            message: "forbidden (HTTP 403)".into(),
+        };
+        let r = rollout(decide(&idx, "gpu-pilot", &now(), Some(&failure)));
+        let st = r.status.unwrap();
+        let c = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == status::WRITE_FAILED)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "Forbidden")
+        );
+    }
+
+    #[test]
     fn the_same_view_gives_the_same_plan() {
         let idx = index(vec![policy("p", 10)]);
-        let a = rollout(decide(&idx, "gpu-pilot", &now()));
-        let b = rollout(decide(&idx, "gpu-pilot", &now()));
+        let a = rollout(decide(&idx, "gpu-pilot", &now(), None));
+        let b = rollout(decide(&idx, "gpu-pilot", &now(), None));
         assert_eq!(a.node_plans, b.node_plans);
         assert_eq!(a.status, b.status);
         assert_eq!(a.daemonset_applies, b.daemonset_applies);

@@ -11,6 +11,7 @@
 //! - [`values`]: the Helm chart's values, read the way Helm reads them.
 //! - [`duration`]: the one duration syntax of every flag; `telemetry` (feature `telemetry`):
 //!   the one logging set-up of every daemon.
+//! - `testkit` (feature `testkit`): policies generated from the CRD's schema, for property tests.
 
 pub mod decide;
 pub mod duration;
@@ -22,4 +23,6 @@ pub mod rollout;
 pub mod status;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod values;

@@ -16,7 +16,42 @@ pub struct Observed<'a> {
     pub daemonsets: &'a dyn Fn(Component) -> Option<DaemonSetCounts>,
     /// How many nodes carry each component's gate label.
     pub gated: &'a dyn Fn(Component) -> i32,
+    /// The write that failed the controller's last pass, while it keeps failing.
+    pub write_failure: Option<&'a WriteFailure>,
 }
+
+/// A write the controller could not make (a 403, a webhook's refusal, an invalid object): shown
+/// in the policy's `WriteFailed` condition until a pass succeeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFailure {
+    /// What was written, e.g. `DaemonSet gpu-pilot-driver` or `labels of node gpu-node-001`.
+    pub what: String,
+    /// A CamelCase reason, e.g. `Forbidden` (from the HTTP status).
+    pub reason: String,
+    /// The apiserver's own sentence and HTTP code.
+    pub message: String,
+}
+
+impl WriteFailure {
+    /// The reason a failed write gets from its HTTP status code (`None`: no answer at all).
+    pub fn reason_for(code: Option<u16>) -> &'static str {
+        match code {
+            Some(400) => "BadRequest",
+            Some(401) => "Unauthorized",
+            Some(403) => "Forbidden",
+            Some(404) => "NotFound",
+            Some(409) => "Conflict",
+            Some(422) => "Invalid",
+            Some(429) => "TooManyRequests",
+            Some(500..=599) => "ServerError",
+            Some(_) => "WriteRefused",
+            None => "Unreachable",
+        }
+    }
+}
+
+/// The `WriteFailed` condition: true while writes fail, naming the failing write.
+pub const WRITE_FAILED: &str = "WriteFailed";
 
 /// How many stuck nodes the status lists by name.
 pub const MAX_STUCK_LISTED: usize = 20;
@@ -34,6 +69,7 @@ pub fn active_status(
         nodes,
         daemonsets,
         gated,
+        write_failure,
     } = observed;
     let mut stages = StageCounts::default();
     let mut stuck: Vec<StuckNode> = Vec::new();
@@ -168,6 +204,7 @@ pub fn active_status(
             generation,
             now,
         ),
+        write_condition(previous, write_failure, generation, now),
     ];
     ClusterPolicyStatus {
         state: Some(if all_ready {
@@ -183,6 +220,93 @@ pub fn active_status(
         gpu_nodes,
         ready_nodes,
         stuck_nodes: stuck,
+    }
+}
+
+fn write_condition(
+    previous: Option<&ClusterPolicyStatus>,
+    failure: Option<&WriteFailure>,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    match failure {
+        Some(f) => condition(
+            previous,
+            WRITE_FAILED,
+            "True",
+            &f.reason,
+            format!("writing {} failed: {}", f.what, f.message),
+            generation,
+            now,
+        ),
+        None => condition(
+            previous,
+            WRITE_FAILED,
+            "False",
+            "WritesSucceeded",
+            "the controller's last pass made every write it needed".into(),
+            generation,
+            now,
+        ),
+    }
+}
+
+/// `previous` with its `WriteFailed` condition set from `failure` (added when missing): what the
+/// controller writes at once when a write fails, before its next full status.
+pub fn with_write_failure(
+    previous: Option<&ClusterPolicyStatus>,
+    failure: Option<&WriteFailure>,
+    generation: Option<i64>,
+    now: &Time,
+) -> ClusterPolicyStatus {
+    let mut st = previous.cloned().unwrap_or_default();
+    let c = write_condition(previous, failure, generation, now);
+    match st
+        .conditions
+        .iter_mut()
+        .find(|old| old.type_ == WRITE_FAILED)
+    {
+        Some(old) => *old = c,
+        None => st.conditions.push(c),
+    }
+    st
+}
+
+/// Status of the active policy when it cannot be rendered (see
+/// [`crate::render::operands::RenderError`]): the counts it had, and why nothing moves.
+pub fn invalid_status(
+    reason: &str,
+    generation: Option<i64>,
+    namespace: &str,
+    previous: Option<&ClusterPolicyStatus>,
+    now: &Time,
+) -> ClusterPolicyStatus {
+    ClusterPolicyStatus {
+        state: Some(PolicyState::NotReady),
+        observed_generation: generation,
+        namespace: Some(namespace.into()),
+        conditions: vec![
+            condition(
+                previous,
+                "Ready",
+                "False",
+                "InvalidSpec",
+                "the policy cannot be rendered; see the Error condition".into(),
+                generation,
+                now,
+            ),
+            condition(
+                previous,
+                "Error",
+                "True",
+                "InvalidSpec",
+                reason.into(),
+                generation,
+                now,
+            ),
+            write_condition(previous, None, generation, now),
+        ],
+        ..previous.cloned().unwrap_or_default()
     }
 }
 
@@ -270,6 +394,7 @@ mod tests {
                 nodes,
                 daemonsets,
                 gated,
+                write_failure: None,
             },
             previous,
             now,
@@ -457,6 +582,85 @@ mod tests {
         assert_eq!(
             (dp.state, dp.desired, dp.ready),
             (ComponentState::NotReady, 3, 2)
+        );
+    }
+
+    #[test]
+    fn a_failing_write_is_a_condition_until_a_pass_succeeds() {
+        let failure = WriteFailure {
+            what: "DaemonSet gpu-pilot-driver".into(),
+            reason: WriteFailure::reason_for(Some(403)).into(),
+            message: "daemonsets.apps is forbidden (HTTP 403)".into(),
+        };
+        let observed = |f| Observed {
+            nodes: &[],
+            daemonsets: &|_| None,
+            gated: &|_| 0,
+            write_failure: f,
+        };
+        let spec = ClusterPolicySpec::default();
+        let failing =
+            super::active_status(&spec, None, "ns", &observed(Some(&failure)), None, &now());
+        let c = failing
+            .conditions
+            .iter()
+            .find(|c| c.type_ == WRITE_FAILED)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "Forbidden")
+        );
+        assert!(
+            c.message.contains(
+                "writing DaemonSet gpu-pilot-driver failed: daemonsets.apps is forbidden"
+            ),
+            "{}",
+            c.message
+        );
+        let fine = super::active_status(&spec, None, "ns", &observed(None), Some(&failing), &now());
+        let c = fine
+            .conditions
+            .iter()
+            .find(|c| c.type_ == WRITE_FAILED)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "WritesSucceeded")
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_keeps_the_counts_and_says_why() {
+        let mut before = ClusterPolicyStatus {
+            gpu_nodes: 7,
+            ready_nodes: 5,
+            ..Default::default()
+        };
+        before.conditions.push(condition(
+            None,
+            "Ready",
+            "True",
+            "AllNodesReady",
+            "x".into(),
+            None,
+            &now(),
+        ));
+        let s = invalid_status(
+            "maxUnavailable is bad",
+            Some(4),
+            "ns",
+            Some(&before),
+            &now(),
+        );
+        assert_eq!(
+            (s.gpu_nodes, s.ready_nodes, s.observed_generation),
+            (7, 5, Some(4))
+        );
+        assert_eq!(s.state, Some(PolicyState::NotReady));
+        let err = s.conditions.iter().find(|c| c.type_ == "Error").unwrap();
+        assert_eq!(
+            (err.reason.as_str(), err.message.as_str()),
+            ("InvalidSpec", "maxUnavailable is bad")
         );
     }
 

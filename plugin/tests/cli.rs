@@ -63,8 +63,8 @@ fn dry_run_prints_every_object_without_a_cluster() {
         .collect();
     assert_eq!(
         docs.len(),
-        20,
-        "CRD, namespace, 7 controller and 9 webhook objects, the MIG ConfigMap, the policy"
+        24,
+        "CRD, namespace, 7 controller objects, the agent's own-node admission policy and binding, 11 webhook objects, the MIG ConfigMap, the policy"
     );
     let policy = docs.last().unwrap();
     assert_eq!(policy["kind"], "ClusterPolicy");

@@ -58,7 +58,7 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
     ]
 }
 
-async fn create_policy(client: &Client, name: &str, spec: Value) -> anyhow::Result<()> {
+pub(crate) async fn create_policy(client: &Client, name: &str, spec: Value) -> anyhow::Result<()> {
     let p: ClusterPolicy = serde_json::from_value(json!({
         "apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy",
         "metadata": {"name": name}, "spec": spec
@@ -81,7 +81,7 @@ async fn patch_policy(client: &Client, name: &str, spec: Value) -> anyhow::Resul
 }
 
 /// Waits until the policy reports `ready_nodes` ready GPU nodes and the given state.
-async fn wait_policy(
+pub(crate) async fn wait_policy(
     client: &Client,
     name: &str,
     state: PolicyState,
@@ -170,7 +170,7 @@ async fn labels_of(client: &Client, node: &str) -> anyhow::Result<BTreeMap<Strin
         .clone())
 }
 
-async fn daemonset_names(client: &Client, ns: &str) -> anyhow::Result<BTreeSet<String>> {
+pub(crate) async fn daemonset_names(client: &Client, ns: &str) -> anyhow::Result<BTreeSet<String>> {
     Ok(Api::<DaemonSet>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
         .await?
@@ -657,7 +657,7 @@ async fn toggle_device_plugin(env: Env) -> anyhow::Result<()> {
 }
 
 /// Deletes every policy while a controller runs, and waits until its cleanup released them.
-async fn delete_policies(c: &Client) -> anyhow::Result<()> {
+pub(crate) async fn delete_policies(c: &Client) -> anyhow::Result<()> {
     let api: Api<ClusterPolicy> = Api::all(c.clone());
     for p in api.list(&ListParams::default()).await? {
         api.delete(&p.name_any(), &DeleteParams::default()).await?;
@@ -681,7 +681,7 @@ async fn delete_policies(c: &Client) -> anyhow::Result<()> {
 }
 
 /// True when no node carries anything gpu-pilot's controller sets.
-async fn nodes_clean(c: &Client) -> anyhow::Result<Result<(), String>> {
+pub(crate) async fn nodes_clean(c: &Client) -> anyhow::Result<Result<(), String>> {
     for n in Api::<Node>::all(c.clone())
         .list(&ListParams::default())
         .await?
@@ -911,7 +911,7 @@ async fn restart_mid_rollout(env: Env) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn lease_holder(c: &Client, ns: &str) -> anyhow::Result<Option<String>> {
+pub(crate) async fn lease_holder(c: &Client, ns: &str) -> anyhow::Result<Option<String>> {
     Ok(Api::<Lease>::namespaced(c.clone(), ns)
         .get_opt("gpu-pilot-controller")
         .await?

@@ -59,7 +59,8 @@ fn global(env: &Env) -> Global {
 /// One doctor run with a fresh client, as the command makes it.
 async fn doctor(env: &Env) -> anyhow::Result<Report> {
     let kube = Kube::connect(&global(env)).await?;
-    let (report, _) = kubectl_gpu::doctor::diagnose(&kube, &env.ns).await?;
+    let (report, _) =
+        kubectl_gpu::doctor::diagnose(&kube, &env.ns, kubectl_gpu::doctor::Detail::Checked).await?;
     Ok(report)
 }
 

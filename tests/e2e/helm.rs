@@ -73,7 +73,7 @@ fn chart() -> PathBuf {
 }
 
 /// The tools folder with `helm` (and `kubectl`, `kubectl-krew`) in it, or how to get them.
-fn tools_with(bins: &[&str]) -> anyhow::Result<PathBuf> {
+pub(crate) fn tools_with(bins: &[&str]) -> anyhow::Result<PathBuf> {
     let tools = build_tools()?;
     for b in bins {
         ensure!(
@@ -88,7 +88,7 @@ fn tools_with(bins: &[&str]) -> anyhow::Result<PathBuf> {
 }
 
 /// `helm` with its cache, config and data folders in `home`, so no user setting takes part.
-fn helm(tools: &Path, home: &Path) -> tokio::process::Command {
+pub(crate) fn helm(tools: &Path, home: &Path) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(tools.join("helm"));
     cmd.env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))
@@ -98,7 +98,7 @@ fn helm(tools: &Path, home: &Path) -> tokio::process::Command {
     cmd
 }
 
-fn shown(out: &Output) -> String {
+pub(crate) fn shown(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -106,7 +106,10 @@ fn shown(out: &Output) -> String {
     )
 }
 
-async fn run_ok(cmd: &mut tokio::process::Command, what: &str) -> anyhow::Result<String> {
+pub(crate) async fn run_ok(
+    cmd: &mut tokio::process::Command,
+    what: &str,
+) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .await
@@ -1219,7 +1222,7 @@ where
 // krew
 
 /// cargo's target directory of this test binary (`<target>/debug/deps/e2e-...`).
-fn cargo_target_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn cargo_target_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     exe.ancestors()
         .nth(3)
@@ -1241,11 +1244,13 @@ async fn krew(cluster: Arc<Cluster>) -> anyhow::Result<()> {
             release.env_remove(k);
         }
     }
+    // The images (scripts/images --release) are the real-node tests' business, not krew's.
     let out = release
         .arg("--out")
         .arg(&dist)
         .arg("--target-dir")
         .arg(&target)
+        .arg("--no-images")
         .kill_on_drop(true)
         .output()
         .await

@@ -5,11 +5,14 @@
 mod agent;
 mod controller;
 mod doctor;
+mod faults;
 mod foundation;
+mod hardening;
 mod helm;
 mod migrate;
 mod nvidia;
 mod plugin;
+mod realnode;
 mod webhook;
 mod webhook_reinvocation;
 mod webhook_tls;
@@ -23,6 +26,13 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 type TestFn = fn(Arc<Cluster>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
+/// Tests too long for every run (a 1,000-node cluster of their own, about half an hour on two
+/// cores): listed as `ignored` in a normal run, run with
+/// `cargo test -p gpu-pilot-e2e --test e2e -- --ignored faults::`.
+fn is_long(name: &str) -> bool {
+    name.starts_with("faults::")
+}
+
 /// Every end-to-end test, by name.
 fn tests() -> Vec<(&'static str, TestFn)> {
     let mut all = Vec::new();
@@ -35,6 +45,9 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(migrate::tests());
     all.extend(plugin::tests());
     all.extend(doctor::tests());
+    all.extend(hardening::tests());
+    all.extend(faults::tests());
+    all.extend(realnode::tests());
     all
 }
 
@@ -48,7 +61,7 @@ fn main() {
         // Nothing to run: do not start a cluster just to list names.
         let trials = tests()
             .into_iter()
-            .map(|(name, _)| Trial::test(name, || Ok(())))
+            .map(|(name, _)| Trial::test(name, || Ok(())).with_ignored_flag(is_long(name)))
             .collect();
         libtest_mimic::run(&args, trials).exit();
     }
@@ -64,12 +77,14 @@ fn main() {
         .into_iter()
         .map(|(name, f)| {
             let cluster = cluster.clone();
-            Trial::test(name, move || run_one(cluster, f))
+            Trial::test(name, move || run_one(cluster, f)).with_ignored_flag(is_long(name))
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     // The trials (and their handles on the clusters) are gone; this stops the control planes.
     controller::shutdown();
+    faults::shutdown();
+    realnode::shutdown();
     drop(cluster);
     conclusion.exit();
 }

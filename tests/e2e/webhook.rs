@@ -28,8 +28,8 @@ use crate::TestFn;
 // The fixture lives in the test crate's library; these names stay for the modules that import
 // them from here.
 pub(crate) use gpu_pilot_e2e::webhook::{
-    Fixture, MUTATE_ENDPOINT, TEST_LABEL, TLS_SECRET, ca_bundle, dry_run, gpu_pod, gpu_tolerations,
-    kubectl, policy, start_webhook, steady_certs, with_cleanup,
+    Fixture, MUTATE_ENDPOINT, TEST_LABEL, TLS_SECRET, ca_bundle, create_policy, dry_run, gpu_pod,
+    gpu_tolerations, kubectl, policy, start_webhook, steady_certs, with_cleanup,
 };
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
@@ -493,7 +493,8 @@ pub(crate) async fn policy_rules(cluster: Arc<Cluster>) -> anyhow::Result<()> {
         )
         .await?;
         refused(&cluster, "strategy change under a MIG pod", &["patch", "clusterpolicy", &id, "--type=merge", "-p", &merge(json!({"spec": {"mig": {"strategy": "mixed"}}}))], None,
-            &format!("spec.mig.strategy cannot change from single to mixed while 1 pod(s) use MIG devices ({ns}/mig-user)")).await?;
+            // Counted, never named: the webhook's answer reaches whoever sent the review.
+            "spec.mig.strategy cannot change from single to mixed while 1 pod(s) use MIG devices (in 1 namespace(s); kubectl get pods -A lists them)").await?;
 
         // Risky but legal: warnings.
         pods.create(
@@ -811,7 +812,7 @@ pub(crate) async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()>
         cert_renew_before: Duration::from_secs(4),
         ..steady_certs(&env)
     };
-    let started = Fixture::start_as(&env, json!({}), certs, as_webhook).await;
+    let started = Fixture::start_as(&env, json!({}), certs, as_webhook.clone()).await;
     let mut fx = match started {
         Ok(fx) => fx,
         Err(e) => {
@@ -886,6 +887,64 @@ pub(crate) async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()>
         )
         .await?;
         ensure!(ok && err.contains("goes down"), "kubectl said: {err}");
+        // Its Role lets it create Secrets (RBAC cannot narrow create by name); the admission
+        // policy shipped with it refuses any but its own TLS Secret, so it cannot mint a
+        // service-account token Secret for another account.
+        let secrets: Api<Secret> = Api::namespaced(as_webhook.clone(), &ns);
+        for (name, kind, extra) in [
+            (
+                "minted-token",
+                "kubernetes.io/service-account-token",
+                json!({"kubernetes.io/service-account.name": "default"}),
+            ),
+            ("other-tls", "kubernetes.io/tls", json!({})),
+            (TLS_SECRET, "Opaque", json!({})),
+        ] {
+            let mut secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "annotations": extra}, "type": kind});
+            if kind == "kubernetes.io/tls" {
+                secret["data"] = json!({"tls.crt": "", "tls.key": ""});
+            }
+            let refused = secrets
+                .create(&PostParams::default(), &serde_json::from_value(secret)?)
+                .await;
+            match refused {
+                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 403 || e.code == 409 => {
+                    ensure!(
+                        e.code == 409 || e.message.contains("may only write its own TLS Secret"),
+                        "creating Secret {name} ({kind}) as the webhook: {e:?}"
+                    );
+                }
+                other => anyhow::bail!(
+                    "the webhook's account created Secret {name} ({kind}): {:?}",
+                    other.map(|_| "created")
+                ),
+            }
+        }
+        // What `kubectl auth can-i --list` shows for the account, beyond what any account may,
+        // is what docs/architecture.md says.
+        let shown =
+            can_i_beyond_baseline(&cluster, &ns, &format!("system:serviceaccount:{ns}:{id}"))
+                .await?
+                .into_iter()
+                .map(|row| {
+                    row.replace(&format!("[{id}]"), &format!("[{}]", names::NAME))
+                        .replace(
+                            &format!("[{TLS_SECRET}]"),
+                            &format!("[{}]", names::TLS_SECRET),
+                        )
+                })
+                .collect::<BTreeSet<String>>();
+        let documented = documented_can_i("gpu-pilot-webhook")?;
+        ensure!(
+            shown == documented,
+            "kubectl auth can-i --list as the webhook differs from docs/architecture.md:\n  shown:\n    {}\n  documented:\n    {}",
+            shown.iter().cloned().collect::<Vec<_>>().join("\n    "),
+            documented
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n    ")
+        );
         // And it keeps rotating its certificate.
         let metrics = fx.running().metrics.clone();
         eventually(
@@ -910,9 +969,67 @@ pub(crate) async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()>
     with_cleanup(env, fx, async { result }).await
 }
 
+/// The rows of `kubectl auth can-i --list` in `ns` for `user` that an account with no binding
+/// does not have (whitespace collapsed).
+pub(crate) async fn can_i_beyond_baseline(
+    cluster: &Cluster,
+    ns: &str,
+    user: &str,
+) -> anyhow::Result<BTreeSet<String>> {
+    let rows = |user: String| async move {
+        let (ok, out, err) = kubectl(
+            cluster,
+            &["auth", "can-i", "--list", "-n", ns, "--as", &user],
+            None,
+        )
+        .await?;
+        ensure!(ok, "kubectl auth can-i --list as {user}: {err}");
+        Ok::<_, anyhow::Error>(
+            out.lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .filter(|l| !l.is_empty())
+                .collect::<BTreeSet<String>>(),
+        )
+    };
+    let all = rows(user.to_string()).await?;
+    let baseline = rows(format!("system:serviceaccount:{ns}:no-binding-at-all")).await?;
+    Ok(all.difference(&baseline).cloned().collect())
+}
+
+/// The rows docs/architecture.md shows for `account` (the block after `<!-- can-i: account -->`).
+pub(crate) fn documented_can_i(account: &str) -> anyhow::Result<BTreeSet<String>> {
+    let doc = include_str!("../../docs/architecture.md");
+    let marker = format!("<!-- can-i: {account} -->");
+    let after = doc
+        .split_once(&marker)
+        .with_context(|| format!("docs/architecture.md has no {marker}"))?
+        .1;
+    let block = after
+        .split("```")
+        .nth(1)
+        .context("no code block after the marker")?;
+    Ok(block
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty() && !l.starts_with("Resources"))
+        .collect())
+}
+
 pub(crate) async fn cleanup_rbac(client: &Client, id: &str) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
     let dp = DeleteParams::default();
+    let policy = gpu_pilot_core::render::webhook::own_secret_policy(id);
+    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .delete(&policy, &dp)
+        .await;
+    let _ = Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .delete(&policy, &dp)
+        .await;
     let _ = Api::<ClusterRoleBinding>::all(client.clone())
         .delete(id, &dp)
         .await;

@@ -379,6 +379,7 @@ pub(crate) async fn replicas_race_to_one_ca(cluster: Arc<Cluster>) -> anyhow::Re
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
 
         let mut conflicts = 0;
+        let mut last_ca: Option<Vec<u8>> = None;
         for round in 1..=3 {
             for r in replicas.drain(..) {
                 r.stop().await;
@@ -422,10 +423,32 @@ pub(crate) async fn replicas_race_to_one_ca(cluster: Arc<Cluster>) -> anyhow::Re
             let data = secret.data.unwrap_or_default();
             let leaf = der(std::str::from_utf8(&data[names::TLS_CERT_KEY].0)?)?;
             let bundle = ca_bundle(&client, &ns).await?;
-            ensure!(
-                bundle == data[names::CA_CERT_KEY].0,
-                "round {round}: the bundle is not the Secret's one CA"
-            );
+            let ca = data[names::CA_CERT_KEY].0.clone();
+            // Round 1 starts from nothing: one CA. Later rounds start with the configurations
+            // still trusting the CA of the round before (its Secret was deleted): that one stays
+            // in the bundle next to the new CA, for --ca-overlap, so no replica still serving a
+            // certificate from it is refused in between.
+            let previous = data.get(names::PREVIOUS_CA_CERT_KEY).map(|b| b.0.clone());
+            match (&last_ca, &previous) {
+                (None, None) => ensure!(
+                    bundle == ca,
+                    "round {round}: the bundle is not the Secret's one CA"
+                ),
+                (Some(last), Some(prev)) => ensure!(
+                    prev.windows(last.len()).any(|w| w == last.as_slice())
+                        && bundle == [ca.clone(), prev.clone()].concat(),
+                    "round {round}: the bundle is not the new CA followed by the previous round's"
+                ),
+                _ => anyhow::bail!(
+                    "round {round}: the previous round's CA is {} in the Secret",
+                    if previous.is_some() {
+                        "unexpectedly"
+                    } else {
+                        "not"
+                    }
+                ),
+            }
+            last_ca = Some(ca);
             let m = mwcs.get(&fx.id).await?;
             let v = vwcs.get(&fx.id).await?;
             let in_configs: Vec<Vec<u8>> = m

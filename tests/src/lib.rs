@@ -80,6 +80,18 @@ impl Cluster {
         cpu_nodes: usize,
         reuse_env: bool,
     ) -> anyhow::Result<Cluster> {
+        Self::start_with_real_nodes(name, gpu_nodes, cpu_nodes, 0, reuse_env)
+    }
+
+    /// Like [`Cluster::start_named`], with `real_nodes` nodes run by a real kubelet and
+    /// containerd (`scripts/local-cluster up --real-nodes`, which needs root).
+    pub fn start_with_real_nodes(
+        name: &str,
+        gpu_nodes: usize,
+        cpu_nodes: usize,
+        real_nodes: usize,
+        reuse_env: bool,
+    ) -> anyhow::Result<Cluster> {
         let tools = build_tools()?;
         if let (true, Ok(path)) = (reuse_env, std::env::var("GPU_PILOT_E2E_KUBECONFIG")) {
             let kubeconfig = PathBuf::from(path);
@@ -106,10 +118,18 @@ impl Cluster {
         if dir.exists() {
             stop_cluster(&dir);
         }
-        let port_base = free_port_block(if name == "shared" { 17440 } else { 17640 }, 6)?;
+        // Each named cluster searches its own range, so clusters started at once do not race for
+        // the same ports.
+        let first = match name {
+            "shared" => 17440,
+            "faults" => 17840,
+            _ => 17640,
+        };
+        let port_base = free_port_block(first, 6)?;
         let dir_s = dir.to_string_lossy().into_owned();
         let gpu = gpu_nodes.to_string();
         let cpu = cpu_nodes.to_string();
+        let real = real_nodes.to_string();
         let port = port_base.to_string();
         // Registered before `up` so a signal during start-up also cleans up.
         OWNED_DIRS.lock().unwrap().push(dir.clone());
@@ -125,6 +145,8 @@ impl Cluster {
             &gpu,
             "--cpu-nodes",
             &cpu,
+            "--real-nodes",
+            &real,
         ])
         .output()
         .context("could not run scripts/local-cluster (is bash installed?)")?;
@@ -137,7 +159,7 @@ impl Cluster {
             );
         }
         eprintln!(
-            "e2e: local control plane '{name}' up in {:.1}s ({gpu_nodes} GPU nodes, {cpu_nodes} CPU nodes, ports from {port_base})",
+            "e2e: local control plane '{name}' up in {:.1}s ({gpu_nodes} GPU nodes, {cpu_nodes} CPU nodes, {real_nodes} real nodes, ports from {port_base})",
             started.elapsed().as_secs_f64()
         );
         Ok(Cluster {
@@ -149,6 +171,43 @@ impl Cluster {
 
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// Kills the named control-plane components (`etcd`, `kube-apiserver`, ...) and starts them
+    /// again with the same flags and data (`scripts/local-cluster restart`). Only on a cluster
+    /// this process started.
+    pub fn restart(&self, components: &[&str]) -> anyhow::Result<()> {
+        let Some(dir) = &self.owned_dir else {
+            bail!(
+                "restarting components needs a cluster the tests started, not GPU_PILOT_E2E_KUBECONFIG's"
+            );
+        };
+        let dir = dir.to_string_lossy().into_owned();
+        let mut args = vec!["restart"];
+        args.extend_from_slice(components);
+        args.extend(["--dir", &dir]);
+        let out = local_cluster(&args)
+            .output()
+            .context("could not run scripts/local-cluster")?;
+        if !out.status.success() {
+            bail!(
+                "scripts/local-cluster restart {components:?} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The cluster's state directory (`scripts/local-cluster --dir`).
+    pub fn dir(&self) -> &Path {
+        self.kubeconfig.parent().unwrap_or(Path::new("."))
+    }
+
+    /// `scripts/local-cluster COMMAND --dir <this cluster's> ARGS...`.
+    pub fn local_cluster(&self, command: &str, args: &[&str]) -> Command {
+        let mut cmd = local_cluster(&[command, "--dir"]);
+        cmd.arg(self.dir()).args(args);
+        cmd
     }
 
     /// The real `kubectl` built to match the control plane, pointed at this cluster.
@@ -198,7 +257,23 @@ fn install_signal_handler() {
 /// `<target>/debug/deps`, the plugin in `<target>/debug`).
 pub fn plugin_binary() -> anyhow::Result<PathBuf> {
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    BUILT
+    workspace_binary(&BUILT, "kubectl-gpu")
+}
+
+/// The `gpu-pilot-controller` binary of this build, built first if needed: the fault tests run
+/// it as a process of its own so that SIGKILL is real.
+pub fn controller_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    workspace_binary(&BUILT, "gpu-pilot-controller")
+}
+
+/// Builds one binary of the workspace (package and binary share the name) into this test
+/// binary's target directory, once per run.
+fn workspace_binary(
+    built: &'static std::sync::OnceLock<Result<PathBuf, String>>,
+    name: &str,
+) -> anyhow::Result<PathBuf> {
+    built
         .get_or_init(|| {
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
             let dir = exe
@@ -208,25 +283,18 @@ pub fn plugin_binary() -> anyhow::Result<PathBuf> {
                 .to_path_buf();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let out = Command::new(cargo)
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "kubectl-gpu",
-                    "--bin",
-                    "kubectl-gpu",
-                ])
+                .args(["build", "--quiet", "-p", name, "--bin", name])
                 .env("CARGO_TARGET_DIR", dir.parent().ok_or("no target dir")?)
                 .current_dir(repo_root())
                 .output()
-                .map_err(|e| format!("could not run cargo to build kubectl-gpu: {e}"))?;
+                .map_err(|e| format!("could not run cargo to build {name}: {e}"))?;
             if !out.status.success() {
                 return Err(format!(
-                    "building kubectl-gpu failed:\n{}",
+                    "building {name} failed:\n{}",
                     String::from_utf8_lossy(&out.stderr)
                 ));
             }
-            Ok(dir.join("kubectl-gpu"))
+            Ok(dir.join(name))
         })
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
@@ -336,7 +404,8 @@ impl Drop for OwnedNamespace {
 pub struct TestEnv {
     pub client: Client,
     pub namespace: String,
-    _owned: OwnedNamespace,
+    /// `None` when the namespace belongs to someone else (see [`TestEnv::in_namespace`]).
+    _owned: Option<OwnedNamespace>,
 }
 
 impl TestEnv {
@@ -364,8 +433,18 @@ impl TestEnv {
         Ok(TestEnv {
             client,
             namespace: name,
-            _owned: owned,
+            _owned: Some(owned),
         })
+    }
+
+    /// A `TestEnv` in a namespace that something else made and deletes (e.g. a `serial`
+    /// scenario's operand namespace), for fixtures that take a `TestEnv`.
+    pub fn in_namespace(client: Client, namespace: &str) -> TestEnv {
+        TestEnv {
+            client,
+            namespace: namespace.to_string(),
+            _owned: None,
+        }
     }
 
     /// Ends the test's use of the namespace now (the same as dropping the `TestEnv`).

@@ -9,7 +9,14 @@
 //!    the apiserver and this process spent per pod and the time the apiserver spent calling the
 //!    webhook (its own metrics).
 //!
-//!     cargo run --release -p gpu-pilot-webhook --example bench -- [--seconds 5] [--kubeconfig PATH --pods 200]
+//!    With `--admission-policy`, a third namespace gets the simple part of the mutation
+//!    (runtimeClassName and the GPU toleration) from a MutatingAdmissionPolicy instead: CEL run
+//!    inside the apiserver, no webhook call (round M).
+//! 3. The handler alone: one thread answering reviews in a loop, CPU per review (no TLS, no HTTP).
+//!
+//!     cargo run --release -p gpu-pilot-webhook --example bench -- [--seconds 5] [--kubeconfig PATH --pods 200 --rounds 5 --admission-policy]
+//!
+//! `scripts/bench-admission` runs it on a cluster of its own and reports the figures.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +34,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[derive(Parser)]
 struct Args {
@@ -43,9 +50,29 @@ struct Args {
     /// Concurrent pod creations through the apiserver.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
+    /// Rounds through the apiserver (each round runs every kind once, in turn).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Also measure the simple part of the mutation done by a MutatingAdmissionPolicy (round M).
+    #[arg(long)]
+    admission_policy: bool,
+    /// Only these kinds through the apiserver (letters of A, B, C, D, M), e.g. to profile one.
+    #[arg(long, default_value = "ABCDM")]
+    kinds: String,
+    /// Reviews the handler answers in the single-thread CPU measurement.
+    #[arg(long, default_value_t = 20000)]
+    handler_reviews: usize,
 }
 
-fn review_body() -> Bytes {
+/// A review of a GPU pod being created; `gpu_memory` adds the annotation that asks for a MIG
+/// profile by memory (the webhook's costliest path), without it the pod needs only the simple part
+/// (runtime class and toleration).
+fn review_body(gpu_memory: bool) -> Bytes {
+    let annotations = if gpu_memory {
+        json!({"gpupilot.io/gpu-memory": "20Gi"})
+    } else {
+        json!({})
+    };
     Bytes::from(
         serde_json::to_vec(&json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
@@ -56,7 +83,7 @@ fn review_body() -> Bytes {
                 "operation": "CREATE", "namespace": "ml", "name": "trainer",
                 "object": {
                     "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": "trainer", "namespace": "ml", "annotations": {"gpupilot.io/gpu-memory": "20Gi"}},
+                    "metadata": {"name": "trainer", "namespace": "ml", "annotations": annotations},
                     "spec": {"containers": [{"name": "cuda", "image": "nvcr.io/nvidia/cuda:12.4.0-base",
                         "resources": {"limits": {"nvidia.com/gpu": "1", "cpu": "4", "memory": "16Gi"}}}]}
                 }
@@ -106,7 +133,7 @@ async fn client_loop(
     Ok(lat)
 }
 
-async fn direct(seconds: u64) -> anyhow::Result<()> {
+async fn direct(seconds: u64, handler_reviews: usize) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc();
     let ca = new_ca(now, Duration::from_secs(86400))?;
     let (cert, key, _) = new_serving_cert(
@@ -132,17 +159,15 @@ async fn direct(seconds: u64) -> anyhow::Result<()> {
         ready: Arc::new(AtomicBool::new(true)),
     });
     let app = server::router(state.clone(), Limits::default());
-    let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config(
-        cert.as_bytes(),
-        key.as_bytes(),
-    )?);
-    let handle = axum_server::Handle::new();
-    let h = handle.clone();
-    tokio::spawn(async move { server::serve("127.0.0.1:0".parse().unwrap(), tls, app, h).await });
-    let addr = handle
-        .listening()
-        .await
-        .context("the server did not start")?;
+    let tls = server::TlsCell::new(tls_config(cert.as_bytes(), key.as_bytes())?);
+    let (addr, handle) = gpu_pilot_webhook::listener::spawn_local(
+        tls,
+        app,
+        Limits::default(),
+        state.metrics.clone(),
+    )
+    .await
+    .context("the server did not start")?;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())?)?;
@@ -153,7 +178,39 @@ async fn direct(seconds: u64) -> anyhow::Result<()> {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
-    let body = review_body();
+    let body = review_body(true);
+
+    // The handler alone, on this thread: parse, decide, answer; no TLS, no HTTP, no other task.
+    println!(
+        "the handler alone, one thread, {handler_reviews} reviews each (bytes in to JSON answer out; CPU of this thread per review):"
+    );
+    for (what, body) in [
+        ("GPU pod (runtime class, toleration)", review_body(false)),
+        (
+            "gpu-memory pod (MIG profile chosen, resources renamed)",
+            review_body(true),
+        ),
+    ] {
+        let cpu_before = thread_cpu_seconds();
+        let started = Instant::now();
+        for _ in 0..handler_reviews {
+            let (out, _) = gpu_pilot_webhook::handler::handle(
+                state.view.as_ref(),
+                gpu_pilot_webhook::handler::Endpoint::MutatePods,
+                &body,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // As the server does: the answer goes out as JSON.
+            std::hint::black_box(serde_json::to_vec(&out)?);
+        }
+        let cpu = thread_cpu_seconds() - cpu_before;
+        println!(
+            "  {what:<56} {:>7.1} us CPU, {:>7.1} us wall per review",
+            cpu * 1e6 / handler_reviews as f64,
+            started.elapsed().as_secs_f64() * 1e6 / handler_reviews as f64
+        );
+    }
 
     println!(
         "direct over TLS (rustls, HTTP/1.1 keep-alive), POST /mutate/pods with a gpu-memory pod, {seconds}s per level:"
@@ -199,15 +256,93 @@ async fn direct(seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a round creates, and where.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// A: plain pod, no mutation registered for its namespace.
+    Plain,
+    /// B: plain pod, the webhook mutates it.
+    Webhook,
+    /// C: the pod the mutation stores, sent pre-mutated, no mutation registered.
+    Premutated,
+    /// D: that pre-mutated pod where the webhook is called and answers without a patch.
+    PremutatedWebhook,
+    /// M: plain pod, a MutatingAdmissionPolicy mutates it (CEL in the apiserver, no call).
+    Policy,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Plain => "A",
+            Kind::Webhook => "B",
+            Kind::Premutated => "C",
+            Kind::PremutatedWebhook => "D",
+            Kind::Policy => "M",
+        }
+    }
+}
+
+/// The simple part of gpu-pilot's pod mutation as a MutatingAdmissionPolicy: for a pod that asks
+/// for a GPU (the webhook's own match condition), `runtimeClassName` from the ClusterPolicy's
+/// `spec.operator.runtimeClass` when unset, and the `nvidia.com/gpu:NoSchedule` toleration unless
+/// an `Exists` toleration covers it already (the rules of `mutate::mutate_pod`). The ClusterPolicy
+/// is the policy's parameter, so the runtime class follows it without a webhook.
+fn admission_policy(name: &str, policy_name: &str, namespace: &str) -> (Value, Value) {
+    use gpu_pilot_api::names::GPU_TAINT_KEY;
+    let toleration = format!(
+        "Object.spec.tolerations{{key: '{GPU_TAINT_KEY}', operator: 'Exists', effect: 'NoSchedule'}}"
+    );
+    let covered = format!(
+        "has(object.spec.tolerations) && object.spec.tolerations.exists(t, (!has(t.key) || t.key == '' || t.key == '{GPU_TAINT_KEY}') && (!has(t.effect) || t.effect == '' || t.effect == 'NoSchedule') && has(t.operator) && t.operator == 'Exists')"
+    );
+    let expression = format!(
+        "(has(object.spec.runtimeClassName) || params.spec.operator.runtimeClass == '' ? [] : \
+           [JSONPatch{{op: 'add', path: '/spec/runtimeClassName', value: params.spec.operator.runtimeClass}}]) + \
+         ({covered} ? [] : has(object.spec.tolerations) ? \
+           [JSONPatch{{op: 'add', path: '/spec/tolerations/-', value: {toleration}}}] : \
+           [JSONPatch{{op: 'add', path: '/spec/tolerations', value: [{toleration}]}}])"
+    );
+    let policy = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "paramKind": {"apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy"},
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]
+            }]},
+            "matchConditions": [{"name": "asks-for-a-gpu", "expression": gpu_pilot_core::render::webhook::gpu_pod_cel()}],
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "IfNeeded",
+            "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": expression}}]
+        }
+    });
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "paramRef": {"name": policy_name, "parameterNotFoundAction": "Allow"},
+            "matchResources": {"namespaceSelector": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [namespace]}
+            ]}}
+        }
+    });
+    (policy, binding)
+}
+
 async fn through_apiserver(
     kubeconfig: &std::path::Path,
     pods: usize,
     parallel: usize,
+    rounds: usize,
+    with_policy: bool,
+    only: &str,
 ) -> anyhow::Result<()> {
     use gpu_pilot_core::render::webhook::{Registration, Target};
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     use k8s_openapi::api::core::v1::{Namespace, Pod};
-    use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+    use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
     use kube::{Api, Client};
 
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
@@ -222,8 +357,12 @@ async fn through_apiserver(
     )
     .await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let (with_ns, without_ns) = (format!("{id}-with"), format!("{id}-without"));
-    for ns in [&with_ns, &without_ns] {
+    let (with_ns, without_ns, policy_ns) = (
+        format!("{id}-with"),
+        format!("{id}-without"),
+        format!("{id}-policy"),
+    );
+    for ns in [&with_ns, &without_ns, &policy_ns] {
         namespaces
             .create(
                 &PostParams::default(),
@@ -232,7 +371,7 @@ async fn through_apiserver(
             .await?;
     }
     // Wait until the namespaces' default service accounts exist (pods need them).
-    for ns in [&with_ns, &without_ns] {
+    for ns in [&with_ns, &without_ns, &policy_ns] {
         let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(client.clone(), ns);
         for _ in 0..100 {
@@ -243,6 +382,15 @@ async fn through_apiserver(
         }
     }
     let policies: Api<gpu_pilot_api::ClusterPolicy> = Api::all(client.clone());
+    // On a fresh cluster the CRD was just created: wait until the apiserver serves it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = policies.list(&Default::default()).await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the apiserver does not serve clusterpolicies.gpupilot.io 30s after the CRD was applied: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let label = "gpupilot.io/bench";
     policies
         .create(
@@ -304,8 +452,31 @@ async fn through_apiserver(
     reg.ca_bundle = Some(secret.data.unwrap()["ca-bundle.crt"].0.clone());
     let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mwcs.create(&PostParams::default(), &reg.mutating()).await?;
-    // Wait until the apiserver calls the webhook.
-    let probe_api: Api<Pod> = Api::namespaced(client.clone(), &with_ns);
+
+    // The in-tree alternative, in its own namespace.
+    let ar = |kind: &str| {
+        ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "admissionregistration.k8s.io",
+            "v1",
+            kind,
+        ))
+    };
+    let (map_api, mapb_api): (Api<DynamicObject>, Api<DynamicObject>) = (
+        Api::all_with(client.clone(), &ar("MutatingAdmissionPolicy")),
+        Api::all_with(client.clone(), &ar("MutatingAdmissionPolicyBinding")),
+    );
+    if with_policy {
+        let (policy, binding) = admission_policy(&id, &id, &policy_ns);
+        map_api
+            .create(&PostParams::default(), &serde_json::from_value(policy)?)
+            .await
+            .context("creating the MutatingAdmissionPolicy (admissionregistration.k8s.io/v1 is served from Kubernetes 1.36 on)")?;
+        mapb_api
+            .create(&PostParams::default(), &serde_json::from_value(binding)?)
+            .await?;
+    }
+
+    // Wait until the apiserver applies each mutation (it loads new configurations in the background).
     let probe: Pod = serde_json::from_value(
         json!({"metadata": {"name": "probe"}, "spec": {"containers": [{"name": "c", "image": "i", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}),
     )?;
@@ -313,19 +484,20 @@ async fn through_apiserver(
         dry_run: true,
         ..Default::default()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while probe_api
-        .create(&dry, &probe)
-        .await?
-        .spec
-        .and_then(|s| s.runtime_class_name)
-        .is_none()
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the apiserver did not start calling the webhook within 30s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut mutated_namespaces = vec![&with_ns];
+    if with_policy {
+        mutated_namespaces.push(&policy_ns);
+    }
+    for ns in mutated_namespaces {
+        let probe_api: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mutated(&probe_api.create(&dry, &probe).await?) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "pods in {ns} were not mutated within 30s of registering the mutation"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     // Scheduling gates keep the pods out of the scheduler, whose retries of unschedulable pods
@@ -338,7 +510,7 @@ async fn through_apiserver(
         }))
         .unwrap()
     };
-    // The pod as the webhook leaves it: the same object stored, without the call.
+    // The pod as the mutation leaves it: the same object stored, without the call.
     let premutated = |name: String| -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": name},
@@ -349,13 +521,14 @@ async fn through_apiserver(
         }))
         .unwrap()
     };
+    /// Creates `n` pods, `parallel` in flight; pods/s and every stored pod.
     async fn round(
         api: Api<Pod>,
         make: impl Fn(String) -> Pod,
         prefix: &str,
         n: usize,
         parallel: usize,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<(f64, Vec<Pod>)> {
         use futures::StreamExt;
         let start = Instant::now();
         let results: Vec<anyhow::Result<Pod>> = futures::stream::iter(0..n)
@@ -367,18 +540,35 @@ async fn through_apiserver(
             .buffer_unordered(parallel)
             .collect()
             .await;
-        for r in results {
-            r?;
-        }
-        Ok(n as f64 / start.elapsed().as_secs_f64())
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        Ok((rate, results.into_iter().collect::<anyhow::Result<_>>()?))
     }
+    let mut kinds = vec![
+        Kind::Plain,
+        Kind::Webhook,
+        Kind::Premutated,
+        Kind::PremutatedWebhook,
+    ];
+    if with_policy {
+        kinds.push(Kind::Policy);
+    }
+    kinds.retain(|k| only.contains(k.label()));
+    anyhow::ensure!(
+        !kinds.is_empty(),
+        "--kinds {only:?} selects no kind: use letters of ABCD, and M with --admission-policy"
+    );
     println!(
-        "\nthrough the apiserver: {pods} GPU pods per round, {parallel} in flight, rounds alternating:\n  \
-         A  plain pod, namespace the webhook is not registered for\n  \
+        "\nthrough the apiserver: {pods} GPU pods per round, {parallel} in flight, {rounds} rounds, kinds in turn:\n  \
+         A  plain pod, no mutation registered for its namespace\n  \
          B  plain pod, namespace the webhook mutates (runtimeClassName, toleration)\n  \
          C  the pod B stores, sent pre-mutated to A's namespace (same stored object, no webhook call)\n  \
-         D  that pre-mutated pod in B's namespace (the webhook is called and answers without a patch)\n\
-         apiserver CPU from its process_cpu_seconds_total; bench CPU is this process (client and webhook)"
+         D  that pre-mutated pod in B's namespace (the webhook is called and answers without a patch){}\n\
+         apiserver CPU from its process_cpu_seconds_total; bench CPU is this process (client and webhook)",
+        if with_policy {
+            "\n  M  plain pod, namespace a MutatingAdmissionPolicy mutates (the same two fields, CEL in the apiserver)"
+        } else {
+            ""
+        }
     );
     println!(
         "{:>6} {:>4} {:>8} {:>14} {:>14} {:>14} {:>14}",
@@ -388,21 +578,23 @@ async fn through_apiserver(
         "{:>6} {:>4} {:>8} {:>14} {:>14} {:>14} {:>14}",
         "", "", "", "CPU/pod", "CPU/pod", "", "webhook mean"
     );
-    let mut rates: [Vec<f64>; 4] = Default::default();
-    let mut apiserver_cpu: [f64; 4] = [0.0; 4];
-    let mut bench_cpu: [f64; 4] = [0.0; 4];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    let mut apiserver_cpu = vec![0.0; kinds.len()];
+    let mut bench_cpu = vec![0.0; kinds.len()];
     let calls = || running.metrics.total("mutate_pods");
-    for r in 0..5 {
-        for (k, label) in ["A", "B", "C", "D"].iter().enumerate() {
-            let (ns, make): (&str, &dyn Fn(String) -> Pod) = match k {
-                0 => (&without_ns, &plain),
-                1 => (&with_ns, &plain),
-                2 => (&without_ns, &premutated),
-                _ => (&with_ns, &premutated),
+    for r in 0..rounds {
+        for (k, &kind) in kinds.iter().enumerate() {
+            let label = kind.label();
+            let (ns, make): (&str, &dyn Fn(String) -> Pod) = match kind {
+                Kind::Plain => (&without_ns, &plain),
+                Kind::Webhook => (&with_ns, &plain),
+                Kind::Premutated => (&without_ns, &premutated),
+                Kind::PremutatedWebhook => (&with_ns, &premutated),
+                Kind::Policy => (&policy_ns, &plain),
             };
             let (api_before, seen_before) = apiserver_facts(&client).await?;
             let (cpu_before, calls_before) = (process_cpu_seconds(), calls());
-            let rate = round(
+            let (rate, stored) = round(
                 Api::namespaced(client.clone(), ns),
                 make,
                 &format!("r{r}{}", label.to_lowercase()),
@@ -413,10 +605,20 @@ async fn through_apiserver(
             let (cpu_after, calls_after) = (process_cpu_seconds(), calls());
             let (api_after, seen_after) = apiserver_facts(&client).await?;
             let n_calls = calls_after - calls_before;
-            let want = if k % 2 == 1 { pods as u64 } else { 0 };
+            let want = if matches!(kind, Kind::Webhook | Kind::PremutatedWebhook) {
+                pods as u64
+            } else {
+                0
+            };
             anyhow::ensure!(
                 n_calls == want,
                 "round {r}{label}: the webhook answered {n_calls} reviews, expected {want}"
+            );
+            // Every kind but A must store the same pod: the runtime class and one toleration.
+            let unmutated = stored.iter().filter(|p| !is_mutated(p)).count();
+            anyhow::ensure!(
+                (kind == Kind::Plain) == (unmutated == pods),
+                "round {r}{label}: {unmutated} of {pods} stored pods lack the runtime class or the single GPU toleration"
             );
             let api_ms = (api_after - api_before) * 1000.0 / pods as f64;
             let bench_ms = (cpu_after - cpu_before) * 1000.0 / pods as f64;
@@ -433,33 +635,55 @@ async fn through_apiserver(
                 r
             );
             rates[k].push(rate);
-            apiserver_cpu[k] += api_ms / 5.0;
-            bench_cpu[k] += bench_ms / 5.0;
+            apiserver_cpu[k] += api_ms / rounds as f64;
+            bench_cpu[k] += bench_ms / rounds as f64;
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (a, b, c, d) = (
-        mean(&rates[0]),
-        mean(&rates[1]),
-        mean(&rates[2]),
-        mean(&rates[3]),
-    );
+    let rate_of = |kind: Kind| {
+        kinds
+            .iter()
+            .position(|&k| k == kind)
+            .map(|i| mean(&rates[i]))
+    };
+    let means: Vec<String> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{} {:.1}", k.label(), mean(&rates[i])))
+        .collect();
+    println!("  mean pods/s: {}", means.join(", "));
+    let ratio = |a: Kind, b: Kind| match (rate_of(a), rate_of(b)) {
+        (Some(a), Some(b)) => format!("{:.3}", a / b),
+        _ => "-".into(),
+    };
     println!(
-        "  mean pods/s: A {a:.1}, B {b:.1}, C {c:.1}, D {d:.1}; ratio B/A {:.3} (with vs without the webhook), B/C {:.3} (same stored pod), D/C {:.3} (a call that changes nothing)",
-        b / a,
-        b / c,
-        d / c
+        "  ratios: B/A {} (webhook vs no mutation), B/C {} (same stored pod), D/C {} (a call that changes nothing){}",
+        ratio(Kind::Webhook, Kind::Plain),
+        ratio(Kind::Webhook, Kind::Premutated),
+        ratio(Kind::PremutatedWebhook, Kind::Premutated),
+        if with_policy {
+            format!(
+                ", M/A {} (admission policy vs no mutation), M/C {} (same stored pod), B/M {} (webhook vs admission policy)",
+                ratio(Kind::Policy, Kind::Plain),
+                ratio(Kind::Policy, Kind::Premutated),
+                ratio(Kind::Webhook, Kind::Policy)
+            )
+        } else {
+            String::new()
+        }
     );
+    let cpu = |v: &[f64]| {
+        kinds
+            .iter()
+            .zip(v)
+            .map(|(k, ms)| format!("{} {ms:.2} ms", k.label()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
-        "  mean CPU per pod: apiserver A {:.2} ms, B {:.2} ms, C {:.2} ms, D {:.2} ms; bench process A {:.2} ms, B {:.2} ms, C {:.2} ms, D {:.2} ms",
-        apiserver_cpu[0],
-        apiserver_cpu[1],
-        apiserver_cpu[2],
-        apiserver_cpu[3],
-        bench_cpu[0],
-        bench_cpu[1],
-        bench_cpu[2],
-        bench_cpu[3]
+        "  mean CPU per pod: apiserver {}; bench process {}",
+        cpu(&apiserver_cpu),
+        cpu(&bench_cpu)
     );
     let (handler_sum, handler_count) = handler_time(&running.metrics.render());
     println!(
@@ -469,17 +693,46 @@ async fn through_apiserver(
     );
     running.stop().await;
     let _ = mwcs.delete(&id, &DeleteParams::default()).await;
+    if with_policy {
+        let _ = mapb_api.delete(&id, &DeleteParams::default()).await;
+        let _ = map_api.delete(&id, &DeleteParams::default()).await;
+    }
     let _ = policies.delete(&id, &DeleteParams::default()).await;
-    for ns in [&with_ns, &without_ns] {
+    for ns in [&with_ns, &without_ns, &policy_ns] {
         let _ = namespaces.delete(ns, &DeleteParams::background()).await;
     }
     Ok(())
 }
 
+/// The pod carries what the mutation adds: the bench's runtime class and exactly one toleration
+/// of the GPU taint.
+fn is_mutated(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    let gpu_tolerations = spec
+        .tolerations
+        .iter()
+        .flatten()
+        .filter(|t| t.key.as_deref() == Some(gpu_pilot_api::names::GPU_TAINT_KEY))
+        .count();
+    spec.runtime_class_name.as_deref() == Some("nvidia-bench") && gpu_tolerations == 1
+}
+
 /// CPU time (user + system) of this process so far, in seconds.
 fn process_cpu_seconds() -> f64 {
-    // Fields 14 and 15 of /proc/self/stat, in clock ticks (100 per second on Linux).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds("/proc/self/stat")
+}
+
+/// CPU time (user + system) of the calling thread so far, in seconds (10 ms ticks: measure
+/// seconds of work).
+fn thread_cpu_seconds() -> f64 {
+    cpu_seconds("/proc/thread-self/stat")
+}
+
+fn cpu_seconds(path: &str) -> f64 {
+    // Fields 14 and 15 of a stat file, in clock ticks (100 per second on Linux).
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<&str> = after.split(' ').collect();
     let ticks = |i: usize| {
@@ -523,9 +776,17 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        direct(args.seconds).await?;
+        direct(args.seconds, args.handler_reviews).await?;
         if let Some(kc) = &args.kubeconfig {
-            through_apiserver(kc, args.pods, args.parallel).await?;
+            through_apiserver(
+                kc,
+                args.pods,
+                args.parallel,
+                args.rounds,
+                args.admission_policy,
+                &args.kinds,
+            )
+            .await?;
         }
         Ok(())
     })

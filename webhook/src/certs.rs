@@ -39,6 +39,10 @@ const CA_COMMON_NAME: &str = "gpu-pilot-webhook-ca";
 const BACKDATE: time::Duration = time::Duration::minutes(5);
 /// Writes that lose a race (409) are retried from a fresh read this many times in one pass.
 const CONFLICT_ATTEMPTS: u32 = 5;
+/// The longest validity (and any other certificate duration) the settings accept: 100 years,
+/// far inside what X.509 dates (up to 9999) and date arithmetic can hold.
+pub const MAX_VALIDITY: Duration = Duration::from_secs(36_500 * 24 * 3600);
+const MAX_VALIDITY_TEXT: &str = "36500d (100 years)";
 
 /// How certificates are made and kept.
 #[derive(Debug, Clone)]
@@ -69,8 +73,23 @@ impl CertSettings {
         ]
     }
 
-    /// Durations that would make the steps overlap or never happen are refused.
+    /// Durations that would make the steps overlap or never happen, or that no certificate can
+    /// carry, are refused.
     pub fn check(&self) -> Result<(), CertError> {
+        for (flag, d) in [
+            ("--ca-validity", self.ca_validity),
+            ("--ca-renew-before", self.ca_renew_before),
+            ("--ca-overlap", self.ca_overlap),
+            ("--cert-validity", self.cert_validity),
+            ("--cert-renew-before", self.cert_renew_before),
+        ] {
+            if d > MAX_VALIDITY {
+                return Err(CertError::Settings(format!(
+                    "{flag} is {}, longer than a certificate can reasonably carry; use at most {MAX_VALIDITY_TEXT} (e.g. 3650d for the CA, 90d for the serving certificate)",
+                    gpu_pilot_core::duration::format(d),
+                )));
+            }
+        }
         if self.cert_renew_before >= self.cert_validity {
             return Err(CertError::Settings(format!(
                 "the serving certificate would be renewed as soon as it is made: --cert-renew-before ({:?}) must be shorter than --cert-validity ({:?})",
@@ -78,13 +97,13 @@ impl CertSettings {
             )));
         }
         if self.ca_renew_before >= self.ca_validity
-            || self.ca_overlap + self.cert_renew_before >= self.ca_renew_before
+            || self.ca_overlap.saturating_add(self.cert_renew_before) >= self.ca_renew_before
         {
             return Err(CertError::Settings(format!(
                 "--ca-renew-before ({:?}) must be shorter than --ca-validity ({:?}) and longer than --ca-overlap plus --cert-renew-before ({:?})",
                 self.ca_renew_before,
                 self.ca_validity,
-                self.ca_overlap + self.cert_renew_before
+                self.ca_overlap.saturating_add(self.cert_renew_before)
             )));
         }
         if self.names.is_empty() {
@@ -277,6 +296,23 @@ fn dur(d: Duration) -> time::Duration {
     time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
 }
 
+/// `now + validity`, or an error naming what is too long (never an overflow panic, whatever
+/// settings reach here).
+fn valid_until(
+    now: OffsetDateTime,
+    validity: Duration,
+    what: &str,
+) -> Result<OffsetDateTime, CertError> {
+    now.checked_add(dur(validity))
+        .filter(|t| t.year() <= 9999)
+        .ok_or_else(|| {
+            CertError::Settings(format!(
+                "a {what} valid for {} from {now} would end past the year 9999; use a validity of at most {MAX_VALIDITY_TEXT}",
+                gpu_pilot_core::duration::format(validity),
+            ))
+        })
+}
+
 /// What to do now with what is stored.
 pub fn plan(now: OffsetDateTime, stored: Option<&Stored>, s: &CertSettings) -> Plan {
     let Some(st) = stored else {
@@ -322,7 +358,7 @@ fn ca_params(not_before: OffsetDateTime, not_after: OffsetDateTime) -> Certifica
 /// Makes a self-signed CA valid from now for `validity`.
 pub fn new_ca(now: OffsetDateTime, validity: Duration) -> Result<Ca, CertError> {
     let key = KeyPair::generate()?;
-    let not_after = now + dur(validity);
+    let not_after = valid_until(now, validity, "CA")?;
     let cert = ca_params(now - BACKDATE, not_after).self_signed(&key)?;
     Ok(Ca {
         cert_pem: cert.pem(),
@@ -352,7 +388,7 @@ pub fn new_serving_cert(
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     p.use_authority_key_identifier_extension = true;
-    let not_after = (now + dur(validity)).min(ca.not_after);
+    let not_after = valid_until(now, validity, "serving certificate")?.min(ca.not_after);
     p.not_before = now - BACKDATE;
     p.not_after = not_after;
     let cert = p.signed_by(&key, &issuer)?;
@@ -406,6 +442,58 @@ pub fn carry_out(
     Ok(Some(st))
 }
 
+/// When certificates are made from scratch while the webhook configurations still trust other
+/// CAs (the Secret was deleted or damaged while replicas serve certificates from those CAs), keeps
+/// the ones that have not expired in the bundle, as the previous CA, for `ca_overlap` from `now`:
+/// replicas that still serve the old certificate stay trusted until their next pass reads the new
+/// Secret, so replacing it opens no window in which the apiserver rejects a replica. `trusted` is
+/// the PEM bundle the configurations hold now.
+pub fn keep_trusted(next: &mut Stored, trusted: &str, now: OffsetDateTime, s: &CertSettings) {
+    let kept = live_others(&next.bundle(), trusted, now);
+    if !kept.is_empty() {
+        let until = now
+            .checked_add(dur(s.ca_overlap))
+            .unwrap_or(next.ca.not_after);
+        next.previous_ca = Some((kept, until));
+    }
+}
+
+/// `bundle`, then the certificates of `other` that have not expired and are not in it.
+pub fn merged_bundle(bundle: &str, other: &str, now: OffsetDateTime) -> String {
+    format!("{bundle}{}", live_others(bundle, other, now))
+}
+
+/// The certificates of `other`, as PEM, that have not expired at `now` and are not in `bundle`
+/// (each once).
+fn live_others(bundle: &str, other: &str, now: OffsetDateTime) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut seen: Vec<CertificateDer> = CertificateDer::pem_slice_iter(bundle.as_bytes())
+        .filter_map(Result::ok)
+        .collect();
+    let mut kept = String::new();
+    for der in CertificateDer::pem_slice_iter(other.as_bytes()).filter_map(Result::ok) {
+        let live = CertSummary::from_der(&der).is_some_and(|c| c.not_after > now);
+        if live && !seen.contains(&der) {
+            kept.push_str(&pem_of(&der));
+            seen.push(der);
+        }
+    }
+    kept
+}
+
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
 /// Keeps the Secret, the webhook configurations' `caBundle` and the served certificate in step.
 pub struct CertManager {
     pub client: Client,
@@ -432,9 +520,21 @@ impl CertManager {
             let stored = current.as_ref().and_then(Stored::from_secret);
             let now = OffsetDateTime::now_utc();
             let step = plan(now, stored.as_ref(), s);
-            let Some(next) = carry_out(step, now, stored.clone(), s)? else {
+            let Some(mut next) = carry_out(step, now, stored.clone(), s)? else {
                 break stored.expect("Keep needs a stored Secret");
             };
+            if step == Plan::Create {
+                let trusted = self.trusted_bundle().await?;
+                keep_trusted(&mut next, &trusted, now, s);
+                if next.previous_ca.is_some() {
+                    // The new CA is trusted before any replica can read its certificate.
+                    tracing::warn!(
+                        "certificates made from scratch while the webhook configurations trust other CAs; those stay in the bundle for --ca-overlap ({:?}), until every replica serves the new certificate",
+                        s.ca_overlap
+                    );
+                    self.sync_ca_bundle(next.bundle().as_bytes(), true).await?;
+                }
+            }
             let mut secret = next.to_secret(&s.namespace, &s.secret);
             let written = match &current {
                 Some(cur) => {
@@ -469,11 +569,47 @@ impl CertManager {
                 }
             }
         };
-        self.sync_ca_bundle(stored.bundle().as_bytes()).await?;
+        self.sync_ca_bundle(stored.bundle().as_bytes(), false)
+            .await?;
         Ok(stored)
     }
 
-    async fn sync_ca_bundle(&self, bundle: &[u8]) -> Result<(), CertError> {
+    /// The caBundle the webhook configurations hold now (the first found; empty when none).
+    async fn trusted_bundle(&self) -> Result<String, CertError> {
+        let err = |what: &str| {
+            let what = what.to_string();
+            move |source| CertError::Kube { what, source }
+        };
+        let mut bundles: Vec<Option<ByteString>> = Vec::new();
+        if let Some(name) = &self.settings.mutating_config {
+            let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+            let cfg = api.get_opt(name).await.map_err(err(name))?;
+            bundles.extend(
+                cfg.into_iter()
+                    .flat_map(|c| c.webhooks.unwrap_or_default())
+                    .map(|w| w.client_config.ca_bundle),
+            );
+        }
+        if let Some(name) = &self.settings.validating_config {
+            let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
+            let cfg = api.get_opt(name).await.map_err(err(name))?;
+            bundles.extend(
+                cfg.into_iter()
+                    .flat_map(|c| c.webhooks.unwrap_or_default())
+                    .map(|w| w.client_config.ca_bundle),
+            );
+        }
+        Ok(bundles
+            .into_iter()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .collect())
+    }
+
+    /// Sets `bundle` as every webhook's caBundle; with `add`, keeps the unexpired CAs the
+    /// configuration holds next to it (a replica racing to make certificates from scratch must
+    /// not take out the CA of the one that wins).
+    async fn sync_ca_bundle(&self, bundle: &[u8], add: bool) -> Result<(), CertError> {
         let bundle = ByteString(bundle.to_vec());
         if let Some(name) = &self.settings.mutating_config {
             let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
@@ -481,6 +617,7 @@ impl CertManager {
                 &api,
                 name,
                 &bundle,
+                add,
                 |cfg| {
                     cfg.webhooks
                         .iter_mut()
@@ -498,6 +635,7 @@ impl CertManager {
                 &api,
                 name,
                 &bundle,
+                add,
                 |cfg| {
                     cfg.webhooks
                         .iter_mut()
@@ -523,6 +661,7 @@ async fn sync_one<K>(
     api: &Api<K>,
     name: &str,
     bundle: &ByteString,
+    add: bool,
     client_configs: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
     metrics: &Metrics,
 ) -> Result<(), CertError>
@@ -546,8 +685,19 @@ where
         };
         let mut changed = false;
         for c in client_configs(&mut cfg) {
-            if c.ca_bundle.as_ref() != Some(bundle) {
-                c.ca_bundle = Some(bundle.clone());
+            let want = match (&c.ca_bundle, add) {
+                (Some(have), true) => ByteString(
+                    merged_bundle(
+                        &String::from_utf8_lossy(&bundle.0),
+                        &String::from_utf8_lossy(&have.0),
+                        OffsetDateTime::now_utc(),
+                    )
+                    .into_bytes(),
+                ),
+                _ => bundle.clone(),
+            };
+            if c.ca_bundle.as_ref() != Some(&want) {
+                c.ca_bundle = Some(want);
                 changed = true;
             }
         }
@@ -575,7 +725,7 @@ where
 
 /// Serves a certificate and hot-swaps it when what it is built from changes.
 pub struct Reloader {
-    pub tls: axum_server::tls_rustls::RustlsConfig,
+    pub tls: Arc<crate::listener::TlsCell>,
     /// The certificate and key PEM served now, and what the certificate says of itself.
     served: std::sync::Mutex<(String, String, Option<CertSummary>)>,
     metrics: Arc<Metrics>,
@@ -588,10 +738,8 @@ impl Reloader {
         key_pem: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Reloader, CertError> {
-        let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config(
-            cert_pem.as_bytes(),
-            key_pem.as_bytes(),
-        )?);
+        let tls =
+            crate::listener::TlsCell::new(tls_config(cert_pem.as_bytes(), key_pem.as_bytes())?);
         Ok(Reloader {
             tls,
             served: std::sync::Mutex::new((
@@ -623,7 +771,7 @@ impl Reloader {
             return Ok(false);
         }
         let config = tls_config(cert_pem.as_bytes(), key_pem.as_bytes())?;
-        self.tls.reload_from_config(config);
+        self.tls.set(config);
         let summary = CertSummary::from_pem(cert_pem);
         let not_after = not_after.or(summary.as_ref().map(|s| s.not_after));
         *served = (cert_pem.to_string(), key_pem.to_string(), summary.clone());

@@ -8,6 +8,8 @@ pub mod certs;
 pub mod cluster;
 pub mod handler;
 pub mod inventory;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod mutate;
 pub mod review;
@@ -55,6 +57,8 @@ pub enum RunError {
     Certs(#[from] CertError),
     #[error(transparent)]
     NotReady(#[from] crate::cluster::CachesNotReady),
+    #[error(transparent)]
+    Limits(#[from] crate::limits::LimitsError),
     #[error("the server stopped before it listened")]
     StoppedEarly,
     #[error("serving HTTPS on {addr}: {source}; is the port free and may this process bind it?")]
@@ -71,8 +75,9 @@ pub async fn run(
     client: Client,
     opts: Options,
     metrics: Arc<Metrics>,
-    handle: axum_server::Handle<SocketAddr>,
+    handle: server::Handle,
 ) -> Result<(), RunError> {
+    opts.limits.check()?;
     let (view, drive) = KubeView::start(client.clone(), opts.scope.clone());
     let drive = tokio::spawn(drive);
     let mut background = vec![drive];
@@ -129,17 +134,24 @@ pub async fn run(
         let ready = Arc::new(AtomicBool::new(true));
         let state = Arc::new(AppState {
             view: Arc::new(view),
-            metrics,
+            metrics: metrics.clone(),
             ready: ready.clone(),
         });
         let app = server::router(state, opts.limits);
         tracing::info!(addr = %opts.listen, "serving admission reviews");
-        server::serve(opts.listen, reloader.tls.clone(), app, handle)
-            .await
-            .map_err(|source| RunError::Serve {
-                addr: opts.listen,
-                source,
-            })?;
+        server::serve(
+            opts.listen,
+            reloader.tls.clone(),
+            app,
+            handle,
+            opts.limits,
+            metrics,
+        )
+        .await
+        .map_err(|source| RunError::Serve {
+            addr: opts.listen,
+            source,
+        })?;
         ready.store(false, Ordering::Release);
         Ok(())
     }
@@ -155,7 +167,7 @@ pub struct Running {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
-    handle: axum_server::Handle<SocketAddr>,
+    handle: server::Handle,
     task: tokio::task::JoinHandle<Result<(), RunError>>,
 }
 
@@ -163,7 +175,7 @@ impl Running {
     /// Starts [`run`] in a task and waits until it listens, or returns why it could not start.
     pub async fn start(client: Client, opts: Options) -> Result<Running, RunError> {
         let metrics = Arc::new(Metrics::default());
-        let handle = axum_server::Handle::new();
+        let handle = server::Handle::new();
         let mut task = tokio::spawn(run(client, opts, metrics.clone(), handle.clone()));
         tokio::select! {
             addr = handle.listening() => match addr {

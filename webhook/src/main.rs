@@ -89,10 +89,33 @@ struct Serve {
     /// Only nodes with these labels count for MIG profiles (a label selector; empty: all).
     #[arg(long, default_value = "")]
     node_selector: String,
-    #[arg(long, default_value_t = 8 << 20)]
+    /// Largest review body accepted (413 past it). The default holds the two objects of an update
+    /// at the apiserver's own 3 MiB request limit.
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     max_body_bytes: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// Reviews answered at once; more are answered 429 (the apiserver retries after a second).
+    #[arg(long, default_value_t = Limits::default().max_in_flight)]
+    max_in_flight: usize,
+    /// Bytes of review bodies held at once; more are answered 429. Bounds the memory reviews use.
+    #[arg(long, default_value_t = Limits::default().max_in_flight_bytes)]
+    max_in_flight_bytes: usize,
+    /// Open connections; more are closed when accepted.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Open connections from one IP address.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_peer)]
+    max_connections_per_peer: usize,
+    /// A connection with no request for this long is closed (HTTP/2: with GOAWAY).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// HTTP/2 streams per connection.
+    #[arg(long, default_value_t = Limits::default().max_concurrent_streams)]
+    max_concurrent_streams: u32,
+    /// Bytes of headers in one request.
+    #[arg(long, default_value_t = Limits::default().max_header_bytes)]
+    max_header_bytes: u32,
     /// Log format (lines on standard error).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -154,11 +177,19 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         limits: Limits {
             max_body_bytes: s.max_body_bytes,
             request_timeout: s.request_timeout,
+            max_in_flight: s.max_in_flight,
+            max_in_flight_bytes: s.max_in_flight_bytes,
+            max_connections: s.max_connections,
+            max_connections_per_peer: s.max_connections_per_peer,
+            idle_timeout: s.idle_timeout,
+            max_concurrent_streams: s.max_concurrent_streams,
+            max_header_bytes: s.max_header_bytes,
+            ..Limits::default()
         },
         check_interval: s.check_interval,
         startup_timeout: Duration::from_secs(120),
     };
-    let handle = axum_server::Handle::new();
+    let handle = gpu_pilot_webhook::server::Handle::new();
     let on_signal = handle.clone();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -57,6 +57,41 @@ impl EncodeLabelValue for Outcome {
     }
 }
 
+/// Why a review or connection was refused before it was handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shed {
+    /// `--max-in-flight` reviews were being answered.
+    Requests,
+    /// The bodies in flight would pass `--max-in-flight-bytes`.
+    Bytes,
+    /// `--max-connections` were open.
+    Connections,
+    /// `--max-connections-per-peer` were open from the same address.
+    ConnectionsPerPeer,
+}
+
+impl Shed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shed::Requests => "requests",
+            Shed::Bytes => "bytes",
+            Shed::Connections => "connections",
+            Shed::ConnectionsPerPeer => "connections_per_peer",
+        }
+    }
+}
+
+impl EncodeLabelValue for Shed {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabel {
+    reason: Shed,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     endpoint: &'static str,
@@ -83,6 +118,11 @@ pub struct Metrics {
     reload_failures: Counter,
     write_conflicts: Counter,
     cert_not_after: Gauge<i64, AtomicI64>,
+    shed: Family<ShedLabel, Counter>,
+    in_flight_requests: Gauge<i64, AtomicI64>,
+    in_flight_bytes: Gauge<i64, AtomicI64>,
+    connections: Gauge<i64, AtomicI64>,
+    idle_closed: Counter,
 }
 
 impl Default for Metrics {
@@ -130,6 +170,36 @@ impl Default for Metrics {
             "Expiry of the serving certificate, Unix time",
             cert_not_after.clone(),
         );
+        let shed = Family::<ShedLabel, Counter>::default();
+        let in_flight_requests = Gauge::<i64, AtomicI64>::default();
+        let in_flight_bytes = Gauge::<i64, AtomicI64>::default();
+        let connections = Gauge::<i64, AtomicI64>::default();
+        let idle_closed = Counter::default();
+        registry.register(
+            "shed",
+            "Reviews answered 429 and connections closed at once because a limit was reached, by reason (requests, bytes, connections, connections_per_peer)",
+            shed.clone(),
+        );
+        registry.register(
+            "in_flight_requests",
+            "Admission reviews being answered",
+            in_flight_requests.clone(),
+        );
+        registry.register(
+            "in_flight_bytes",
+            "Bytes of review bodies being answered (declared lengths)",
+            in_flight_bytes.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections open",
+            connections.clone(),
+        );
+        registry.register(
+            "idle_connections_closed",
+            "Connections closed because no request came for --idle-timeout",
+            idle_closed.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -139,6 +209,11 @@ impl Default for Metrics {
             reload_failures,
             write_conflicts,
             cert_not_after,
+            shed,
+            in_flight_requests,
+            in_flight_bytes,
+            connections,
+            idle_closed,
         }
     }
 }
@@ -200,6 +275,43 @@ impl Metrics {
 
     pub fn write_conflicts(&self) -> u64 {
         self.write_conflicts.get()
+    }
+
+    /// A review or connection was refused because a limit was reached.
+    pub fn shed(&self, reason: Shed) {
+        self.shed.get_or_create(&ShedLabel { reason }).inc();
+    }
+
+    pub fn shed_count(&self, reason: Shed) -> u64 {
+        self.shed.get_or_create(&ShedLabel { reason }).get()
+    }
+
+    /// Reviews and body bytes in flight changed by these amounts.
+    pub fn in_flight(&self, requests: i64, bytes: i64) {
+        self.in_flight_requests.inc_by(requests);
+        self.in_flight_bytes.inc_by(bytes);
+    }
+
+    /// Reviews and body bytes in flight now.
+    pub fn in_flight_now(&self) -> (i64, i64) {
+        (self.in_flight_requests.get(), self.in_flight_bytes.get())
+    }
+
+    /// A connection opened (+1) or closed (-1).
+    pub fn connection(&self, delta: i64) {
+        self.connections.inc_by(delta);
+    }
+
+    pub fn open_connections(&self) -> i64 {
+        self.connections.get()
+    }
+
+    pub fn idle_connection_closed(&self) {
+        self.idle_closed.inc();
+    }
+
+    pub fn idle_connections_closed(&self) -> u64 {
+        self.idle_closed.get()
     }
 
     /// The OpenMetrics text exposition.

@@ -1,6 +1,6 @@
-//! The HTTPS server: axum over rustls, HTTP/1.1 and HTTP/2, with body size and time limits.
+//! The routes and their HTTP answers; the TLS accept loop is [`crate::listener`], the bounds
+//! [`crate::limits`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
 use axum::routing::{get, post};
 use gpu_pilot_api::names::webhook;
 use rustls::ServerConfig;
@@ -20,24 +21,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::handler::{self, ClusterView, Endpoint, RequestError};
 use crate::metrics::{Metrics, Outcome};
 
-/// Limits on one request.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Largest body accepted. The apiserver's own objects are at most ~3 MiB; a review of an
-    /// update carries two of them.
-    pub max_body_bytes: usize,
-    /// Time to read the body and answer.
-    pub request_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_body_bytes: 8 << 20,
-            request_timeout: Duration::from_secs(10),
-        }
-    }
-}
+pub use crate::limits::Limits;
+pub use crate::listener::{Handle, TlsCell, serve};
 
 /// Everything a request handler shares.
 pub struct AppState {
@@ -64,34 +49,36 @@ pub enum HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status = match self {
-            HttpError::Request(_) | HttpError::Body(_) => StatusCode::BAD_REQUEST,
-            HttpError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            HttpError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+        let (status, reason) = match self {
+            HttpError::Request(_) | HttpError::Body(_) => {
+                (StatusCode::BAD_REQUEST, "InvalidRequest")
+            }
+            HttpError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
+            HttpError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "Timeout"),
         };
-        let body = serde_json::json!({
-            "kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "code": status.as_u16(), "reason": "InvalidRequest", "message": self.to_string(),
-        });
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response()
+        crate::limits::status_response(status, reason, &self.to_string())
     }
 }
 
-/// The routes: both admission endpoints, health, readiness and metrics.
+/// The routes: both admission endpoints (behind the gate of [`crate::limits`]), health,
+/// readiness and metrics.
 pub fn router(state: Arc<AppState>, limits: Limits) -> Router {
     let timeout = limits.request_timeout;
+    let gate = Arc::new(crate::limits::Gate::new(limits, state.metrics.clone()));
+    let gated = |route: MethodRouter<Arc<AppState>>| {
+        route.layer(middleware::from_fn_with_state(
+            gate.clone(),
+            crate::limits::gate,
+        ))
+    };
     Router::new()
-        .route(webhook::MUTATE_PODS_PATH, post(mutate_pods))
-        .route(webhook::VALIDATE_POLICY_PATH, post(validate_policy))
+        .route(webhook::MUTATE_PODS_PATH, gated(post(mutate_pods)))
+        .route(webhook::VALIDATE_POLICY_PATH, gated(post(validate_policy)))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        // Outermost, so a review that runs out of time gives back what the gate lent it.
         .layer(middleware::from_fn(
             move |req: Request, next: Next| async move {
                 match tokio::time::timeout(timeout, next.run(req)).await {
@@ -214,31 +201,6 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, 
     Ok(Arc::new(config))
 }
 
-/// Serves `router` over TLS on `addr` until `handle` is shut down. The TLS configuration can be
-/// replaced at any time through `tls` (new connections get the new certificate).
-pub async fn serve(
-    addr: SocketAddr,
-    tls: axum_server::tls_rustls::RustlsConfig,
-    router: Router,
-    handle: axum_server::Handle<SocketAddr>,
-) -> std::io::Result<()> {
-    // TCP_NODELAY: axum-server's default acceptor leaves Nagle's algorithm on, which may hold a
-    // small write (an HTTP/2 DATA frame after its HEADERS) until the peer's delayed ACK. Request/
-    // response servers turn it off; on the 2-core test box it made no difference that the noise
-    // of the machine's other load let us see (docs/architecture.md, the webhook's figures).
-    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
-        .acceptor(axum_server::accept::NoDelayAcceptor::new());
-    let mut server = axum_server::bind(addr).acceptor(acceptor).handle(handle);
-    // A slow client may not hold a connection open forever before its headers arrive. hyper
-    // needs a timer for that, or it panics on the first HTTP/1.1 connection.
-    server
-        .http_builder()
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    server.serve(router.into_make_service()).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,5 +275,148 @@ mod tests {
         assert!(body.contains("larger than"), "{body}");
         let (status, _) = call(app(Limits::default()), "GET", "/mutate/pods", vec![]).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    /// A view whose policy facts wait until the test lets them go, so reviews stay in flight.
+    struct Held {
+        release: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl ClusterView for Held {
+        fn active_policy(&self) -> Option<Arc<gpu_pilot_api::ClusterPolicy>> {
+            None
+        }
+        fn mig_inventory(&self) -> crate::inventory::MigInventory {
+            Default::default()
+        }
+        fn policy_facts<'a>(
+            &'a self,
+            _: &'a str,
+            _: Vec<String>,
+            _: bool,
+        ) -> handler::BoxFuture<'a, Result<crate::validate::Facts, handler::FactsError>> {
+            Box::pin(async move {
+                let _ = self.release.acquire().await.unwrap();
+                Ok(Default::default())
+            })
+        }
+    }
+
+    fn policy_update() -> Vec<u8> {
+        let p = serde_json::json!({"metadata": {"name": "cp"}, "spec": {}});
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u", "kind": {"group": "gpupilot.io", "version": "v1alpha1", "kind": "ClusterPolicy"},
+                "resource": {}, "operation": "UPDATE", "object": p, "oldObject": p}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reviews_beyond_the_limits_are_shed_with_429_and_the_rest_answered() {
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let metrics = Arc::new(Metrics::default());
+        let state = Arc::new(AppState {
+            view: Arc::new(Held {
+                release: release.clone(),
+            }),
+            metrics: metrics.clone(),
+            ready: Arc::new(AtomicBool::new(true)),
+        });
+        let limits = Limits {
+            max_in_flight: 2,
+            ..Limits::default()
+        };
+        let app = router(state, limits);
+        let body = policy_update();
+        let send = |app: Router, body: Vec<u8>| {
+            tokio::spawn(async move { call(app, "POST", "/validate/clusterpolicy", body).await })
+        };
+        let held: Vec<_> = (0..2).map(|_| send(app.clone(), body.clone())).collect();
+        for _ in 0..1000 {
+            if metrics.in_flight_now().0 == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            metrics.in_flight_now().0,
+            2,
+            "the reviews did not stay in flight"
+        );
+        // The third is answered at once, before its body is read, and says what to do.
+        let req = axum::http::Request::post("/validate/clusterpolicy")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.clone()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        let status: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(status["reason"], "TooManyRequests");
+        assert!(
+            status["message"]
+                .as_str()
+                .unwrap()
+                .contains("--max-in-flight"),
+            "{status}"
+        );
+        assert_eq!(metrics.shed_count(crate::metrics::Shed::Requests), 1);
+        // Health and metrics are not behind the gate.
+        let (code, scrape) = call(app.clone(), "GET", "/metrics", vec![]).await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(
+            scrape.contains("gpupilot_webhook_shed_total{reason=\"requests\"} 1"),
+            "{scrape}"
+        );
+        assert!(
+            scrape.contains("gpupilot_webhook_in_flight_requests 2"),
+            "{scrape}"
+        );
+        release.add_permits(2);
+        for h in held {
+            assert_eq!(h.await.unwrap().0, StatusCode::OK);
+        }
+        assert_eq!(metrics.in_flight_now(), (0, 0));
+        // A declared length past the limit is refused before a byte of the body is read.
+        let req = axum::http::Request::post("/mutate/pods")
+            .header(
+                "content-length",
+                (Limits::default().max_body_bytes + 1).to_string(),
+            )
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn a_review_that_times_out_gives_its_place_back() {
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let metrics = Arc::new(Metrics::default());
+        let state = Arc::new(AppState {
+            view: Arc::new(Held { release }),
+            metrics: metrics.clone(),
+            ready: Arc::new(AtomicBool::new(true)),
+        });
+        let limits = Limits {
+            max_in_flight: 1,
+            request_timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let app = router(state, limits);
+        for _ in 0..3 {
+            let (code, body) = call(
+                app.clone(),
+                "POST",
+                "/validate/clusterpolicy",
+                policy_update(),
+            )
+            .await;
+            assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        }
+        assert_eq!(metrics.in_flight_now(), (0, 0));
+        assert_eq!(metrics.shed_count(crate::metrics::Shed::Requests), 0);
     }
 }

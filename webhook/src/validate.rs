@@ -71,6 +71,14 @@ pub fn validate_policy(
             }
             check_config_maps(new, None, facts)
         }
+        // A metadata-only update (the controller's finalizer, labels) or any update of a policy
+        // being deleted changes nothing to check: refusing it could only leave the policy stuck
+        // Terminating (say, once a ConfigMap it names is gone).
+        (Operation::Update, Some(new), Some(old))
+            if new.spec == old.spec || new.metadata.deletion_timestamp.is_some() =>
+        {
+            Verdict::allow()
+        }
         (Operation::Update, Some(new), Some(old)) => {
             let deny = check_config_maps(new, Some(old), facts);
             if !deny.is_allowed() {
@@ -148,17 +156,16 @@ pub fn validate_policy(
     }
 }
 
+/// How many pods and in how many namespaces, never which: the webhook's Service is reachable by
+/// any pod, and a forged review must not learn other tenants' pod names from a denial. A cluster
+/// admin finds them with `kubectl get pods -A`.
 fn some_pods(pods: &[&GpuPod]) -> String {
-    const SHOWN: usize = 5;
-    let mut s: Vec<String> = pods
-        .iter()
-        .take(SHOWN)
-        .map(|p| format!("{}/{}", p.namespace, p.name))
-        .collect();
-    if pods.len() > SHOWN {
-        s.push(format!("and {} more", pods.len() - SHOWN));
-    }
-    s.join(", ")
+    let namespaces: std::collections::BTreeSet<&str> =
+        pods.iter().map(|p| p.namespace.as_str()).collect();
+    format!(
+        "in {} namespace(s); kubectl get pods -A lists them",
+        namespaces.len()
+    )
 }
 
 fn check_config_maps(new: &ClusterPolicy, old: Option<&ClusterPolicy>, facts: &Facts) -> Verdict {
@@ -339,6 +346,37 @@ mod tests {
     }
 
     #[test]
+    fn releasing_the_finalizer_is_never_refused() {
+        let mut old = policy(
+            "p",
+            serde_json::json!({"devicePlugin": {"config": {"name": "gone"}}}),
+        );
+        old.metadata.finalizers = Some(vec![gpu_pilot_api::names::FINALIZER.into()]);
+        old.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let mut new = old.clone();
+        new.metadata.finalizers = None;
+        let facts = Facts {
+            config_maps: [("gone".to_string(), None)].into(),
+            ..Facts::default()
+        };
+        // The ConfigMap the policy names is gone: the spec check would refuse any edit, but the
+        // finalizer's release changes no spec.
+        let v = validate_policy(Operation::Update, Some(&new), Some(&old), &facts);
+        assert!(v.is_allowed(), "{}", message(v));
+        new.spec.mig.strategy = gpu_pilot_api::policy::MigStrategy::Mixed;
+        assert!(
+            validate_policy(Operation::Update, Some(&new), Some(&old), &facts).is_allowed(),
+            "a policy being deleted is not held to its spec checks"
+        );
+        old.metadata.deletion_timestamp = None;
+        new.metadata.deletion_timestamp = None;
+        assert!(!validate_policy(Operation::Update, Some(&new), Some(&old), &facts).is_allowed());
+    }
+
+    #[test]
     fn mig_default_must_be_a_layout_of_the_config() {
         let yaml = "version: v1\nmig-configs:\n  all-disabled: []\n  all-1g.10gb: []\n";
         let facts = Facts {
@@ -394,12 +432,11 @@ mod tests {
             &facts,
         ));
         assert!(
-            m.contains("from mixed to single while 7 pod(s)")
-                && m.contains("ml/m0")
-                && m.contains("and 2 more"),
+            m.contains("from mixed to single while 7 pod(s) use MIG devices (in 1 namespace(s)"),
             "{m}"
         );
-        assert!(!m.contains("whole"));
+        // No pod is named, MIG or not.
+        assert!(!m.contains("m0") && !m.contains("whole"), "{m}");
         let facts = Facts {
             gpu_pods: vec![pod("whole", false)],
             ..Default::default()
@@ -425,7 +462,12 @@ mod tests {
             &facts,
         ));
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("spec.driver.enabled") && w[0].contains("ml/train"));
+        assert!(
+            w[0].contains("spec.driver.enabled")
+                && w[0].contains("1 GPU pod(s) run (in 1 namespace(s)"),
+            "{w:?}"
+        );
+        assert!(!w.concat().contains("train"), "{w:?}");
         assert!(
             warnings(validate_policy(
                 Operation::Update,
@@ -466,7 +508,7 @@ mod tests {
         assert!(
             m.contains(
                 "kubectl annotate clusterpolicy cluster-policy gpupilot.io/force-delete=true"
-            ),
+            ) && !m.contains("train"),
             "{m}"
         );
         let mut forced = old.clone();

@@ -186,14 +186,10 @@ pub fn allocate(
         }
     }
     if !unknown.is_empty() {
-        let mut offered: Vec<_> = res.devices.iter().map(|d| d.id.as_str()).take(4).collect();
-        if res.devices.len() > 4 {
-            offered.push("...");
-        }
         return Err(AllocateError::Unknown {
             resource: res.name.clone(),
             ids: unknown.join(", "),
-            offered: offered.join(", "),
+            offered: offered(res),
         });
     }
     let mut out = ContainerAllocation::default();
@@ -206,31 +202,89 @@ pub fn allocate(
     Ok(out)
 }
 
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PreferError {
+    #[error(
+        "allocation_size {size} for resource {resource} is negative; the kubelet asks for a count of devices"
+    )]
+    NegativeSize { resource: String, size: i32 },
+    #[error(
+        "must_include_deviceIDs names {ids}, which resource {resource} does not offer (it offers {offered}). \
+         The kubelet's view is stale; it resyncs from ListAndWatch, so retry the pod"
+    )]
+    UnknownMustInclude {
+        resource: String,
+        ids: String,
+        offered: String,
+    },
+}
+
+/// Up to four offered IDs, for messages.
+fn offered(res: &Resource) -> String {
+    let mut shown: Vec<_> = res.devices.iter().map(|d| d.id.as_str()).take(4).collect();
+    if res.devices.len() > 4 {
+        shown.push("...");
+    }
+    shown.join(", ")
+}
+
 /// Picks `size` devices from `available`, keeping `must_include`: the set whose GPUs share the
 /// most NVLinks, then the most pairs on one NUMA node, then the lowest GPU indices. Replicas of
 /// a time-sliced GPU are spread over the GPUs with the most free replicas instead.
+///
+/// Total over any request: IDs in `available` this resource does not offer (a kubelet a moment
+/// behind) are left out, repeated IDs count once, and a `size` larger than what can be chosen
+/// gets every device that can (the kubelet fills up the rest itself). A negative `size` or an
+/// unknown ID the kubelet insists on is an error.
 pub fn preferred(
     res: &Resource,
     inv: &Inventory,
     available: &[String],
     must_include: &[String],
-    size: usize,
-) -> Vec<String> {
+    size: i32,
+) -> Result<Vec<String>, PreferError> {
+    let size = usize::try_from(size).map_err(|_| PreferError::NegativeSize {
+        resource: res.name.clone(),
+        size,
+    })?;
     let find = |id: &String| res.devices.iter().find(|d| &d.id == id);
-    let mut chosen: Vec<&PluginDevice> = must_include.iter().filter_map(find).collect();
-    let mut pool: Vec<&PluginDevice> = available
+    let unknown: Vec<&str> = must_include
+        .iter()
+        .filter(|id| find(id).is_none())
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(PreferError::UnknownMustInclude {
+            resource: res.name.clone(),
+            ids: unknown.join(", "),
+            offered: offered(res),
+        });
+    }
+    let mut chosen: Vec<&PluginDevice> = Vec::new();
+    for d in must_include.iter().filter_map(find) {
+        if !chosen.iter().any(|c| c.id == d.id) {
+            chosen.push(d);
+        }
+    }
+    let mut pool: Vec<&PluginDevice> = Vec::new();
+    for d in available
         .iter()
         .filter(|id| !must_include.contains(id))
         .filter_map(find)
-        .collect();
+    {
+        if !pool.iter().any(|p| p.id == d.id) {
+            pool.push(d);
+        }
+    }
     pool.sort_by(|a, b| (a.gpu_index, &a.id).cmp(&(b.gpu_index, &b.id)));
-    let need = size.saturating_sub(chosen.len());
-    if need == 0 || pool.is_empty() {
-        return chosen
+    // Never more than the pool holds: a size past it (or near i32::MAX) picks all of it.
+    let need = size.saturating_sub(chosen.len()).min(pool.len());
+    if need == 0 {
+        return Ok(chosen
             .into_iter()
             .take(size)
             .map(|d| d.id.clone())
-            .collect();
+            .collect());
     }
     if res.replicas > 1 {
         for _ in 0..need {
@@ -250,7 +304,7 @@ pub fn preferred(
             };
             chosen.push(pool.remove(pos.0));
         }
-        return chosen.into_iter().map(|d| d.id.clone()).collect();
+        return Ok(chosen.into_iter().map(|d| d.id.clone()).collect());
     }
     let score = |set: &[&PluginDevice]| {
         let (mut links, mut numa) = (0u32, 0u32);
@@ -286,17 +340,17 @@ pub fn preferred(
         }
     } else {
         for _ in 0..need {
-            let pos = (0..pool.len())
-                .max_by_key(|&i| {
-                    let mut set = chosen.clone();
-                    set.push(pool[i]);
-                    (score(&set), std::cmp::Reverse(i))
-                })
-                .expect("pool is not empty");
+            let Some(pos) = (0..pool.len()).max_by_key(|&i| {
+                let mut set = chosen.clone();
+                set.push(pool[i]);
+                (score(&set), std::cmp::Reverse(i))
+            }) else {
+                break;
+            };
             chosen.push(pool.remove(pos));
         }
     }
-    chosen.into_iter().map(|d| d.id.clone()).collect()
+    Ok(chosen.into_iter().map(|d| d.id.clone()).collect())
 }
 
 fn binomial(n: usize, k: usize) -> u64 {
@@ -474,19 +528,19 @@ mod tests {
         let id = |i: usize| r.devices[i].id.clone();
         let all: Vec<_> = (0..4).map(id).collect();
         // GPU 2 must be in: its NVLink partner is 3.
-        let mut got = preferred(r, &a100, &all, &[id(2)], 2);
+        let mut got = preferred(r, &a100, &all, &[id(2)], 2).unwrap();
         got.sort();
         let mut want = vec![id(2), id(3)];
         want.sort();
         assert_eq!(got, want);
         // Without 0 and 1 joined... 1 and 3 are only 4-linked, but 1+3 beats nothing: size 2 from {1,2,3}.
-        let got = preferred(r, &a100, &[id(1), id(2), id(3)], &[], 2);
+        let got = preferred(r, &a100, &[id(1), id(2), id(3)], &[], 2).unwrap();
         assert_eq!(got, vec![id(2), id(3)]);
         // The DGX is all-to-all: NUMA decides.
         let dgx = inv("dgx-h100");
         let r = &plan(&dgx, &PluginConfig::default(), &HealthRules::default()).unwrap()[0];
         let all: Vec<_> = r.devices.iter().map(|d| d.id.clone()).collect();
-        let got = preferred(r, &dgx, &all, &[all[5].clone()], 4);
+        let got = preferred(r, &dgx, &all, &[all[5].clone()], 4).unwrap();
         let gpus: BTreeSet<_> = got
             .iter()
             .map(|id| r.devices.iter().find(|d| &d.id == id).unwrap().gpu_index)
@@ -502,12 +556,35 @@ mod tests {
         let a100 = inv("a100-40gb");
         let r = &plan(&a100, &c, &HealthRules::default()).unwrap()[0];
         let all: Vec<_> = r.devices.iter().map(|d| d.id.clone()).collect();
-        let got = preferred(r, &a100, &all, &[], 3);
+        let got = preferred(r, &a100, &all, &[], 3).unwrap();
         let gpus: BTreeSet<_> = got
             .iter()
             .map(|id| r.devices.iter().find(|d| &d.id == id).unwrap().gpu_index)
             .collect();
         assert_eq!(gpus.len(), 3);
+    }
+
+    #[test]
+    fn preferred_with_stale_ids_and_huge_sizes_never_indexes_past_the_pool() {
+        let a100 = inv("a100-40gb");
+        let r = &plan(&a100, &PluginConfig::default(), &HealthRules::default()).unwrap()[0];
+        let id = |i: usize| r.devices[i].id.clone();
+        // Two of three available IDs are stale: the exhaustive search once built combinations
+        // of `size` indices into a pool of one and indexed past it.
+        let stale = vec![id(0), "GPU-gone-1".into(), "GPU-gone-2".into()];
+        assert_eq!(preferred(r, &a100, &stale, &[], 3), Ok(vec![id(0)]));
+        // A size near i32::MAX once allocated a combination of that many indices.
+        let all: Vec<_> = (0..4).map(id).collect();
+        assert_eq!(preferred(r, &a100, &all, &[], i32::MAX).unwrap().len(), 4);
+        assert_eq!(
+            preferred(r, &a100, &all, &[id(1), id(1)], 2).unwrap().len(),
+            2
+        );
+        let e = preferred(r, &a100, &all, &[], -1).unwrap_err();
+        assert!(e.to_string().contains("is negative"), "{e}");
+        let e = preferred(r, &a100, &all, &["GPU-gone".into()], 1).unwrap_err();
+        assert!(e.to_string().contains("GPU-gone"), "{e}");
+        assert_eq!(preferred(r, &a100, &[], &[], 0), Ok(vec![]));
     }
 
     #[test]

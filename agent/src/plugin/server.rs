@@ -118,16 +118,18 @@ impl DevicePlugin for Service {
             .into_inner()
             .container_requests
             .into_iter()
-            .map(|c| api::ContainerPreferredAllocationResponse {
-                device_i_ds: resources::preferred(
+            .map(|c| {
+                resources::preferred(
                     res,
                     inv,
                     &c.available_device_i_ds,
                     &c.must_include_device_i_ds,
-                    c.allocation_size.max(0) as usize,
-                ),
+                    c.allocation_size,
+                )
+                .map(|device_i_ds| api::ContainerPreferredAllocationResponse { device_i_ds })
+                .map_err(|e| Status::invalid_argument(e.to_string()))
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(api::PreferredAllocationResponse {
             container_responses,
         }))
@@ -347,3 +349,6 @@ pub async fn run(
         let _ = r.task.await;
     }
 }
+
+#[cfg(test)]
+mod tests;

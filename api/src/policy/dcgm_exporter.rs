@@ -45,9 +45,11 @@ pub struct DcgmExporterServiceMonitorSpec {
     pub honor_labels: bool,
     /// Labels on the ServiceMonitor, e.g. the `release` a Prometheus selects.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "super::label_map")]
     pub additional_labels: BTreeMap<String, String>,
     /// Relabelings applied to the targets before scraping.
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = super::bounds::MAX_ITEMS))]
     pub relabelings: Vec<RelabelConfig>,
 }
 
@@ -76,15 +78,21 @@ pub struct RelabelConfig {
     ]))]
     pub action: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4_294_967_295i64))]
     pub modulus: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub regex: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub replacement: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub separator: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = super::bounds::MAX_ITEMS), inner(length(max = 1024)))]
     pub source_labels: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub target_label: Option<String>,
 }

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{ImagePullPolicy, NameValue};
+use super::{ImagePullPolicy, NameValue, bounds};
 
 /// NVIDIA's `k8s-driver-manager`, the driver pod's init container: before a driver (re)installs
 /// it moves GPU pods off the node and unloads the old driver.
@@ -21,9 +21,11 @@ pub struct DriverManagerSpec {
     pub version: String,
     pub image_pull_policy: ImagePullPolicy,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::MAX_ITEMS), inner(length(max = 253), pattern(bounds::DNS_SUBDOMAIN)))]
     pub image_pull_secrets: Vec<String>,
     /// Settings of the driver manager (`ENABLE_GPU_POD_EVICTION`, `ENABLE_AUTO_DRAIN`, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::MAX_ITEMS))]
     pub env: Vec<NameValue>,
 }
 
@@ -47,19 +49,22 @@ impl DriverManagerSpec {
     }
 }
 
+/// The longest a probe waits, an upgrade step waits or a probe counts: a day.
+const MAX_SECONDS: i32 = 86_400;
+
 /// A container probe's timing (the probe itself is fixed by what the container does).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ContainerProbeSpec {
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SECONDS))]
     pub initial_delay_seconds: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SECONDS))]
     pub timeout_seconds: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SECONDS))]
     pub period_seconds: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SECONDS))]
     pub success_threshold: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SECONDS))]
     pub failure_threshold: i32,
 }
 
@@ -160,7 +165,7 @@ pub struct DriverUpgradePolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_upgrade: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 100_000))]
     pub max_parallel_upgrades: Option<i32>,
     /// A number of nodes or a percentage, e.g. `25%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -179,7 +184,7 @@ pub struct PodDeletionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SECONDS))]
     pub timeout_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_empty_dir: Option<bool>,
@@ -189,9 +194,10 @@ pub struct PodDeletionSpec {
 #[serde(rename_all = "camelCase")]
 pub struct WaitForCompletionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub pod_selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SECONDS))]
     pub timeout_seconds: Option<i64>,
 }
 
@@ -203,9 +209,10 @@ pub struct DrainSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub pod_selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SECONDS))]
     pub timeout_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_empty_dir: Option<bool>,

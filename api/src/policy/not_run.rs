@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{ClusterPolicySpec, NameValue, NvidiaResources};
+use super::{ClusterPolicySpec, NameValue, NvidiaResources, bounds};
 
 /// Declares a section with NVIDIA's common operand fields, all optional, plus its own.
 macro_rules! nvidia_operand {
@@ -37,14 +37,18 @@ macro_rules! nvidia_operand {
             #[schemars(length(max = 256))]
             pub version: Option<String>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
+            #[schemars(length(max = 32))]
             pub image_pull_policy: Option<String>,
             #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            #[schemars(length(max = bounds::MAX_ITEMS), inner(length(max = 253)))]
             pub image_pull_secrets: Vec<String>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub resources: Option<NvidiaResources>,
             #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            #[schemars(length(max = bounds::MAX_ITEMS), inner(length(max = bounds::MAX_ARG)))]
             pub args: Vec<String>,
             #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            #[schemars(length(max = bounds::MAX_ITEMS))]
             pub env: Vec<NameValue>,
             $($(
                 $(#[$fdoc])*
@@ -61,6 +65,7 @@ nvidia_operand! {
     /// NVIDIA's does when this is off.
     DcgmSpec {
         /// The hostengine's port on the host.
+        #[schemars(range(min = 1, max = 65535))]
         host_port: i32,
     }
 }
@@ -119,16 +124,22 @@ nvidia_operand! {
 #[serde(rename_all = "camelCase")]
 pub struct NvidiaDriverManagerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     pub repository: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     pub image_pull_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::MAX_ITEMS), inner(length(max = 253)))]
     pub image_pull_secrets: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::MAX_ITEMS))]
     pub env: Vec<NameValue>,
 }
 
@@ -136,8 +147,10 @@ pub struct NvidiaDriverManagerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct VgpuDevicesConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub default: Option<String>,
 }
 
@@ -145,8 +158,10 @@ pub struct VgpuDevicesConfigSpec {
 #[serde(rename_all = "camelCase")]
 pub struct KataManagerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub artifacts_dir: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::MAX_ITEMS))]
     pub runtime_classes: Vec<KataRuntimeClass>,
 }
 
@@ -154,8 +169,10 @@ pub struct KataManagerConfig {
 #[serde(rename_all = "camelCase")]
 pub struct KataRuntimeClass {
     #[serde(default)]
+    #[schemars(length(max = 253))]
     pub name: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "super::label_map")]
     pub node_selector: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<KataArtifacts>,
@@ -165,8 +182,10 @@ pub struct KataRuntimeClass {
 #[serde(rename_all = "camelCase")]
 pub struct KataArtifacts {
     #[serde(default)]
+    #[schemars(length(max = 4096))]
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub pull_secret: Option<String>,
 }
 
@@ -195,14 +214,19 @@ pub struct PspSpec {
 #[serde(rename_all = "camelCase")]
 pub struct InitContainerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     pub repository: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     pub image_pull_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::MAX_ITEMS), inner(length(max = 253)))]
     pub image_pull_secrets: Vec<String>,
 }
 

@@ -6,6 +6,8 @@ use serde_json::{Value, json};
 use super::common_labels;
 
 pub const SERVICE_ACCOUNT: &str = "gpu-pilot-controller";
+/// The agent's ClusterRole and ClusterRoleBinding, the only ones the controller makes.
+pub const AGENT_ROLE: &str = "gpu-pilot-agent";
 
 /// ServiceAccount, ClusterRole(+Binding) and the namespaced Role(+Binding) for `namespace`.
 pub fn objects(namespace: &str) -> Vec<Value> {
@@ -29,9 +31,14 @@ pub fn objects(namespace: &str) -> Vec<Value> {
                 // Nodes: watched, and their gate/stage labels patched.
                 {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
                 // The RuntimeClass and the agent's ClusterRole(+Binding): read first (one made by
-                // someone else is left alone), applied and removed.
+                // someone else is left alone), applied and removed. The RuntimeClass is named by
+                // the policy, so it cannot be named here.
                 {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get", "list", "create", "patch", "delete"]},
-                {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"], "verbs": ["get", "list", "create", "patch", "delete"]},
+                // Roles and bindings: only the agent's may be read, changed or deleted; list (to
+                // find gpu-pilot's by label) and create cannot be narrowed by name, and the
+                // apiserver lets no one create a role granting more than they hold.
+                {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"], "verbs": ["list", "create"]},
+                {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"], "resourceNames": [AGENT_ROLE], "verbs": ["get", "patch", "delete"]},
                 // Events on the (cluster-scoped) policy land in the default namespace.
                 {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
             ],
@@ -50,6 +57,8 @@ pub fn objects(namespace: &str) -> Vec<Value> {
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
                 {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create", "patch", "delete"]},
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch", "update"]},
+                // The write fence watches its own Lease (a field selector on the name).
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["gpu-pilot-controller"], "verbs": ["list", "watch"]},
             ],
         }),
         json!({
@@ -90,6 +99,22 @@ mod tests {
                     !["secrets", "pods", "daemonsets", "*"].contains(&r.as_str().unwrap()),
                     "{r} must not be cluster-wide"
                 );
+            }
+        }
+        // Roles and bindings other than the agent's can be neither changed nor deleted.
+        for rule in cluster_role["rules"].as_array().unwrap() {
+            let rbac = rule["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r == "clusterroles" || r == "clusterrolebindings");
+            let writes = rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v == "patch" || v == "delete" || v == "update" || v == "get");
+            if rbac && writes {
+                assert_eq!(rule["resourceNames"], json!([AGENT_ROLE]), "{rule}");
             }
         }
         let role = objs.iter().find(|o| o["kind"] == "Role").unwrap();

@@ -52,6 +52,7 @@ pub fn objects(namespace: &str, values: &Values, include: Include) -> Vec<Value>
         }));
     }
     out.extend(super::controller_rbac::objects(namespace));
+    out.extend(agent_own_node_policy(namespace));
     out.push(mig_parted_config(namespace));
     out.extend(values_config_maps(namespace, values));
     out.extend(controller(namespace, values));
@@ -114,6 +115,45 @@ pub fn extra_objects(values: &Values) -> Vec<Value> {
         .into_iter()
         .filter_map(Result::ok)
         .collect()
+}
+
+/// The name of the admission policy (and its binding) that keeps the agent to its own Node.
+pub const AGENT_OWN_NODE_POLICY: &str = "gpu-pilot-agent-own-node-only";
+
+/// RBAC lets the agent patch every Node (it cannot name "the node this pod runs on"); this
+/// ValidatingAdmissionPolicy refuses any Node update by the agent's ServiceAccount to a Node other
+/// than the one its kubelet-issued token is bound to (`authentication.kubernetes.io/node-name`).
+/// Installed with the controller that creates the agent's RBAC, by `kubectl gpu install` and the
+/// chart alike; agent/deploy/rbac.yaml holds the same policy.
+pub fn agent_own_node_policy(namespace: &str) -> Vec<Value> {
+    let agent = super::operands::AGENT_SERVICE_ACCOUNT;
+    vec![
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": { "name": AGENT_OWN_NODE_POLICY, "labels": labels("agent") },
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": { "resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["UPDATE"], "resources": ["nodes"]
+                }] },
+                "matchConditions": [{
+                    "name": "is-gpu-pilot-agent",
+                    "expression": format!("request.userInfo.username == 'system:serviceaccount:{namespace}:{agent}'")
+                }],
+                "validations": [{
+                    "expression": "'authentication.kubernetes.io/node-name' in request.userInfo.extra && request.userInfo.extra['authentication.kubernetes.io/node-name'].exists(n, n == object.metadata.name)",
+                    "message": "gpu-pilot-agent may only change the Node it runs on",
+                    "reason": "Forbidden"
+                }]
+            }
+        }),
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": { "name": AGENT_OWN_NODE_POLICY, "labels": labels("agent") },
+            "spec": { "policyName": AGENT_OWN_NODE_POLICY, "validationActions": ["Deny"] }
+        }),
+    ]
 }
 
 /// Every object any install can create in `namespace` (all optional parts on), for pruning and
@@ -452,6 +492,24 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_own_node_policy_is_the_one_agent_deploy_holds() {
+        let shipped: Vec<Value> =
+            serde_yaml::Deserializer::from_str(include_str!("../../../agent/deploy/rbac.yaml"))
+                .map(|d| serde::Deserialize::deserialize(d).unwrap())
+                .collect();
+        let rendered = agent_own_node_policy("gpu-pilot");
+        for kind in [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ] {
+            let a = shipped.iter().find(|o| o["kind"] == kind).unwrap();
+            let b = rendered.iter().find(|o| o["kind"] == kind).unwrap();
+            assert_eq!(a["spec"], b["spec"], "{kind}");
+            assert_eq!(a["metadata"]["name"], b["metadata"]["name"], "{kind}");
+        }
+    }
+
+    #[test]
     fn default_install_has_every_part_once() {
         let objs = objects("gpu-pilot", &Values::defaults(), Include::ALL);
         let keys: Vec<String> = objs.iter().map(key).collect();
@@ -471,6 +529,10 @@ mod tests {
             "ConfigMap/gpu-pilot/default-mig-parted-config",
             "ClusterRole/gpu-pilot-webhook",
             "ClusterRole/gpu-pilot-controller",
+            "ValidatingAdmissionPolicy/gpu-pilot-agent-own-node-only",
+            "ValidatingAdmissionPolicyBinding/gpu-pilot-agent-own-node-only",
+            "ValidatingAdmissionPolicy/gpu-pilot-webhook-own-secret-only",
+            "ValidatingAdmissionPolicyBinding/gpu-pilot-webhook-own-secret-only",
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }

@@ -64,11 +64,45 @@ pub fn hash_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
         .map(String::as_str)
 }
 
-fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
-    serde_json::from_value(v).expect("rendered objects match their types")
+/// A policy the controller cannot turn into objects. The schema's bounds keep every admitted
+/// policy out of here; this is what a policy written around them (an older CRD, a direct etcd
+/// write) gets instead of a panic: the reason, in the policy's status.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RenderError {
+    #[error(
+        "spec.daemonsets.rollingUpdate.maxUnavailable is {0:?}: it must be a number of nodes from 1 to 999999999 or a percentage from 1% to 100%"
+    )]
+    MaxUnavailable(String),
+    #[error(
+        "the {what} rendered from the policy is not a valid object ({reason}); fix the policy field it names"
+    )]
+    Object { what: String, reason: String },
 }
 
-pub fn render(policy: &ClusterPolicy, namespace: &str) -> Desired {
+fn from<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T, RenderError> {
+    serde_json::from_value(v).map_err(|e| RenderError::Object {
+        what: what.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// `maxUnavailable` as the DaemonSet's IntOrString: a count from 1 to 999999999 goes out as a
+/// number, a percentage from 1% to 100% as a string. Anything else is refused, never wrapped.
+pub fn max_unavailable(value: &str) -> Result<Value, RenderError> {
+    let bad = || RenderError::MaxUnavailable(value.into());
+    if let Some(pct) = value.strip_suffix('%') {
+        return match pct.parse::<u8>() {
+            Ok(1..=100) if !pct.starts_with(['0', '+']) => Ok(Value::from(value)),
+            _ => Err(bad()),
+        };
+    }
+    match value.parse::<i32>() {
+        Ok(n @ 1..=999_999_999) if !value.starts_with(['0', '+']) => Ok(Value::from(n)),
+        _ => Err(bad()),
+    }
+}
+
+pub fn render(policy: &ClusterPolicy, namespace: &str) -> Result<Desired, RenderError> {
     let owner = owner_reference(policy);
     let spec = &policy.spec;
     let meta = |name: &str, component: &str, ns: Option<&str>| -> Value {
@@ -84,52 +118,67 @@ pub fn render(policy: &ClusterPolicy, namespace: &str) -> Desired {
         })
     };
 
-    let runtime_class: RuntimeClass = from(json!({
-        "apiVersion": "node.k8s.io/v1",
-        "kind": "RuntimeClass",
-        "metadata": meta(&spec.operator.runtime_class, "runtime-class", None),
-        "handler": spec.operator.runtime_class,
-    }));
+    let runtime_class: RuntimeClass = from(
+        "RuntimeClass",
+        json!({
+            "apiVersion": "node.k8s.io/v1",
+            "kind": "RuntimeClass",
+            "metadata": meta(&spec.operator.runtime_class, "runtime-class", None),
+            "handler": spec.operator.runtime_class,
+        }),
+    )?;
     let service_accounts = [AGENT_SERVICE_ACCOUNT, OPERAND_SERVICE_ACCOUNT]
         .into_iter()
         .map(|name| {
-            with_hash(from(json!({
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": meta(name, "operand", Some(namespace)),
-                "automountServiceAccountToken": name == AGENT_SERVICE_ACCOUNT,
-            })))
+            from(
+                "ServiceAccount",
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "metadata": meta(name, "operand", Some(namespace)),
+                    "automountServiceAccountToken": name == AGENT_SERVICE_ACCOUNT,
+                }),
+            )
+            .map(with_hash)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     // The agent reads (GET, no list or watch) and labels its own Node; RBAC cannot narrow that
     // to one node, so the agent itself only ever touches the node it runs on (its NODE_NAME).
     // Kept equal to agent/deploy/rbac.yaml.
-    let agent_role: ClusterRole = from(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": meta("gpu-pilot-agent", "agent", None),
-        "rules": [
-            { "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"] },
-        ],
-    }));
-    let agent_role_binding: ClusterRoleBinding = from(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": meta("gpu-pilot-agent", "agent", None),
-        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "gpu-pilot-agent" },
-        "subjects": [{ "kind": "ServiceAccount", "name": AGENT_SERVICE_ACCOUNT, "namespace": namespace }],
-    }));
-    let daemonsets = Component::ALL
-        .into_iter()
-        .filter_map(|c| render_daemonset(policy, c, namespace).map(|ds| (c, ds)))
-        .collect();
-    Desired {
+    let agent_role: ClusterRole = from(
+        "ClusterRole",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": meta("gpu-pilot-agent", "agent", None),
+            "rules": [
+                { "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"] },
+            ],
+        }),
+    )?;
+    let agent_role_binding: ClusterRoleBinding = from(
+        "ClusterRoleBinding",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": meta("gpu-pilot-agent", "agent", None),
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "gpu-pilot-agent" },
+            "subjects": [{ "kind": "ServiceAccount", "name": AGENT_SERVICE_ACCOUNT, "namespace": namespace }],
+        }),
+    )?;
+    let mut daemonsets = Vec::new();
+    for c in Component::ALL {
+        if let Some(ds) = render_daemonset(policy, c, namespace)? {
+            daemonsets.push((c, ds));
+        }
+    }
+    Ok(Desired {
         runtime_class: with_hash(runtime_class),
         service_accounts,
         agent_role: with_hash(agent_role),
         agent_role_binding: with_hash(agent_role_binding),
         daemonsets,
-    }
+    })
 }
 
 /// How one operand runs on the host.
@@ -311,18 +360,21 @@ fn runtime_socket_dir(rt: ContainerRuntime) -> &'static str {
     }
 }
 
-/// The DaemonSet of one component, or `None` when the policy disables it.
+/// The DaemonSet of one component, or `None` when the policy disables it (or gives it no image,
+/// which the schema refuses for an enabled component).
 pub fn render_daemonset(
     policy: &ClusterPolicy,
     c: Component,
     namespace: &str,
-) -> Option<DaemonSet> {
+) -> Result<Option<DaemonSet>, RenderError> {
     let spec = &policy.spec;
     let operand = spec.operand(c);
     if !operand.enabled() {
-        return None;
+        return Ok(None);
     }
-    let image = operand.image_reference()?;
+    let Some(image) = operand.image_reference() else {
+        return Ok(None);
+    };
     let shape = shape(spec, c);
     let name = c.daemonset_name();
 
@@ -349,7 +401,9 @@ pub fn render_daemonset(
             env.push(json!({"name": "CDI_ENABLED", "value": spec.cdi.enabled.to_string()}));
         }
         Component::Driver => {
-            env.push(json!({"name": "KERNEL_MODULE_TYPE", "value": serde_json::to_value(spec.driver.kernel_module_type).unwrap()}));
+            env.push(
+                json!({"name": "KERNEL_MODULE_TYPE", "value": spec.driver.kernel_module_type}),
+            );
         }
         Component::DevicePlugin | Component::GpuFeatureDiscovery => {
             env.push(json!({"name": "MIG_STRATEGY", "value": spec.mig.strategy.as_str()}));
@@ -370,12 +424,7 @@ pub fn render_daemonset(
             env.push(json!({"name": "TOOLKIT_ENABLED", "value": spec.toolkit.enabled.to_string()}));
         }
     }
-    env.extend(
-        operand
-            .env()
-            .iter()
-            .map(|e| serde_json::to_value(e).unwrap()),
-    );
+    env.extend(operand.env().iter().map(|e| json!(e)));
 
     let mut args: Vec<String> = shape
         .agent_args
@@ -477,11 +526,7 @@ pub fn render_daemonset(
             json!({"type": "OnDelete"})
         } else {
             // IntOrString: "1" must go out as the number 1; only "10%" stays a string.
-            let max = &spec.daemonsets.rolling_update.max_unavailable;
-            let max = max
-                .parse::<i64>()
-                .map(Value::from)
-                .unwrap_or_else(|_| Value::from(max.as_str()));
+            let max = max_unavailable(&spec.daemonsets.rolling_update.max_unavailable)?;
             json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max}})
         };
     let service_account = if shape.agent_args.is_some() {
@@ -525,7 +570,7 @@ pub fn render_daemonset(
             }
         }
     });
-    Some(with_hash(serde_json::from_value(ds).expect("a DaemonSet")))
+    Ok(Some(with_hash(from(&format!("DaemonSet {name}"), ds)?)))
 }
 
 #[cfg(test)]
@@ -550,7 +595,7 @@ mod tests {
 
     #[test]
     fn default_policy_renders_every_component_gated_by_its_label() {
-        let d = render(&policy(json!({})), "gpu-pilot");
+        let d = render(&policy(json!({})), "gpu-pilot").unwrap();
         assert_eq!(d.daemonsets.len(), Component::ALL.len());
         for (c, ds) in &d.daemonsets {
             let pod = ds.spec.template.spec.as_ref().unwrap();
@@ -572,11 +617,31 @@ mod tests {
     }
 
     #[test]
+    fn only_the_agents_pods_get_an_api_token() {
+        // Every operand but the agent makes no API call (the validator runs privileged): no
+        // token in its pods, and none by default on its ServiceAccount either.
+        let d = render(&policy(json!({})), "ns").unwrap();
+        let mut without = 0;
+        for (c, ds) in &d.daemonsets {
+            let pod = ds.spec.template.spec.as_ref().unwrap();
+            let agent = pod.service_account_name.as_deref() == Some(AGENT_SERVICE_ACCOUNT);
+            assert_eq!(pod.automount_service_account_token, Some(agent), "{c:?}");
+            without += usize::from(!agent);
+        }
+        assert!(without > 0 && without < d.daemonsets.len());
+        for sa in &d.service_accounts {
+            let agent = sa.metadata.name.as_deref() == Some(AGENT_SERVICE_ACCOUNT);
+            assert_eq!(sa.automount_service_account_token, Some(agent));
+        }
+    }
+
+    #[test]
     fn driver_is_on_delete_and_others_follow_the_policy() {
         let d = render(
             &policy(json!({"daemonsets": {"rollingUpdate": {"maxUnavailable": "10%"}}})),
             "ns",
-        );
+        )
+        .unwrap();
         let strat = |c| ds_of(&d, c).spec.update_strategy.clone().unwrap();
         assert_eq!(strat(Component::Driver).type_.as_deref(), Some("OnDelete"));
         let dp = strat(Component::DevicePlugin);
@@ -589,7 +654,7 @@ mod tests {
 
     #[test]
     fn a_plain_number_of_unavailable_nodes_is_an_integer() {
-        let d = render(&policy(json!({})), "ns");
+        let d = render(&policy(json!({})), "ns").unwrap();
         let ru = ds_of(&d, Component::DevicePlugin)
             .spec
             .update_strategy
@@ -605,7 +670,8 @@ mod tests {
         let d = render(
             &policy(json!({"driver": {"enabled": false}, "toolkit": {"enabled": false}})),
             "ns",
-        );
+        )
+        .unwrap();
         let comps: Vec<Component> = d.daemonsets.iter().map(|(c, _)| *c).collect();
         assert!(!comps.contains(&Component::Driver));
         assert!(!comps.contains(&Component::ContainerToolkit));
@@ -643,7 +709,7 @@ mod tests {
                 "mig": {"strategy": "mixed"}
             })),
             "ns",
-        );
+        ).unwrap();
         let ds = ds_of(&d, Component::DevicePlugin);
         let pod = ds.spec.template.spec.as_ref().unwrap();
         let c = &pod.containers[0];
@@ -709,13 +775,45 @@ mod tests {
     }
 
     #[test]
+    fn max_unavailable_past_32_bits_is_refused_not_wrapped() {
+        // The CRD once admitted this; rendering it panicked inside the pass with the index
+        // locked. It is an error now, whatever reaches the renderer.
+        for bad in [
+            "2147483648",
+            "9999999999999999999999",
+            "1000000000",
+            "0",
+            "-1",
+            "+5",
+            "007",
+            "0%",
+            "101%",
+            "1.5",
+            "",
+            "%",
+        ] {
+            let p = policy(json!({"daemonsets": {"rollingUpdate": {"maxUnavailable": bad}}}));
+            let e = render(&p, "ns").unwrap_err();
+            assert!(
+                matches!(&e, RenderError::MaxUnavailable(v) if v == bad),
+                "{bad}: {e}"
+            );
+            assert!(e.to_string().contains("from 1 to 999999999"), "{e}");
+        }
+        assert_eq!(max_unavailable("999999999"), Ok(json!(999_999_999)));
+        assert_eq!(max_unavailable("100%"), Ok(json!("100%")));
+        assert_eq!(max_unavailable("1%"), Ok(json!("1%")));
+    }
+
+    #[test]
     fn hash_changes_with_the_policy_and_only_then() {
-        let a = render(&policy(json!({})), "ns");
-        let b = render(&policy(json!({})), "ns");
+        let a = render(&policy(json!({})), "ns").unwrap();
+        let b = render(&policy(json!({})), "ns").unwrap();
         let c = render(
             &policy(json!({"devicePlugin": {"version": "v9.9.9"}})),
             "ns",
-        );
+        )
+        .unwrap();
         let h = |d: &Desired, comp| hash_of(&ds_of(d, comp).metadata).unwrap().to_string();
         assert_eq!(
             h(&a, Component::DevicePlugin),

@@ -188,18 +188,32 @@ impl Registration {
             }
             e
         };
+        let mut update_delete = entry(
+            webhook::VALIDATE_POLICY_WEBHOOK,
+            json!(["UPDATE", "DELETE"]),
+            "Fail",
+        );
+        update_delete["matchConditions"] =
+            json!([{ "name": "changes-the-spec-or-deletes", "expression": POLICY_REVIEW_CEL }]);
         serde_json::from_value(json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingWebhookConfiguration",
             "metadata": self.metadata(),
             "webhooks": [
-                entry(webhook::VALIDATE_POLICY_WEBHOOK, json!(["UPDATE", "DELETE"]), "Fail"),
+                update_delete,
                 entry(CREATE_POLICY_WEBHOOK, json!(["CREATE"]), "Ignore"),
             ]
         }))
         .expect("the validating configuration is well-formed")
     }
 }
+
+/// When the apiserver sends a policy UPDATE or DELETE to the webhook: a delete, or an update
+/// that changes the spec of a policy not being deleted. Metadata-only updates (the controller
+/// adding or releasing its finalizer, labels, annotations) never wait for the webhook, so a
+/// webhook that is down, or a ConfigMap the policy names that is gone, cannot leave a deleted
+/// policy stuck Terminating.
+pub const POLICY_REVIEW_CEL: &str = "request.operation == 'DELETE' || (!has(object.metadata.deletionTimestamp) && object.spec != oldObject.spec)";
 
 /// The CEL condition under which the apiserver sends a pod UPDATE to the webhook: the update would
 /// drop the GPU toleration, or put `nvidia.com/gpu` back into a container that holds a MIG
@@ -259,8 +273,9 @@ pub fn rbac_for(namespace: &str, name: &str, secret: &str) -> Vec<Value> {
                 // The policy in force and the MIG profiles on the nodes, through watch caches.
                 { "apiGroups": [GROUP], "resources": ["clusterpolicies"], "verbs": ["get", "list", "watch"] },
                 { "apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"] },
-                // Which GPU pods run, when a policy change could hurt them.
-                { "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] },
+                // Which GPU pods run, when a policy change could hurt them: a watch cache that
+                // keeps only the GPU pods' names, so no review makes the webhook LIST pods.
+                { "apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"] },
                 // Only its own two configurations, only to keep caBundle current.
                 { "apiGroups": ["admissionregistration.k8s.io"],
                   "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
@@ -277,7 +292,8 @@ pub fn rbac_for(namespace: &str, name: &str, secret: &str) -> Vec<Value> {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": { "name": name, "namespace": namespace },
             "rules": [
-                // Its TLS Secret: read and rotate it; create it once (create cannot be narrowed by name).
+                // Its TLS Secret: read and rotate it; create it once. RBAC cannot narrow create
+                // by name, so the admission policy below refuses any other Secret it creates.
                 { "apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get", "update"] },
                 { "apiGroups": [""], "resources": ["secrets"], "verbs": ["create"] },
                 // The device-plugin and MIG ConfigMaps a policy names.
@@ -290,7 +306,40 @@ pub fn rbac_for(namespace: &str, name: &str, secret: &str) -> Vec<Value> {
             "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name },
             "subjects": [{ "kind": "ServiceAccount", "name": name, "namespace": namespace }]
         }),
+        // What RBAC cannot say: the only Secret the webhook may create or write is its TLS Secret,
+        // of type kubernetes.io/tls. A compromised webhook cannot mint a service-account token
+        // Secret (for the controller's account, say) under another name.
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": { "name": own_secret_policy(name) },
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": { "resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["secrets"]
+                }] },
+                "matchConditions": [{
+                    "name": "is-the-webhook",
+                    "expression": format!("request.userInfo.username == 'system:serviceaccount:{namespace}:{name}'")
+                }],
+                "validations": [{
+                    "expression": format!("object.metadata.name == '{secret}' && object.type == 'kubernetes.io/tls'"),
+                    "message": format!("{name} may only write its own TLS Secret {secret} (type kubernetes.io/tls)"),
+                    "reason": "Forbidden"
+                }]
+            }
+        }),
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": { "name": own_secret_policy(name) },
+            "spec": { "policyName": own_secret_policy(name), "validationActions": ["Deny"] }
+        }),
     ]
+}
+
+/// The name of the admission policy (and its binding) that keeps the webhook to its own Secret.
+pub fn own_secret_policy(name: &str) -> String {
+    format!("{name}-own-secret-only")
 }
 
 /// The Service and Deployment, as `kubectl gpu install` renders them with default values.
@@ -393,8 +442,27 @@ mod tests {
         );
         assert_eq!(
             yaml.split("---\n").count(),
-            9,
-            "5 RBAC objects, Service, Deployment, 2 configurations"
+            11,
+            "5 RBAC objects, the own-Secret admission policy and its binding, Service, Deployment, 2 configurations"
+        );
+        // The admission policy narrows what RBAC cannot: the Secret create, to its own name and type.
+        let policy = docs
+            .iter()
+            .find(|o| o["kind"] == "ValidatingAdmissionPolicy")
+            .unwrap();
+        assert_eq!(
+            policy["spec"]["validations"][0]["expression"],
+            format!(
+                "object.metadata.name == '{}' && object.type == 'kubernetes.io/tls'",
+                webhook::TLS_SECRET
+            )
+        );
+        assert_eq!(
+            policy["spec"]["matchConditions"][0]["expression"],
+            format!(
+                "request.userInfo.username == 'system:serviceaccount:gpu-pilot:{}'",
+                webhook::NAME
+            )
         );
         assert!(yaml.contains("cert-manager.io/inject-ca-from: gpu-pilot/webhook"));
     }

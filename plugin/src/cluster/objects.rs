@@ -18,6 +18,8 @@ fn resource_of(kind: &str) -> Option<(&'static str, bool)> {
         "ClusterRoleBinding" => ("clusterrolebindings", false),
         "MutatingWebhookConfiguration" => ("mutatingwebhookconfigurations", false),
         "ValidatingWebhookConfiguration" => ("validatingwebhookconfigurations", false),
+        "ValidatingAdmissionPolicy" => ("validatingadmissionpolicies", false),
+        "ValidatingAdmissionPolicyBinding" => ("validatingadmissionpolicybindings", false),
         "ClusterPolicy" => ("clusterpolicies", false),
         "ServiceAccount" => ("serviceaccounts", true),
         "Role" => ("roles", true),

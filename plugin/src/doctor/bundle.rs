@@ -5,8 +5,13 @@
 //! webhook configurations), the findings as JSON, version information, and the logs of a bounded
 //! number of pods (failing operand pods first, then the controller and webhook, then one pod per
 //! component), each capped in size. It never holds Secret data: Secrets are never read (only the
-//! webhook Secret's metadata), ConfigMap contents are left out (only their names and keys), and log
-//! lines are passed through [`redact`]. A `README.txt` inside lists every file.
+//! webhook Secret's metadata), ConfigMap contents are left out (only their names and keys), every
+//! object passes through [`sanitize`] (env and annotation values hidden, names and keys kept) and
+//! every log line and finding through [`redact`]. A `README.txt` inside lists every file.
+//!
+//! The file is written only by its owner (0600), through a temporary file of a random name made
+//! with `O_EXCL` in the target's folder and renamed over the target, so a symbolic link planted
+//! at the target or at a guessed temporary path is never followed.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -20,6 +25,7 @@ use serde_json::Value;
 
 use crate::cluster::Kube;
 use crate::doctor::Report;
+use crate::doctor::redact::{redact, sanitize};
 use crate::doctor::snapshot::{Snapshot, is_operand};
 
 /// Pods whose logs go into the bundle.
@@ -61,20 +67,18 @@ fn yaml_list<T: Serialize>(items: &[T]) -> anyhow::Result<Vec<u8>> {
         .iter()
         .map(serde_json::to_value)
         .collect::<Result<_, _>>()?;
-    for v in &mut values {
-        strip(v);
-    }
+    values.iter_mut().for_each(sanitize);
     Ok(serde_yaml::to_string(&serde_json::json!({
         "apiVersion": "v1", "kind": "List", "items": values,
     }))?
     .into_bytes())
 }
 
-/// Drops what is bulky and useless for support (managedFields) from an object.
-fn strip(v: &mut Value) {
-    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("managedFields");
-    }
+/// A value as pretty JSON, sanitized like every object.
+fn sanitized_json<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
+    let mut v = serde_json::to_value(v)?;
+    sanitize(&mut v);
+    Ok(serde_json::to_vec_pretty(&v)?)
 }
 
 /// The snapshot's objects, the findings and the version, as bundle entries (no requests).
@@ -93,12 +97,12 @@ fn objects(snap: &Snapshot, report: &Report) -> anyhow::Result<Vec<Entry>> {
             "the doctor's report (schema {}): {} errors, {} warnings, {} info",
             report.api_version, report.summary.errors, report.summary.warnings, report.summary.info
         ),
-        serde_json::to_vec_pretty(report)?,
+        sanitized_json(report)?,
     );
     add(
         "findings.txt",
         "the same report as the doctor's table output".into(),
-        crate::doctor::table(report, false).into_bytes(),
+        redact(&crate::doctor::table(report, false)).into_bytes(),
     );
     let version = serde_json::json!({
         "plugin": env!("CARGO_PKG_VERSION"),
@@ -114,7 +118,7 @@ fn objects(snap: &Snapshot, report: &Report) -> anyhow::Result<Vec<Entry>> {
     add(
         "version.json",
         "plugin and Kubernetes versions, cluster URL, gpu-pilot's CRDs, RuntimeClasses".into(),
-        serde_json::to_vec_pretty(&version)?,
+        sanitized_json(&version)?,
     );
     add(
         "clusterpolicies.yaml",
@@ -203,11 +207,15 @@ fn objects(snap: &Snapshot, report: &Report) -> anyhow::Result<Vec<Entry>> {
             .into(),
         [
             yaml_list(&hooks)?,
-            serde_yaml::to_string(&serde_json::json!({
-                "tlsSecretMetadata": snap.tls_secret.as_ref().map(|m| serde_json::json!({
-                    "name": m.name, "annotations": m.annotations, "creationTimestamp": m.creation_timestamp,
-                })),
-            }))?
+            serde_yaml::to_string(&{
+                let mut v = serde_json::json!({
+                    "tlsSecretMetadata": snap.tls_secret.as_ref().map(|m| serde_json::json!({
+                        "name": m.name, "annotations": m.annotations, "creationTimestamp": m.creation_timestamp,
+                    })),
+                });
+                sanitize(&mut v);
+                v
+            })?
             .into_bytes(),
         ]
         .join(&b"---\n"[..]),
@@ -352,83 +360,13 @@ async fn logs(kube: &Kube, snap: &Snapshot) -> Vec<Entry> {
         .await
 }
 
-/// Replaces what looks like a credential in a log line (`token=...`, `password: ...`,
-/// `Authorization: Bearer ...`, PEM private keys) with `<redacted>`.
-pub fn redact(text: &str) -> String {
-    const KEYS: [&str; 7] = [
-        "password",
-        "passwd",
-        "token",
-        "secret",
-        "apikey",
-        "api_key",
-        "authorization",
-    ];
-    let mut out = String::with_capacity(text.len());
-    let mut in_key = false;
-    for line in text.lines() {
-        if line.contains("-----BEGIN") && line.contains("PRIVATE KEY-----") {
-            in_key = true;
-            out.push_str("<redacted private key>\n");
-            continue;
-        }
-        if in_key {
-            if line.contains("-----END") {
-                in_key = false;
-            }
-            continue;
-        }
-        let lower = line.to_ascii_lowercase();
-        let mut redacted = line.to_string();
-        for key in KEYS {
-            let mut from = 0;
-            while let Some(pos) = lower[from..].find(key) {
-                let start = from + pos + key.len();
-                // Skip the rest of the key word and the separator (":", "=", quotes, spaces).
-                let bytes = lower.as_bytes();
-                let mut i = start;
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
-                    i += 1;
-                }
-                let sep_start = i;
-                while i < bytes.len() && matches!(bytes[i], b':' | b'=' | b' ' | b'"' | b'\'') {
-                    i += 1;
-                }
-                if i == sep_start || !lower[sep_start..i].contains([':', '=']) {
-                    from = start;
-                    continue;
-                }
-                // "Bearer xyz": keep the scheme, hide the credential.
-                if lower[i..].starts_with("bearer ") || lower[i..].starts_with("basic ") {
-                    i += lower[i..].find(' ').map(|p| p + 1).unwrap_or(0);
-                }
-                let mut end = i;
-                while end < bytes.len() && !matches!(bytes[end], b' ' | b'"' | b'\'' | b',' | b'}')
-                {
-                    end += 1;
-                }
-                if end > i {
-                    redacted = format!("{}<redacted>{}", &line[..i], &line[end..]);
-                    break;
-                }
-                from = start;
-            }
-            if redacted != line {
-                break;
-            }
-        }
-        out.push_str(&redacted);
-        out.push('\n');
-    }
-    out
-}
-
 fn readme(entries: &[Entry]) -> String {
     let mut s = String::from(
         "gpu-pilot support bundle, written by `kubectl gpu doctor --bundle`.\n\
          It holds no Secret data: Secrets are not read (only the webhook Secret's name and\n\
-         annotations), ConfigMaps appear by name and keys only, and log lines that look like\n\
-         credentials are redacted.\n\nFiles:\n",
+         annotations), ConfigMaps appear by name and keys only, environment and annotation\n\
+         values are replaced by <redacted> (names and keys stay), and log lines, arguments and\n\
+         fields that look like credentials are redacted.\n\nFiles:\n",
     );
     for e in entries {
         s.push_str(&format!("  {:<48} {}\n", e.name, e.about));
@@ -450,14 +388,23 @@ fn write_tar(path: &Path, mut entries: Vec<Entry>) -> anyhow::Result<Written> {
             data: readme.into_bytes(),
         },
     );
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile_in(dir, path)?;
+    let dir = check_path(path)?;
+    let fail = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot write the support bundle {}: {e}; pick a writable path with --bundle",
+            path.display()
+        )
+    };
+    // O_CREAT|O_EXCL under a random name, mode 0600: nothing planted at a guessed name is opened,
+    // and no one else can read the bundle while it is written or after.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".gpu-pilot-bundle-")
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(|e| fail(&e))?;
     let result = (|| -> anyhow::Result<()> {
-        let file = std::fs::File::create(&tmp)?;
-        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+        let gz = flate2::write::GzEncoder::new(tmp.as_file_mut(), flate2::Compression::default());
         let mut tar = tar::Builder::new(gz);
         let mtime = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -466,31 +413,22 @@ fn write_tar(path: &Path, mut entries: Vec<Entry>) -> anyhow::Result<Written> {
         for e in &entries {
             let mut h = tar::Header::new_gnu();
             h.set_size(e.data.len() as u64);
-            h.set_mode(0o644);
+            h.set_mode(0o600);
             h.set_mtime(mtime);
             h.set_entry_type(tar::EntryType::Regular);
             tar.append_data(&mut h, format!("gpu-pilot-bundle/{}", e.name), &e.data[..])?;
         }
         let gz = tar.into_inner()?;
-        let mut file = gz.finish()?;
-        file.flush()?;
+        gz.finish()?.flush()?;
         Ok(())
     })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::bail!(
-            "cannot write the support bundle {}: {e:#}; pick a writable path with --bundle",
-            path.display()
-        );
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!(
-            "cannot write the support bundle {}: {e}; pick a writable path with --bundle",
-            path.display()
-        )
-    })?;
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    // On error the temporary file is removed when `tmp` drops.
+    result.map_err(|e| fail(&format!("{e:#}")))?;
+    // A link may have been planted at the target since the check: rename replaces the link
+    // itself, never what it points to, so checking again only makes the error clearer.
+    refuse_link(path)?;
+    let file = tmp.persist(path).map_err(|e| fail(&e.error))?;
+    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
     Ok(Written {
         path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
         files: entries.len(),
@@ -499,8 +437,8 @@ fn write_tar(path: &Path, mut entries: Vec<Entry>) -> anyhow::Result<Written> {
 }
 
 /// Fails, saying what to do, when a bundle cannot be written at `path` (checked before the
-/// doctor reads the cluster).
-pub fn check_path(path: &Path) -> anyhow::Result<()> {
+/// doctor reads the cluster); returns the folder it goes into.
+pub fn check_path(path: &Path) -> anyhow::Result<&Path> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -512,41 +450,46 @@ pub fn check_path(path: &Path) -> anyhow::Result<()> {
             path.join("gpu-pilot-support.tar.gz").display()
         );
     }
-    tempfile_in(dir, path).map(|_| ())
-}
-
-/// A temporary file name next to the target, so the final rename is atomic.
-fn tempfile_in(dir: &Path, target: &Path) -> anyhow::Result<PathBuf> {
+    refuse_link(path)?;
     if !dir.is_dir() {
         anyhow::bail!(
             "cannot write the support bundle {}: the folder {} does not exist; create it or pick another path with --bundle",
-            target.display(),
+            path.display(),
             dir.display()
         );
     }
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "bundle.tar.gz".into());
-    Ok(dir.join(format!(".{name}.{}.partial", std::process::id())))
+    Ok(dir)
+}
+
+/// A symbolic link at the target is refused rather than followed or silently replaced.
+fn refuse_link(path: &Path) -> anyhow::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        anyhow::bail!(
+            "--bundle {} is a symbolic link; the bundle is never written through a link: remove it or pick another path",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
-    #[test]
-    fn credentials_in_logs_are_redacted() {
-        let text = "start\nconnecting with token=abc123 to x\nAuthorization: Bearer eyJhbGci.x.y\n\
-                    {\"password\": \"hunter2\", \"user\": \"a\"}\n-----BEGIN EC PRIVATE KEY-----\nMHcC\n\
-                    -----END EC PRIVATE KEY-----\ntokens are fine as a word\n";
-        let r = redact(text);
-        for secret in ["abc123", "eyJhbGci", "hunter2", "MHcC"] {
-            assert!(!r.contains(secret), "{secret} leaked: {r}");
-        }
-        assert!(r.contains("Authorization: Bearer <redacted>"), "{r}");
-        assert!(r.contains("tokens are fine as a word"), "{r}");
-        assert!(r.contains("start\n"));
+    /// The snapshot's objects and one log, written as a bundle in a new folder.
+    fn bundle_of(snap: &Snapshot, log: &str) -> (tempfile::TempDir, PathBuf, Written) {
+        let report = Report::from_findings(snap, crate::doctor::checks::run_all(snap));
+        let mut entries = objects(snap, &report).unwrap();
+        entries.push(Entry {
+            name: "logs/p/c.log".into(),
+            about: "a log".into(),
+            data: redact(log).into_bytes(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.tar.gz");
+        let w = write_tar(&path, entries).unwrap();
+        (dir, path, w)
     }
 
     #[test]
@@ -555,16 +498,7 @@ mod tests {
             namespace: "gpu-pilot".into(),
             ..Default::default()
         };
-        let report = Report::from_findings(&snap, crate::doctor::checks::run_all(&snap));
-        let mut entries = objects(&snap, &report).unwrap();
-        entries.push(Entry {
-            name: "logs/p/c.log".into(),
-            about: "a log".into(),
-            data: b"hello".to_vec(),
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.tar.gz");
-        let w = write_tar(&path, entries).unwrap();
+        let (dir, path, w) = bundle_of(&snap, "hello");
         assert_eq!(w.files, 15, "13 snapshot files, a log and the README");
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
             std::fs::File::open(&path).unwrap(),
@@ -590,5 +524,138 @@ mod tests {
         // A folder that does not exist is a clear error.
         let e = write_tar(&dir.path().join("nope/b.tar.gz"), vec![]).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    /// Every file of a bundle, by name, as text.
+    fn read_bundle(path: &Path) -> BTreeMap<String, String> {
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+            std::fs::File::open(path).unwrap(),
+        ));
+        let mut out = BTreeMap::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            assert_eq!(e.header().mode().unwrap(), 0o600);
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            out.insert(name, text);
+        }
+        out
+    }
+
+    #[test]
+    fn no_secret_of_a_pod_a_node_or_a_policy_reaches_the_bundle() {
+        let gpu_pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "train", "namespace": "team-a", "annotations": {
+                "backup.example.com/target": "https://svc:Pa55w0rd@minio.team-a:9000/bucket",
+                "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{\"containers\":[{\"env\":[{\"name\":\"HF_TOKEN\",\"value\":\"hf_AbCdEf\"}]}]}}"
+            }},
+            "spec": {"containers": [{
+                "name": "c", "image": "trainer",
+                "args": ["--api-token", "tok-9f8e7d", "--epochs=3"],
+                "env": [{"name": "HF_TOKEN", "value": "hf_AbCdEf"}, {"name": "EPOCHS", "value": "30"}],
+                "resources": {"limits": {"nvidia.com/gpu": "1"}}
+            }]},
+            "status": {"phase": "Pending"}
+        }))
+        .unwrap();
+        let operand: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "gpu-pilot-driver-x", "namespace": "gpu-pilot",
+                "labels": {"app.kubernetes.io/managed-by": "gpu-pilot", "app.kubernetes.io/component": "driver"}},
+            "spec": {"containers": [{"name": "driver", "image": "d",
+                "env": [{"name": "NGC_API_KEY", "value": "nvapi-secret-1"}]}]}
+        }))
+        .unwrap();
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "gpu-1", "annotations": {
+                "registry.example.com/pull": "token=ghp_0123456789abcdef password=hunter2",
+                "gpupilot.io/agent-labels": "nvidia.com/gpu.product"
+            }}
+        }))
+        .unwrap();
+        let snap = Snapshot {
+            namespace: "gpu-pilot".into(),
+            pods: vec![operand],
+            pending_pods: vec![gpu_pod],
+            nodes: vec![node],
+            ..Default::default()
+        };
+        let (_dir, path, _) = bundle_of(&snap, "auth ok token=t1 then password=p2 secret=s3\n");
+        let files = read_bundle(&path);
+        let all: String = files.values().cloned().collect();
+        for secret in [
+            "Pa55w0rd",
+            "hf_AbCdEf",
+            "tok-9f8e7d",
+            "nvapi-secret-1",
+            "ghp_0123456789abcdef",
+            "hunter2",
+            "=t1",
+            "=p2",
+            "=s3",
+        ] {
+            assert!(!all.contains(secret), "{secret} is in the bundle");
+        }
+        // Names and keys stay, so the bundle still says what was there.
+        let pending = &files["gpu-pilot-bundle/pending-gpu-pods.yaml"];
+        for kept in [
+            "HF_TOKEN",
+            "EPOCHS",
+            "--api-token",
+            "--epochs=3",
+            "backup.example.com/target",
+        ] {
+            assert!(pending.contains(kept), "{kept} missing:\n{pending}");
+        }
+        assert!(files["gpu-pilot-bundle/nodes.yaml"].contains("nvidia.com/gpu.product"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_bundle_is_private_and_never_written_through_a_link() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let entries = || {
+            vec![Entry {
+                name: "a.txt".into(),
+                about: "a".into(),
+                data: b"bundle".to_vec(),
+            }]
+        };
+        // A link at the target is refused before anything is written, and after.
+        let target = dir.path().join("b.tar.gz");
+        symlink(&victim, &target).unwrap();
+        let e = write_tar(&target, entries()).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(check_path(&target).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        std::fs::remove_file(&target).unwrap();
+        // Links at the temporary names an older version used (and any guessable name) are not
+        // opened: the temporary file has a random name and is created exclusively.
+        for guess in [
+            format!(".b.tar.gz.{}.partial", std::process::id()),
+            ".b.tar.gz.partial".to_string(),
+        ] {
+            symlink(&victim, dir.path().join(guess)).unwrap();
+        }
+        let w = write_tar(&target, entries()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        let meta = std::fs::symlink_metadata(&target).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "owner only");
+        assert!(w.bytes > 0);
+        // Writing again replaces the file, still private, and leaves no temporary file behind.
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_tar(&target, entries()).unwrap();
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -1,12 +1,14 @@
 //! `kubectl gpu doctor`: every check, over one snapshot of the cluster.
 //!
-//! [`Snapshot::gather`] reads the cluster once (a fixed number of requests, whatever its size);
+//! [`Snapshot::gather`] reads the cluster once (a fixed number of requests, plus one per further
+//! page of nodes, pods or events; memory flat with the cluster's size);
 //! [`checks::run_all`] turns it into [`Finding`]s with pure functions; this module prints them
 //! (`-o table|json|yaml`) and picks the exit code: 0 healthy (info only), 1 warnings, 2 errors
 //! (also when the cluster cannot be checked at all).
 
 pub mod bundle;
 pub mod checks;
+pub mod redact;
 pub mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -19,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::Kube;
 use crate::global::Global;
 use crate::ui::Output;
-pub use snapshot::Snapshot;
+pub use snapshot::{Detail, Snapshot};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -198,10 +200,15 @@ impl Report {
     }
 }
 
-/// Reads the cluster and runs every check. The snapshot comes back too (for the bundle).
-pub async fn diagnose(kube: &Kube, namespace: &str) -> anyhow::Result<(Report, Snapshot)> {
+/// Reads the cluster and runs every check. The snapshot comes back too (for the bundle, which
+/// wants [`Detail::Whole`]).
+pub async fn diagnose(
+    kube: &Kube,
+    namespace: &str,
+    detail: Detail,
+) -> anyhow::Result<(Report, Snapshot)> {
     let started = Instant::now();
-    let snap = Snapshot::gather(kube, namespace).await?;
+    let snap = Snapshot::gather(kube, namespace, detail).await?;
     let mut report = Report::from_findings(&snap, checks::run_all(&snap));
     report.requests = kube.requests();
     report.seconds = started.elapsed().as_secs_f64();
@@ -227,7 +234,11 @@ pub async fn run(g: &Global, args: DoctorArgs) -> anyhow::Result<i32> {
     }
     let result = async {
         let kube = Kube::connect(g).await?;
-        let (report, snap) = diagnose(&kube, &g.namespace).await?;
+        let detail = match args.bundle {
+            Some(_) => Detail::Whole,
+            None => Detail::Checked,
+        };
+        let (report, snap) = diagnose(&kube, &g.namespace, detail).await?;
         anyhow::Ok((kube, report, snap))
     }
     .await;
@@ -277,7 +288,7 @@ pub async fn run(g: &Global, args: DoctorArgs) -> anyhow::Result<i32> {
 /// The findings as text, for `install --wait` when the rollout is stuck: errors and warnings
 /// only (a line each with the fix), or a sentence saying none were found.
 pub async fn summary(kube: &Kube, namespace: &str) -> anyhow::Result<String> {
-    let (report, _) = diagnose(kube, namespace).await?;
+    let (report, _) = diagnose(kube, namespace, Detail::Checked).await?;
     let mut s = String::new();
     let serious: Vec<&Finding> = report
         .findings

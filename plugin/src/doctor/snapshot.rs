@@ -1,7 +1,10 @@
-//! One read of everything the checks look at. Every list is one request whatever the cluster's
-//! size (no pagination, no per-node calls), all sent at once; the only extra requests are the
-//! logs of at most [`MAX_LOG_PODS`] failing operand pods and a TLS probe of a webhook URL (no API
-//! request). The checks then run as pure functions over this value.
+//! One read of everything the checks look at, all lists sent at once and no per-node calls; the
+//! only extra requests are the logs of at most [`MAX_LOG_PODS`] failing operand pods and a TLS
+//! probe of a webhook URL (no API request). The checks then run as pure functions over this value.
+//!
+//! Memory stays flat with the cluster's size: the lists that grow with it (nodes, pods, events)
+//! are read in pages of [`PAGE_SIZE`], and with [`Detail::Checked`] each node and pod is cut down
+//! to the fields the checks read ([`checked_node`], [`checked_pod`]) before the next page comes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,15 +27,28 @@ use kube::{Api, ResourceExt};
 
 use crate::cluster::{Kube, explain};
 
-/// Requests one snapshot takes: the version, 15 lists or gets, the TLS Secret's metadata and the
-/// two of [`crate::cluster::probe::gpu_operator_signs`]. Log reads of failing pods come on top.
+/// Requests one snapshot takes when every list fits in one page: the version, 15 lists or gets,
+/// the TLS Secret's metadata and the two of [`crate::cluster::probe::gpu_operator_signs`]. Each
+/// further page of nodes, pods or events is one more; log reads of failing pods come on top.
 pub const SNAPSHOT_REQUESTS: u64 = 19;
+/// Items per page of the lists that grow with the cluster (nodes, pods, events): what the doctor
+/// holds of whole objects at any moment. `kubectl get` pages by the same 500.
+pub const PAGE_SIZE: u32 = 500;
 /// Logs are fetched for at most this many failing operand pods.
 pub const MAX_LOG_PODS: usize = 5;
 /// Lines of log kept per failing container.
 pub const LOG_TAIL_LINES: i64 = 20;
 /// The controller's Lease (leader election) in the operand namespace.
 pub const CONTROLLER_LEASE: &str = "gpu-pilot-controller";
+
+/// How much of each node and pod a snapshot keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// The fields the checks read, nothing else: `kubectl gpu doctor`.
+    Checked,
+    /// Whole objects: the support bundle writes them out.
+    Whole,
+}
 
 /// Everything the checks need, read once.
 #[derive(Debug, Clone, Default)]
@@ -124,15 +140,167 @@ where
     Ok(api.list(&lp).await?.items)
 }
 
+/// A list read in pages of [`PAGE_SIZE`], each item passed through `keep` before the next page is
+/// asked for, so only one page of whole objects is held at a time.
+async fn list_paged<K>(api: Api<K>, lp: ListParams, keep: fn(K) -> K) -> Result<Vec<K>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut lp = lp.limit(PAGE_SIZE);
+    let mut out = Vec::new();
+    loop {
+        let page = api.list(&lp).await?;
+        out.extend(page.items.into_iter().map(keep));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => lp = lp.continue_token(&token),
+            _ => break,
+        }
+    }
+    out.shrink_to_fit();
+    Ok(out)
+}
+
+/// Whole objects but for `metadata.managedFields` (who set which field: most of an object's
+/// size, read by no check on these kinds, and left out of the bundle).
+fn without_managed_fields<K: kube::Resource>(mut k: K) -> K {
+    k.meta_mut().managed_fields = None;
+    k
+}
+
+/// Of a node's managedFields, only the entries that own the MIG state label (when it was last
+/// written tells a MIG change pending for long from one under way).
+fn keep_mig_state_fields(m: &mut ObjectMeta) {
+    if let Some(fields) = m.managed_fields.as_mut() {
+        fields.retain(crate::doctor::checks::writes_mig_state);
+    }
+}
+
+/// A whole node but for the managedFields no check reads.
+fn whole_node(mut n: Node) -> Node {
+    keep_mig_state_fields(&mut n.metadata);
+    n
+}
+
+/// The annotation `kubectl apply` keeps: a copy of the whole object, read by no check.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// The metadata the checks read: name, namespace, labels, annotations, owners, timestamps and
+/// the managedFields entries that own the MIG state label.
+fn checked_meta(mut m: ObjectMeta) -> ObjectMeta {
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+    keep_mig_state_fields(&mut m);
+    ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        labels: m.labels,
+        annotations: m.annotations,
+        owner_references: m.owner_references,
+        creation_timestamp: m.creation_timestamp,
+        deletion_timestamp: m.deletion_timestamp,
+        managed_fields: m.managed_fields.filter(|f| !f.is_empty()),
+        ..ObjectMeta::default()
+    }
+}
+
+/// A node cut down to what the checks read: metadata, taints and cordon, capacity, allocatable
+/// and conditions (no images, addresses, system info or heartbeat times).
+pub fn checked_node(n: Node) -> Node {
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
+    Node {
+        metadata: checked_meta(n.metadata),
+        spec: n.spec.map(|s| NodeSpec {
+            taints: s.taints,
+            unschedulable: s.unschedulable,
+            ..NodeSpec::default()
+        }),
+        status: n.status.map(|s| NodeStatus {
+            allocatable: s.allocatable,
+            capacity: s.capacity,
+            conditions: s.conditions.map(|cs| {
+                cs.into_iter()
+                    .map(|c| NodeCondition {
+                        last_heartbeat_time: None,
+                        ..c
+                    })
+                    .collect()
+            }),
+            ..NodeStatus::default()
+        }),
+    }
+}
+
+/// A pod cut down to what the checks read: metadata; node, selector, tolerations, runtime class
+/// and each container's name, image and resources; phase, conditions and container states (no
+/// volumes, environment, probes, commands, IPs or image IDs).
+pub fn checked_pod(p: Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
+    let container = |c: Container| Container {
+        name: c.name,
+        image: c.image,
+        resources: c.resources,
+        ..Container::default()
+    };
+    let status = |c: ContainerStatus| ContainerStatus {
+        name: c.name,
+        image: c.image,
+        ready: c.ready,
+        started: c.started,
+        restart_count: c.restart_count,
+        state: c.state,
+        last_state: c.last_state,
+        ..ContainerStatus::default()
+    };
+    Pod {
+        metadata: checked_meta(p.metadata),
+        spec: p.spec.map(|s| PodSpec {
+            node_name: s.node_name,
+            node_selector: s.node_selector,
+            tolerations: s.tolerations,
+            runtime_class_name: s.runtime_class_name,
+            containers: s.containers.into_iter().map(container).collect(),
+            init_containers: s
+                .init_containers
+                .map(|cs| cs.into_iter().map(container).collect()),
+            ..PodSpec::default()
+        }),
+        status: p.status.map(|s| PodStatus {
+            phase: s.phase,
+            reason: s.reason,
+            message: s.message,
+            start_time: s.start_time,
+            conditions: s.conditions,
+            container_statuses: s
+                .container_statuses
+                .map(|cs| cs.into_iter().map(status).collect()),
+            init_container_statuses: s
+                .init_container_statuses
+                .map(|cs| cs.into_iter().map(status).collect()),
+            ..PodStatus::default()
+        }),
+    }
+}
+
 impl Snapshot {
     /// Reads the cluster. Fails only when the cluster cannot be reached at all (with what to do);
     /// a part that cannot be read is recorded in `unreadable` and the rest is still checked.
-    pub async fn gather(kube: &Kube, namespace: &str) -> anyhow::Result<Snapshot> {
+    pub async fn gather(kube: &Kube, namespace: &str, detail: Detail) -> anyhow::Result<Snapshot> {
         let c = kube.client.clone();
         let ns = namespace;
-        // Served from the apiserver's watch cache (resourceVersion=0): a doctor can live with a
-        // view a moment old, and the big lists (nodes, pods) cost the apiserver far less.
+        // The small lists are served from the apiserver's watch cache (resourceVersion=0): a
+        // doctor can live with a view a moment old. The paged ones are consistent reads, which
+        // the apiserver also serves from its cache (and pages only so).
         let all = ListParams::default().match_any();
+        let paged = ListParams::default();
+        let node: fn(Node) -> Node = match detail {
+            Detail::Checked => checked_node,
+            Detail::Whole => whole_node,
+        };
+        let pod: fn(Pod) -> Pod = match detail {
+            Detail::Checked => checked_pod,
+            Detail::Whole => without_managed_fields,
+        };
         // The version first: it tells "cannot reach the cluster" apart from everything else.
         let version = crate::cluster::probe::server_version(kube).await?;
 
@@ -163,13 +331,12 @@ impl Snapshot {
         ) = tokio::join!(
             crd_api.list_metadata(&all),
             list(Api::<ClusterPolicy>::all(c.clone()), all.clone()),
-            list(Api::<Node>::all(c.clone()), all.clone()),
-            list(Api::<Pod>::namespaced(c.clone(), ns), all.clone()),
-            list(
+            list_paged(Api::<Node>::all(c.clone()), paged.clone(), node),
+            list_paged(Api::<Pod>::namespaced(c.clone(), ns), paged.clone(), pod),
+            list_paged(
                 Api::<Pod>::all(c.clone()),
-                ListParams::default()
-                    .match_any()
-                    .fields("status.phase=Pending")
+                paged.clone().fields("status.phase=Pending"),
+                pod
             ),
             list(Api::<DaemonSet>::namespaced(c.clone(), ns), all.clone()),
             list(Api::<Deployment>::namespaced(c.clone(), ns), all.clone()),
@@ -181,9 +348,10 @@ impl Snapshot {
             vwc_api.get_opt(webhook::NAME),
             secret_api.get_metadata_opt(webhook::TLS_SECRET),
             // Only Warnings: a rollout leaves thousands of Normal events (Scheduled, Pulled...).
-            list(
+            list_paged(
                 Api::<Event>::namespaced(c.clone(), ns),
-                all.clone().fields("type=Warning")
+                paged.clone().fields("type=Warning"),
+                without_managed_fields
             ),
             lease_api.get_opt(CONTROLLER_LEASE),
             crate::cluster::probe::gpu_operator_signs(kube),

@@ -161,3 +161,100 @@ async fn an_unreachable_cluster_exits_2_and_a_bad_bundle_path_is_refused_first()
     );
     assert!(super::bundle::check_path(&dir.path().join("b.tar.gz")).is_ok());
 }
+
+#[test]
+fn checks_find_the_same_on_checked_nodes_and_pods() {
+    use crate::doctor::snapshot::{checked_node, checked_pod};
+    // Faults on nodes (cordon, taint, unhealthy GPUs, a stage reason) and pods (a crash loop,
+    // a pending GPU pod with a selector), in objects that also carry what no check reads.
+    let mut s = healthy();
+    let extra = json!({
+        "managedFields": [{"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:status": {}}}],
+        "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+    });
+    for n in &mut s.nodes {
+        let mut v = serde_json::to_value(&*n).unwrap();
+        v["metadata"]["managedFields"] = extra["managedFields"].clone();
+        v["status"]["images"] = json!([{"names": ["example/img:1"], "sizeBytes": 1}]);
+        v["status"]["nodeInfo"] = json!({"kernelVersion": "6.1", "machineID": "", "systemUUID": "",
+            "bootID": "", "osImage": "", "containerRuntimeVersion": "", "kubeletVersion": "",
+            "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"});
+        *n = from(v);
+    }
+    let a = node_mut(&mut s, "gpu-a");
+    a.spec.get_or_insert_default().unschedulable = Some(true);
+    a.status
+        .as_mut()
+        .unwrap()
+        .allocatable
+        .as_mut()
+        .unwrap()
+        .insert(
+            resource::GPU.into(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("6".into()),
+        );
+    let b = node_mut(&mut s, "gpu-b");
+    b.spec.get_or_insert_default().taints = Some(vec![from(
+        json!({"key": "example.com/maintenance", "effect": "NoSchedule"}),
+    )]);
+    b.metadata.annotations.get_or_insert_default().insert(
+        annotation::STAGE_REASON.into(),
+        "driver: waiting for the pod".into(),
+    );
+    // A MIG change pending for an hour: told by the managedFields entry that wrote its state.
+    set_label(
+        &mut s,
+        "gpu-c",
+        label::MIG_CONFIG_STATE,
+        Some(mig_config_state::PENDING),
+    );
+    node_mut(&mut s, "gpu-c").metadata.managed_fields = Some(vec![
+        from(extra["managedFields"][0].clone()),
+        from(json!({
+            "manager": "gpu-pilot-agent", "operation": "Update", "time": ts(-3600), "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": {"f:labels": {(format!("f:{}", label::MIG_CONFIG_STATE)): {}}}},
+        })),
+    ]);
+    let mut crashing = serde_json::to_value(&s.pods[0]).unwrap();
+    crashing["spec"]["volumes"] = json!([{"name": "host", "hostPath": {"path": "/"}}]);
+    crashing["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "b"}]);
+    crashing["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    crashing["status"]["containerStatuses"][0]["state"] =
+        json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}});
+    crashing["status"]["containerStatuses"][0]["restartCount"] = json!(4);
+    s.pods[0] = from(crashing);
+    s.pending_pods.push(from(json!({
+        "metadata": {"name": "train", "namespace": "ml", "creationTimestamp": ts(-600)},
+        "spec": {"nodeSelector": {"pool": "h100"}, "containers": [{"name": "main",
+            "resources": {"limits": {(resource::GPU): "2"}}, "env": [{"name": "A", "value": "b"}]}]},
+        "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."}]},
+    })));
+    let whole = run_all(&s);
+    assert!(whole.len() >= 5, "{whole:?}");
+    assert!(
+        whole
+            .iter()
+            .any(|f| f.check == "mig-config-pending" && f.severity == Severity::Warning),
+        "{whole:?}"
+    );
+
+    let mut checked = s.clone();
+    checked.nodes = s.nodes.iter().cloned().map(checked_node).collect();
+    checked.pods = s.pods.iter().cloned().map(checked_pod).collect();
+    checked.pending_pods = s.pending_pods.iter().cloned().map(checked_pod).collect();
+    assert_eq!(run_all(&checked), whole);
+
+    let n = serde_json::to_value(&checked.nodes[0]).unwrap();
+    assert!(n["metadata"].get("managedFields").is_none(), "{n}");
+    let c = serde_json::to_value(&checked.nodes[2]).unwrap();
+    assert_eq!(c["metadata"]["managedFields"].as_array().unwrap().len(), 1);
+    assert!(n["status"].get("images").is_none() && n["status"].get("nodeInfo").is_none());
+    let p = serde_json::to_value(&checked.pods[0]).unwrap();
+    assert!(p["spec"].get("volumes").is_none() && p["spec"]["containers"][0].get("env").is_none());
+    assert!(
+        p["metadata"]["annotations"]
+            .get("kubectl.kubernetes.io/last-applied-configuration")
+            .is_none()
+    );
+}

@@ -49,6 +49,41 @@ fn settings_that_overlap_are_refused() {
 }
 
 #[test]
+fn durations_too_long_for_a_certificate_are_refused_not_a_panic() {
+    let huge = Duration::from_secs(u64::MAX);
+    for field in 0..5 {
+        let mut s = settings();
+        let d = [
+            &mut s.ca_validity,
+            &mut s.ca_renew_before,
+            &mut s.ca_overlap,
+            &mut s.cert_validity,
+            &mut s.cert_renew_before,
+        ];
+        *d.into_iter().nth(field).unwrap() = huge;
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.contains("at most 36500d"), "{e}");
+    }
+    // Past the check (a caller that skipped it), certificates are still never made with a date
+    // that overflows.
+    let mut s = settings();
+    s.ca_validity = huge;
+    let e = carry_out(Plan::Create, at(0), None, &s).unwrap_err();
+    assert!(e.to_string().contains("past the year 9999"), "{e}");
+    let mut s = settings();
+    s.cert_validity = Duration::from_secs(9000 * 365 * 24 * 3600);
+    let ca = new_ca(at(0), Duration::from_secs(1000)).unwrap();
+    assert!(new_serving_cert(&ca, &s.names, at(0), s.cert_validity).is_err());
+    // The planner only compares, so huge settings decide without a panic.
+    let st = carry_out(Plan::Create, at(0), None, &settings())
+        .unwrap()
+        .unwrap();
+    let mut s = settings();
+    (s.ca_renew_before, s.cert_renew_before, s.ca_overlap) = (huge, huge, huge);
+    assert_eq!(plan(at(1), Some(&st), &s), Plan::StageNextCa);
+}
+
+#[test]
 fn a_full_life_cycle_keeps_a_trusted_chain() {
     let s = settings();
     assert_eq!(plan(at(0), None, &s), Plan::Create);
@@ -201,4 +236,86 @@ fn a_mismatched_or_broken_pair_keeps_the_served_certificate() {
     assert_eq!(reloader.served().unwrap(), first);
     assert!(reloader.update(&c2, &k2, None).unwrap());
     assert_ne!(reloader.served().unwrap(), first);
+}
+
+/// Whether `bundle` lets a client trust `leaf` for the service name now.
+fn trusts(bundle: &str, leaf: &str) -> bool {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let leaf = CertificateDer::from_pem_slice(leaf.as_bytes()).unwrap();
+    let name = ServerName::try_from("gpu-pilot-webhook.gpu-pilot.svc").unwrap();
+    verifier
+        .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+        .is_ok()
+}
+
+#[test]
+fn certificates_made_again_from_scratch_keep_the_old_ca_trusted_for_the_overlap() {
+    let s = settings();
+    let now = OffsetDateTime::now_utc();
+    // A replica serves this; then the Secret is deleted (or damaged).
+    let old = carry_out(Plan::Create, now, None, &s).unwrap().unwrap();
+    let trusted = old.bundle();
+    let later = now + time::Duration::seconds(5);
+    let mut next = carry_out(Plan::Create, later, None, &s).unwrap().unwrap();
+    // Without the handover the new bundle would leave the old replica untrusted.
+    assert!(!trusts(&next.bundle(), &old.cert_pem));
+    // The configurations' bundle, read twice over (two webhooks), plus an expired CA.
+    let expired = new_ca(now - time::Duration::days(3), Duration::from_secs(86400)).unwrap();
+    keep_trusted(
+        &mut next,
+        &format!("{trusted}{trusted}{}", expired.cert_pem),
+        later,
+        &s,
+    );
+    let bundle = next.bundle();
+    assert!(
+        trusts(&bundle, &old.cert_pem),
+        "the old replica is still trusted"
+    );
+    assert!(
+        trusts(&bundle, &next.cert_pem),
+        "the new certificate is trusted"
+    );
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "each CA once, no expired one"
+    );
+    assert_eq!(
+        Stored::from_secret(&next.to_secret("ns", "s")).unwrap(),
+        next
+    );
+    // Every replica has read the new Secret after --ca-overlap: the old CA goes.
+    let (p, after) = step(later + time::Duration::seconds(61), next.clone(), &s);
+    assert_eq!(p, Plan::DropPreviousCa);
+    assert!(!trusts(&after.bundle(), &old.cert_pem));
+    assert!(trusts(&after.bundle(), &after.cert_pem));
+    // Nothing else trusted (a first install): nothing kept.
+    let mut first = carry_out(Plan::Create, later, None, &s).unwrap().unwrap();
+    keep_trusted(&mut first, "", later, &s);
+    assert!(first.previous_ca.is_none());
+    // A racing replica adds its CA without taking out the other's.
+    let merged = merged_bundle(
+        &first.bundle(),
+        &format!("{bundle}{}", expired.cert_pem),
+        later,
+    );
+    assert!(
+        trusts(&merged, &old.cert_pem)
+            && trusts(&merged, &next.cert_pem)
+            && trusts(&merged, &first.cert_pem)
+    );
+    assert_eq!(merged.matches("BEGIN CERTIFICATE").count(), 3);
 }

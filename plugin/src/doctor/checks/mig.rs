@@ -1,5 +1,7 @@
 //! MIG layout changes and paused gates.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
 use super::*;
 
 pub(super) fn mig_failed(s: &Snapshot) -> Vec<Finding> {
@@ -43,18 +45,22 @@ pub(super) fn mig_failed(s: &Snapshot) -> Vec<Finding> {
 
 /// When the MIG state label was last written, from the node's managedFields.
 pub(super) fn mig_state_written(n: &Node) -> Option<Timestamp> {
-    let needle = format!("f:{}", label::MIG_CONFIG_STATE);
     n.metadata
         .managed_fields
         .iter()
         .flatten()
-        .filter(|m| {
-            m.fields_v1
-                .as_ref()
-                .is_some_and(|f| f.0.to_string().contains(&needle))
-        })
+        .filter(|m| writes_mig_state(m))
         .filter_map(|m| m.time.as_ref().map(|t| t.0))
         .max()
+}
+
+/// A managedFields entry that owns the MIG state label: the only entries a check reads (the
+/// snapshot keeps these and drops the rest).
+pub fn writes_mig_state(m: &ManagedFieldsEntry) -> bool {
+    let needle = format!("f:{}", label::MIG_CONFIG_STATE);
+    m.fields_v1
+        .as_ref()
+        .is_some_and(|f| f.0.to_string().contains(&needle))
 }
 
 /// How long a MIG change may stay pending before it is a warning.

@@ -38,6 +38,8 @@ use nodes::*;
 use rollout::*;
 use workloads::*;
 
+pub use mig::writes_mig_state;
+
 /// One check: its id, the worst severity it reports, what it looks for, and the function.
 pub struct Check {
     pub id: &'static str,
