@@ -144,10 +144,11 @@ pub struct ClusterPolicySpec {
     /// Paths on the host the operands need.
     pub host_paths: HostPathsSpec,
     /// Pod Security admission: label the operator's namespace `privileged` (its operands are).
+    /// Kept, not applied to the namespace yet.
     pub psa: PsaSpec,
-    /// GPUDirect Storage: the driver pod also loads `nvidia-fs`.
+    /// GPUDirect Storage: the driver pod also loads `nvidia-fs`. Kept, not rendered yet.
     pub gds: GdsSpec,
-    /// GDRCopy: the driver pod also loads `gdrdrv`.
+    /// GDRCopy: the driver pod also loads `gdrdrv`. Kept, not rendered yet.
     pub gdrcopy: GdrcopySpec,
     /// NVIDIA's standalone DCGM hostengine: accepted, not run (dcgm-exporter embeds DCGM).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -417,7 +418,7 @@ component! {
         /// Which kernel modules the driver container loads.
         kernel_module_type: KernelModuleType = KernelModuleType::Auto,
         /// Use NVIDIA's precompiled driver images (tag `<branch>-<kernel>-<os>`), one DaemonSet
-        /// per kernel version found on the GPU nodes.
+        /// per kernel version found on the GPU nodes. Kept, not rendered yet.
         use_precompiled: bool = false,
         /// Deprecated by NVIDIA in favour of kernelModuleType, and ignored (as by NVIDIA).
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -426,30 +427,30 @@ component! {
         #[serde(rename = "useNvidiaDriverCRD", skip_serializing_if = "Option::is_none")]
         #[schemars(extend("x-kubernetes-validations" = [{"rule": "!self", "message": DRIVER_CRD_REFUSAL, "reason": "FieldValueForbidden"}]))]
         use_nvidia_driver_crd: Option<bool> = None,
-        /// Timing of the driver container's startup probe (`nvidia-smi`).
+        /// Timing of the driver container's startup probe (`nvidia-smi`). Kept, not rendered yet.
         startup_probe: ContainerProbeSpec = ContainerProbeSpec::driver_startup(),
-        /// Timing of a liveness probe (`nvidia-smi`); none when unset.
+        /// Timing of a liveness probe (`nvidia-smi`); none when unset. Kept, not rendered yet.
         #[serde(skip_serializing_if = "Option::is_none")]
         liveness_probe: Option<ContainerProbeSpec> = None,
-        /// Timing of a readiness probe (`nvidia-smi`); none when unset.
+        /// Timing of a readiness probe (`nvidia-smi`); none when unset. Kept, not rendered yet.
         #[serde(skip_serializing_if = "Option::is_none")]
         readiness_probe: Option<ContainerProbeSpec> = None,
-        /// GPUDirect RDMA (`nvidia-peermem`).
+        /// GPUDirect RDMA (`nvidia-peermem`). Kept, not rendered yet.
         rdma: GpuDirectRdmaSpec = GpuDirectRdmaSpec::default(),
         /// How driver upgrades roll across nodes: kept for the driver upgrade flow.
         #[serde(skip_serializing_if = "Option::is_none")]
         upgrade_policy: Option<DriverUpgradePolicySpec> = None,
-        /// NVIDIA's driver manager, the driver pod's init container.
+        /// NVIDIA's driver manager, the driver pod's init container. Kept, not rendered yet.
         manager: DriverManagerSpec = DriverManagerSpec::default(),
-        /// Package repository files for the driver container.
+        /// Package repository files for the driver container. Kept, not rendered yet.
         repo_config: DriverRepoConfigSpec = DriverRepoConfigSpec::default(),
-        /// CA certificates for the driver container.
+        /// CA certificates for the driver container. Kept, not rendered yet.
         cert_config: DriverCertConfigSpec = DriverCertConfigSpec::default(),
-        /// vGPU guest licensing.
+        /// vGPU guest licensing. Kept, not rendered yet.
         licensing_config: DriverLicensingConfigSpec = DriverLicensingConfigSpec::default(),
-        /// vGPU guest topology daemon configuration.
+        /// vGPU guest topology daemon configuration. Kept, not rendered yet.
         virtual_topology: VirtualTopologyConfigSpec = VirtualTopologyConfigSpec::default(),
-        /// Kernel module parameters.
+        /// Kernel module parameters. Kept, not rendered yet.
         kernel_module_config: KernelModuleConfigSpec = KernelModuleConfigSpec::default(),
     }
 }
@@ -502,11 +503,12 @@ component! {
         /// (`dcgm-metrics.csv`).
         #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.default == '' || self.name != ''", "message": "config.default names an entry of the ConfigMap in config.name: set config.name too", "fieldPath": ".name", "reason": "FieldValueRequired"}]))]
         config: ConfigRef = ConfigRef::default(),
-        /// The Service in front of the exporters.
+        /// The Service in front of the exporters. Kept, not created yet.
         service: DcgmExporterServiceSpec = DcgmExporterServiceSpec::default(),
-        /// A Prometheus operator ServiceMonitor for that Service.
+        /// A Prometheus operator ServiceMonitor for that Service. Kept, not created yet.
         service_monitor: DcgmExporterServiceMonitorSpec = DcgmExporterServiceMonitorSpec::default(),
         /// Run the exporters in the host's network namespace (to reach a DCGM on the host).
+        /// Kept, not rendered yet.
         host_network: bool = false,
     }
 }
@@ -540,7 +542,7 @@ component! {
             default: "all-disabled".into(),
         },
         /// A ConfigMap naming the host services and pods that hold GPUs and must stop while the
-        /// MIG layout changes (mig-parted's `clients.yaml`).
+        /// MIG layout changes (mig-parted's `clients.yaml`). Kept, not used by the MIG manager yet.
         gpu_clients_config: GpuClientsConfigRef = GpuClientsConfigRef::default(),
     }
 }
@@ -555,10 +557,12 @@ component! {
         replaces: ["gpu-operator-validator"],
     }
     extra {
-        /// Environment of the driver validation (the validator's main container).
+        /// Environment of the driver validation (the validator's main container). Kept, not
+        /// rendered yet.
         #[serde(skip_serializing_if = "Option::is_none")]
         driver: Option<ValidatorEnv> = None,
-        /// Environment of the toolkit validation (the validator's init container).
+        /// Environment of the toolkit validation (the validator's init container). Kept, not
+        /// rendered yet.
         #[serde(skip_serializing_if = "Option::is_none")]
         toolkit: Option<ValidatorEnv> = None,
         /// NVIDIA's device-plugin validation workload: accepted, not used (gpu-pilot validates

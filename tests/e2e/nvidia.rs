@@ -240,7 +240,7 @@ async fn values_accepted(cluster: Arc<Cluster>) -> anyhow::Result<()> {
             .unwrap_or(Value::Null);
         if matches!(
             does,
-            Does::Implemented(_) | Does::Mapped(_) | Does::Ignored(_)
+            Does::Implemented(_) | Does::Mapped(_) | Does::Ignored(_) | Does::NotRenderedYet(_)
         ) && let Some((object, pointer, want)) = target(key, &value, "gpu-operator")
         {
             let got = objects.get(&object).and_then(|o| o.pointer(&pointer));

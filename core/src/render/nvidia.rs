@@ -4,6 +4,10 @@
 //! namespace. Pure: the policy (and what the cluster says about the nodes and ConfigMaps) in,
 //! JSON out; shaped as NVIDIA's operator renders them (its `assets/state-driver` and
 //! `state-dcgm-exporter`).
+//!
+//! Not wired in yet: nothing in the operands' render, the controller or install calls these
+//! builders, so the fields they read are accepted and kept in the policy but change no object
+//! (docs/nvidia-values.md says "accepted, kept, not rendered yet" for each).
 
 use std::collections::BTreeMap;
 

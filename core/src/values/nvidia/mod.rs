@@ -119,7 +119,7 @@ pub fn add_chart_keys(properties: &mut Map<String, Value>) {
         "node-feature-discovery".into(),
         json!({
             "type": "object",
-            "description": "Values of NVIDIA's node-feature-discovery subchart. gpu-pilot's node detector reads worker.tolerations, worker.nodeSelector, priorityClassName and worker.config.sources.pci.deviceClassWhitelist; the rest is kept and unused.",
+            "description": "Values of NVIDIA's node-feature-discovery subchart. worker.tolerations, worker.nodeSelector, priorityClassName and worker.config.sources.pci.deviceClassWhitelist are kept for gpu-pilot's node detector, which is not deployed yet; the rest is kept and unused.",
         }),
     );
     properties.insert(

@@ -13,6 +13,10 @@ pub enum Does {
     Mapped(&'static str),
     /// Accepted and kept (in the values, and in the ClusterPolicy when it is a field), no effect.
     Ignored(&'static str),
+    /// Accepted and kept in the ClusterPolicy (or the values) for what NVIDIA's chart does with
+    /// it, which gpu-pilot does not do yet: nothing it renders reads the key (the text says what
+    /// is missing).
+    NotRenderedYet(&'static str),
     /// Accepted while off, as NVIDIA's defaults leave it; refused when on.
     RefusedWhenOn(Family),
 }
@@ -23,13 +27,16 @@ impl Does {
             Does::Implemented(_) => "implemented",
             Does::Mapped(_) => "mapped",
             Does::Ignored(_) => "accepted, ignored",
+            Does::NotRenderedYet(_) => "accepted, kept, not rendered yet",
             Does::RefusedWhenOn(_) => "refused when enabled",
         }
     }
 
     pub fn text(self) -> String {
         match self {
-            Does::Implemented(t) | Does::Mapped(t) | Does::Ignored(t) => t.to_string(),
+            Does::Implemented(t) | Does::Mapped(t) | Does::Ignored(t) | Does::NotRenderedYet(t) => {
+                t.to_string()
+            }
             Does::RefusedWhenOn(f) => format!("family not supported: {}", f.describe()),
         }
     }
@@ -46,7 +53,7 @@ const fn rule(pattern: &'static str, does: Does) -> Rule {
     Rule { pattern, does }
 }
 
-use Does::{Ignored, Implemented, Mapped, RefusedWhenOn};
+use Does::{Ignored, Implemented, Mapped, NotRenderedYet, RefusedWhenOn};
 
 const SANDBOX: Does = RefusedWhenOn(Family::SandboxWorkloads);
 const SANDBOX_PART: Does = Ignored(
@@ -63,8 +70,8 @@ pub const RULES: &[Rule] = &[
     rule("platform.openshift", RefusedWhenOn(Family::OpenShift)),
     rule(
         "nfd.enabled",
-        Mapped(
-            "true: gpu-pilot deploys its node detector (a DaemonSet of the agent image on every node) in place of NFD's worker; it labels nodes with an NVIDIA display or 3D controller nvidia.com/gpu.present=true. NFD labels already on nodes are used too. false: neither is deployed",
+        NotRenderedYet(
+            "true in NVIDIA's chart deploys NFD; gpu-pilot deploys neither NFD nor its own node detector yet (the agent's PCI scan for it, agent/src/detect.rs, is written but no DaemonSet runs it). GPU nodes are found from NFD's PCI labels already on the nodes, or nvidia.com/gpu.present=true set by someone else",
         ),
     ),
     rule(
@@ -73,24 +80,32 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "node-feature-discovery.priorityClassName",
-        Mapped("priorityClassName of gpu-pilot's node detector"),
+        NotRenderedYet(
+            "kept in the values as the priorityClassName of gpu-pilot's node detector, which is not deployed yet",
+        ),
     ),
     rule(
         "node-feature-discovery.worker.tolerations",
-        Mapped("tolerations of gpu-pilot's node detector"),
+        NotRenderedYet(
+            "kept in the values as the tolerations of gpu-pilot's node detector, which is not deployed yet",
+        ),
     ),
     rule(
         "node-feature-discovery.worker.nodeSelector",
-        Mapped("nodeSelector of gpu-pilot's node detector"),
+        NotRenderedYet(
+            "kept in the values as the nodeSelector of gpu-pilot's node detector, which is not deployed yet",
+        ),
     ),
     rule(
         "node-feature-discovery.worker.config.sources.pci.deviceClassWhitelist",
-        Mapped("the PCI classes (of vendor 10de) gpu-pilot's node detector counts as a GPU"),
+        NotRenderedYet(
+            "kept in the values as the PCI classes (of vendor 10de) gpu-pilot's node detector is to count as a GPU; the detector is not deployed yet",
+        ),
     ),
     rule(
         "node-feature-discovery",
         Ignored(
-            "values of NFD's own chart: gpu-pilot deploys no NFD master, worker or garbage collector (its node detector does the GPU part)",
+            "values of NFD's own chart: gpu-pilot deploys no NFD master, worker or garbage collector",
         ),
     ),
     rule(
@@ -103,8 +118,8 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "psa.enabled",
-        Implemented(
-            "the operator's namespace gets pod-security.kubernetes.io/enforce, audit and warn = privileged",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name; the namespace's pod-security.kubernetes.io/enforce, audit and warn = privileged labels are built (render::nvidia::psa_labels) but not applied to the namespace yet",
         ),
     ),
     rule(
@@ -234,8 +249,8 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "driver.usePrecompiled",
-        Implemented(
-            "ClusterPolicy field of the same name: one driver DaemonSet per kernel version of the GPU nodes, image tag <branch>-<kernel>-<os> as NVIDIA derives it",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name; the precompiled image tag <branch>-<kernel>-<os> is derived as NVIDIA does (policy::driver_image), but the driver DaemonSet is still one, with the plain image: no DaemonSet per kernel yet",
         ),
     ),
     rule(
@@ -244,38 +259,38 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "driver.{startupProbe,livenessProbe,readinessProbe}",
-        Implemented(
-            "ClusterPolicy field of the same name: the driver container's nvidia-smi probes",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for the driver container's nvidia-smi probes; the driver pod's parts are built (render::nvidia::driver_pod_parts) but the driver DaemonSet does not use them yet",
         ),
     ),
     rule(
         "driver.manager",
-        Implemented(
-            "ClusterPolicy field of the same name: NVIDIA's k8s-driver-manager as the driver pod's init container, with these settings",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for NVIDIA's k8s-driver-manager as the driver pod's init container; the driver pod's parts are built (render::nvidia::driver_pod_parts) but the driver DaemonSet does not use them yet",
         ),
     ),
     rule(
         "driver.rdma.enabled",
-        Implemented(
-            "ClusterPolicy field of the same name: the driver pod's nvidia-peermem container",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for the driver pod's nvidia-peermem container; the driver pod's parts are built (render::nvidia::driver_pod_parts) but the driver DaemonSet does not use them yet",
         ),
     ),
     rule(
         "driver.rdma.useHostMofed",
-        Implemented(
-            "ClusterPolicy field of the same name: the peermem container uses the host's MOFED",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for the peermem container on the host's MOFED; the driver pod's parts are built (render::nvidia::driver_pod_parts) but the driver DaemonSet does not use them yet",
         ),
     ),
     rule(
         "driver.{repoConfig,certConfig,kernelModuleConfig}",
-        Implemented(
-            "ClusterPolicy field of the same name: the ConfigMap's files mounted into the driver container where NVIDIA's operator mounts them",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for the ConfigMap's files in the driver container where NVIDIA's operator mounts them; the driver pod's parts are built (render::nvidia::driver_pod_parts) but the driver DaemonSet does not use them yet",
         ),
     ),
     rule(
         "driver.{licensingConfig,virtualTopology}",
-        Implemented(
-            "ClusterPolicy field of the same name: vGPU guest licensing and topology files mounted into the driver container where NVIDIA's operator mounts them",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for vGPU guest licensing and topology files in the driver container where NVIDIA's operator mounts them; the driver pod's parts are built (render::nvidia::driver_pod_parts) but the driver DaemonSet does not use them yet",
         ),
     ),
     rule(
@@ -284,13 +299,15 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "{gds,gdrcopy}.enabled",
-        Implemented(
-            "ClusterPolicy field of the same name: a container of the driver pod loads nvidia-fs (gds) or gdrdrv (gdrcopy)",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for a container of the driver pod that loads nvidia-fs (gds) or gdrdrv (gdrcopy); the driver pod's parts are built (render::nvidia::driver_pod_parts) but the driver DaemonSet does not use them yet",
         ),
     ),
     rule(
         "{gds,gdrcopy}.{repository,image,version,imagePullPolicy,imagePullSecrets,env,args,resources}",
-        Implemented("ClusterPolicy field of the same name: that container"),
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for that container; the driver pod's parts are built (render::nvidia::driver_pod_parts) but the driver DaemonSet does not use them yet",
+        ),
     ),
     // The toolkit and dcgm-exporter: NVIDIA's images, run by gpu-pilot.
     rule(
@@ -298,7 +315,13 @@ pub const RULES: &[Rule] = &[
         Implemented("ClusterPolicy field of the same name: the toolkit DaemonSet (NVIDIA's image)"),
     ),
     rule(
-        "dcgmExporter.{enabled,repository,image,version,imagePullPolicy,imagePullSecrets,env,args,resources,hostNetwork}",
+        "dcgmExporter.hostNetwork",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name; the dcgm-exporter DaemonSet does not set hostNetwork from it yet",
+        ),
+    ),
+    rule(
+        "dcgmExporter.{enabled,repository,image,version,imagePullPolicy,imagePullSecrets,env,args,resources}",
         Implemented(
             "ClusterPolicy field of the same name: the dcgm-exporter DaemonSet (NVIDIA's image)",
         ),
@@ -315,12 +338,14 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "dcgmExporter.service",
-        Implemented("ClusterPolicy field of the same name: the Service in front of the exporters"),
+        NotRenderedYet(
+            "ClusterPolicy field of the same name; the Service in front of the exporters is built (render::nvidia::dcgm_exporter_service) but the controller does not create it yet",
+        ),
     ),
     rule(
         "dcgmExporter.serviceMonitor",
-        Implemented(
-            "ClusterPolicy field of the same name: a Prometheus operator ServiceMonitor for that Service",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name; the Prometheus operator ServiceMonitor is built (render::nvidia::dcgm_exporter_service_monitor) but the controller does not create it yet",
         ),
     ),
     // Components the agent serves.
@@ -371,8 +396,8 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "migManager.gpuClientsConfig.name",
-        Implemented(
-            "ClusterPolicy field of the same name: the host services in its clients.yaml are stopped while a MIG layout changes, and started again",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for stopping the host services in its clients.yaml while a MIG layout changes; the agent can read the file (agent/src/gpu_clients.rs) but the MIG manager neither mounts the ConfigMap nor stops them yet",
         ),
     ),
     rule("validator.{repository,image,version}", AGENT_IMAGE),
@@ -382,14 +407,14 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "validator.driver.env",
-        Implemented(
-            "ClusterPolicy field of the same name: the driver validation (the validator's main container)",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for the driver validation (the validator's main container); not set on it yet",
         ),
     ),
     rule(
         "validator.toolkit.env",
-        Implemented(
-            "ClusterPolicy field of the same name: the toolkit validation (the validator's init container)",
+        NotRenderedYet(
+            "ClusterPolicy field of the same name, for the toolkit validation (the validator's init container); not set on it yet",
         ),
     ),
     rule(
@@ -622,6 +647,7 @@ pub fn markdown(nvidia_values: &Value, module: &str) -> String {
         "implemented",
         "mapped",
         "accepted, ignored",
+        "accepted, kept, not rendered yet",
         "refused when enabled",
     ];
     let mut out = String::from(
@@ -629,7 +655,9 @@ pub fn markdown(nvidia_values: &Value, module: &str) -> String {
          `kubectl gpu install -f` and `helm install -f` take NVIDIA's chart values file as it is. \
          This is what each of its keys does in gpu-pilot: *implemented* (what NVIDIA's chart does \
          with it, gpu-pilot does), *mapped* (NVIDIA's meaning, reached another way), *accepted, \
-         ignored* (kept, and why it changes nothing), or *refused when enabled* (a family \
+         ignored* (kept, and why it changes nothing), *accepted, kept, not rendered yet* (kept \
+         for what NVIDIA's chart does with it, which gpu-pilot does not do yet: nothing it \
+         renders reads the key), or *refused when enabled* (a family \
          gpu-pilot does not run: NVIDIA's default, off, passes; on is an error naming the \
          family). Keys of policy sections are also fields of gpu-pilot's ClusterPolicy under the \
          same names, so NVIDIA's ClusterPolicy carries over as well.\n\n",
