@@ -279,7 +279,33 @@ pub fn notices(tree: &Value, spec: &ClusterPolicySpec) -> Vec<String> {
     for (field, why) in gpu_pilot_api::policy::inert(spec) {
         out.push(format!("{field}=true is accepted and does nothing: {why}"));
     }
+    for key in not_rendered_switches_on(spec) {
+        if let Some(does) = table::lookup(key) {
+            out.push(format!("{key}=true is {}: {}", does.kind(), does.text()));
+        }
+    }
     out
+}
+
+/// The switches NVIDIA's operator acts on, turned on in `spec`, that gpu-pilot keeps but renders
+/// nothing for yet (the key table says "accepted, kept, not rendered yet" of each).
+fn not_rendered_switches_on(spec: &ClusterPolicySpec) -> Vec<&'static str> {
+    use gpu_pilot_api::policy::OperandSpec;
+    [
+        ("psa.enabled", spec.psa.enabled),
+        ("gds.enabled", spec.gds.enabled()),
+        ("gdrcopy.enabled", spec.gdrcopy.enabled()),
+        ("driver.rdma.enabled", spec.driver.rdma.enabled),
+        ("driver.usePrecompiled", spec.driver.use_precompiled),
+        (
+            "dcgmExporter.serviceMonitor.enabled",
+            spec.dcgm_exporter.service_monitor.enabled,
+        ),
+        ("dcgmExporter.hostNetwork", spec.dcgm_exporter.host_network),
+    ]
+    .into_iter()
+    .filter_map(|(key, on)| on.then_some(key))
+    .collect()
 }
 
 /// NVIDIA's values.yaml (or any values file) as a JSON tree.
@@ -310,6 +336,33 @@ mod tests {
                 "driver": {"useNvidiaDriverCRD": false, "upgradePolicy": {"podDeletion": {"force": true}}},
             })
         );
+    }
+
+    #[test]
+    fn switches_not_rendered_yet_are_said_when_on() {
+        let spec = ClusterPolicySpec::default();
+        assert!(not_rendered_switches_on(&spec).is_empty());
+        let spec: ClusterPolicySpec = serde_json::from_value(json!({
+            "psa": {"enabled": true},
+            "gds": {"enabled": true},
+            "dcgmExporter": {"serviceMonitor": {"enabled": true}, "hostNetwork": true},
+        }))
+        .expect("a spec");
+        let said = notices(&json!({}), &spec);
+        for key in [
+            "psa.enabled",
+            "gds.enabled",
+            "dcgmExporter.serviceMonitor.enabled",
+            "dcgmExporter.hostNetwork",
+        ] {
+            assert!(
+                said.iter()
+                    .any(|n| n
+                        .starts_with(&format!("{key}=true is accepted, kept, not rendered yet: "))),
+                "{key}: {said:?}"
+            );
+        }
+        assert!(!said.iter().any(|n| n.starts_with("gdrcopy.")), "{said:?}");
     }
 
     #[test]
