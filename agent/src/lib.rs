@@ -10,6 +10,8 @@
 
 pub mod agent;
 pub mod backend;
+pub mod detect;
+pub mod gpu_clients;
 pub mod health;
 pub mod inventory;
 pub mod labels;

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -109,6 +110,14 @@ fn annotation_map(_: &mut SchemaGenerator) -> Schema {
     )
 )]
 #[serde(rename_all = "camelCase", default)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.sandboxWorkloads) || !has(self.sandboxWorkloads.enabled) || !self.sandboxWorkloads.enabled",
+        "message": SANDBOX_REFUSAL,
+        "fieldPath": ".sandboxWorkloads.enabled",
+        "reason": "FieldValueForbidden"
+    }
+]))]
 pub struct ClusterPolicySpec {
     /// Cluster-wide settings of the operator itself.
     pub operator: OperatorSpec,
@@ -134,6 +143,84 @@ pub struct ClusterPolicySpec {
     pub cdi: CdiSpec,
     /// Paths on the host the operands need.
     pub host_paths: HostPathsSpec,
+    /// Pod Security admission: label the operator's namespace `privileged` (its operands are).
+    /// Kept, not applied to the namespace yet.
+    pub psa: PsaSpec,
+    /// GPUDirect Storage: the driver pod also loads `nvidia-fs`. Kept, not rendered yet.
+    pub gds: GdsSpec,
+    /// GDRCopy: the driver pod also loads `gdrdrv`. Kept, not rendered yet.
+    pub gdrcopy: GdrcopySpec,
+    /// NVIDIA's standalone DCGM hostengine: accepted, not run (dcgm-exporter embeds DCGM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dcgm: Option<DcgmSpec>,
+    /// NVIDIA's node status exporter: accepted, not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_status_exporter: Option<NodeStatusExporterSpec>,
+    /// PodSecurityPolicy (removed in Kubernetes 1.25): accepted, not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psp: Option<PspSpec>,
+    /// GPUs for virtual machines: not supported; `enabled: true` is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox_workloads: Option<SandboxWorkloadsSpec>,
+    /// Sandbox workloads only: accepted, not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vfio_manager: Option<VfioManagerSpec>,
+    /// Sandbox workloads only: accepted, not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox_device_plugin: Option<SandboxDevicePluginSpec>,
+    /// Sandbox workloads only: accepted, not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vgpu_manager: Option<VgpuManagerSpec>,
+    /// Sandbox workloads only: accepted, not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vgpu_device_manager: Option<VgpuDeviceManagerSpec>,
+    /// Sandbox workloads only: accepted, not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kata_manager: Option<KataManagerSpec>,
+    /// Sandbox workloads only: accepted, not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cc_manager: Option<CcManagerSpec>,
+}
+
+/// An environment variable as NVIDIA's ClusterPolicy spells it: a name and a literal value.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NameValue {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+}
+
+/// Resources as NVIDIA's ClusterPolicy spells them: limits and requests only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NvidiaResources {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "terse::<BTreeMap<String, Quantity>>")]
+    pub limits: BTreeMap<String, Quantity>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "terse::<BTreeMap<String, Quantity>>")]
+    pub requests: BTreeMap<String, Quantity>,
+}
+
+/// The schema of one of Kubernetes' own types (EnvVar, ResourceRequirements, Toleration,
+/// Quantity) without its descriptions: `kubectl explain pod.spec.containers` has them, and with
+/// a copy per component the CRD would outgrow the 256 KiB a client-side `kubectl apply` can keep
+/// in its annotation. The field's own description stays.
+pub fn terse<T: JsonSchema>(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(o) => {
+                o.remove("description");
+                o.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut value = generator.subschema_for::<T>().to_value();
+    strip(&mut value);
+    schemars::Schema::try_from(value).expect("a schema stays a schema without descriptions")
 }
 
 /// Image pull policy, as in a Pod.
@@ -167,10 +254,31 @@ pub trait OperandSpec {
     fn args(&self) -> &[String];
     fn env(&self) -> &[EnvVar];
 
-    /// The full image reference the DaemonSet runs, or `None` when none can be formed.
+    /// NVIDIA's images for this component that gpu-pilot runs its own in place of (the agent
+    /// serves NVIDIA's device plugin, GFD, MIG manager and validator).
+    fn replaced_images(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The image of the component's defaults.
+    fn default_image_reference(&self) -> Option<String>;
+
+    /// The full image reference the DaemonSet runs, or `None` when none can be formed. A
+    /// policy taken from NVIDIA's operator names NVIDIA's image for components gpu-pilot's agent
+    /// serves: that means the agent image.
     fn image_reference(&self) -> Option<String> {
+        if names_image(self.image(), self.replaced_images()) {
+            return self.default_image_reference();
+        }
         image_reference(self.repository(), self.image(), self.version())
     }
+}
+
+/// True when `image` (a name, or a reference with registry, tag or digest) is one of `names`.
+pub fn names_image(image: &str, names: &[&str]) -> bool {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    let name = last.split(':').next().unwrap_or(last);
+    names.contains(&name)
 }
 
 /// Builds an image reference the way NVIDIA's operator does: `image` may already be a full
@@ -208,7 +316,8 @@ macro_rules! component {
             enabled: $enabled:expr,
             repository: $repo:expr,
             image: $image:expr,
-            version: $version:expr $(,)?
+            version: $version:expr
+            $(, replaces: [$($nvidia:expr),* $(,)?])? $(,)?
         }
         $( extra { $( $(#[$fdoc:meta])* $field:ident : $ty:ty = $default:expr ),* $(,)? } )?
     ) => {
@@ -249,6 +358,7 @@ macro_rules! component {
             pub image_pull_secrets: Vec<String>,
             /// CPU and memory for the component's containers.
             #[serde(skip_serializing_if = "Option::is_none")]
+            #[schemars(schema_with = "terse::<Option<ResourceRequirements>>")]
             pub resources: Option<ResourceRequirements>,
             /// Extra arguments for the component's main container.
             #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -256,7 +366,7 @@ macro_rules! component {
             pub args: Vec<String>,
             /// Extra environment variables for the component's main container.
             #[serde(skip_serializing_if = "Vec::is_empty")]
-            #[schemars(length(max = bounds::MAX_ITEMS))]
+            #[schemars(schema_with = "terse::<Vec<EnvVar>>", length(max = bounds::MAX_ITEMS))]
             pub env: Vec<EnvVar>,
             $($( $(#[$fdoc])* pub $field: $ty, )*)?
         }
@@ -288,6 +398,10 @@ macro_rules! component {
             fn resources(&self) -> Option<&ResourceRequirements> { self.resources.as_ref() }
             fn args(&self) -> &[String] { &self.args }
             fn env(&self) -> &[EnvVar] { &self.env }
+            fn replaced_images(&self) -> &'static [&'static str] { &[$($($nvidia),*)?] }
+            fn default_image_reference(&self) -> Option<String> {
+                Self::default().image_reference()
+            }
         }
     };
 }
@@ -303,6 +417,41 @@ component! {
     extra {
         /// Which kernel modules the driver container loads.
         kernel_module_type: KernelModuleType = KernelModuleType::Auto,
+        /// Use NVIDIA's precompiled driver images (tag `<branch>-<kernel>-<os>`), one DaemonSet
+        /// per kernel version found on the GPU nodes. Kept, not rendered yet.
+        use_precompiled: bool = false,
+        /// Deprecated by NVIDIA in favour of kernelModuleType, and ignored (as by NVIDIA).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        use_open_kernel_modules: Option<bool> = None,
+        /// NVIDIA's NVIDIADriver custom resource: not supported, `true` is refused.
+        #[serde(rename = "useNvidiaDriverCRD", skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("x-kubernetes-validations" = [{"rule": "!self", "message": DRIVER_CRD_REFUSAL, "reason": "FieldValueForbidden"}]))]
+        use_nvidia_driver_crd: Option<bool> = None,
+        /// Timing of the driver container's startup probe (`nvidia-smi`). Kept, not rendered yet.
+        startup_probe: ContainerProbeSpec = ContainerProbeSpec::driver_startup(),
+        /// Timing of a liveness probe (`nvidia-smi`); none when unset. Kept, not rendered yet.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        liveness_probe: Option<ContainerProbeSpec> = None,
+        /// Timing of a readiness probe (`nvidia-smi`); none when unset. Kept, not rendered yet.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        readiness_probe: Option<ContainerProbeSpec> = None,
+        /// GPUDirect RDMA (`nvidia-peermem`). Kept, not rendered yet.
+        rdma: GpuDirectRdmaSpec = GpuDirectRdmaSpec::default(),
+        /// How driver upgrades roll across nodes: kept for the driver upgrade flow.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        upgrade_policy: Option<DriverUpgradePolicySpec> = None,
+        /// NVIDIA's driver manager, the driver pod's init container. Kept, not rendered yet.
+        manager: DriverManagerSpec = DriverManagerSpec::default(),
+        /// Package repository files for the driver container. Kept, not rendered yet.
+        repo_config: DriverRepoConfigSpec = DriverRepoConfigSpec::default(),
+        /// CA certificates for the driver container. Kept, not rendered yet.
+        cert_config: DriverCertConfigSpec = DriverCertConfigSpec::default(),
+        /// vGPU guest licensing. Kept, not rendered yet.
+        licensing_config: DriverLicensingConfigSpec = DriverLicensingConfigSpec::default(),
+        /// vGPU guest topology daemon configuration. Kept, not rendered yet.
+        virtual_topology: VirtualTopologyConfigSpec = VirtualTopologyConfigSpec::default(),
+        /// Kernel module parameters. Kept, not rendered yet.
+        kernel_module_config: KernelModuleConfigSpec = KernelModuleConfigSpec::default(),
     }
 }
 
@@ -329,10 +478,15 @@ component! {
         repository: GPU_PILOT_REPOSITORY,
         image: AGENT_IMAGE,
         version: concat!("v", env!("CARGO_PKG_VERSION")),
+        replaces: ["k8s-device-plugin"],
     }
     extra {
         /// Time-slicing and other device-plugin settings from a ConfigMap.
+        #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.default == '' || self.name != ''", "message": "config.default names an entry of the ConfigMap in config.name: set config.name too", "fieldPath": ".name", "reason": "FieldValueRequired"}]))]
         config: ConfigRef = ConfigRef::default(),
+        /// NVIDIA's MPS settings: accepted, not used (gpu-pilot shares GPUs by time-slicing).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mps: Option<MpsSpec> = None,
     }
 }
 
@@ -345,8 +499,17 @@ component! {
         version: "4.2.3-4.1.3-ubuntu22.04",
     }
     extra {
-        /// A ConfigMap with the metrics to collect, in dcgm-exporter's CSV format.
+        /// A ConfigMap with the metrics to collect, in dcgm-exporter's CSV format
+        /// (`dcgm-metrics.csv`).
+        #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.default == '' || self.name != ''", "message": "config.default names an entry of the ConfigMap in config.name: set config.name too", "fieldPath": ".name", "reason": "FieldValueRequired"}]))]
         config: ConfigRef = ConfigRef::default(),
+        /// The Service in front of the exporters. Kept, not created yet.
+        service: DcgmExporterServiceSpec = DcgmExporterServiceSpec::default(),
+        /// A Prometheus operator ServiceMonitor for that Service. Kept, not created yet.
+        service_monitor: DcgmExporterServiceMonitorSpec = DcgmExporterServiceMonitorSpec::default(),
+        /// Run the exporters in the host's network namespace (to reach a DCGM on the host).
+        /// Kept, not rendered yet.
+        host_network: bool = false,
     }
 }
 
@@ -357,6 +520,7 @@ component! {
         repository: GPU_PILOT_REPOSITORY,
         image: AGENT_IMAGE,
         version: concat!("v", env!("CARGO_PKG_VERSION")),
+        replaces: ["k8s-device-plugin", "gpu-feature-discovery"],
     }
 }
 
@@ -367,13 +531,19 @@ component! {
         repository: GPU_PILOT_REPOSITORY,
         image: AGENT_IMAGE,
         version: concat!("v", env!("CARGO_PKG_VERSION")),
+        replaces: ["k8s-mig-manager"],
     }
     extra {
         /// The mig-parted config (`version: v1`, `mig-configs`) and the layout applied by default.
+        /// With no name, the agent's built-in layouts (`all-disabled`, `all-enabled`,
+        /// `all-<profile>`) serve.
         config: ConfigRef = ConfigRef {
             name: "default-mig-parted-config".into(),
             default: "all-disabled".into(),
         },
+        /// A ConfigMap naming the host services and pods that hold GPUs and must stop while the
+        /// MIG layout changes (mig-parted's `clients.yaml`). Kept, not used by the MIG manager yet.
+        gpu_clients_config: GpuClientsConfigRef = GpuClientsConfigRef::default(),
     }
 }
 
@@ -384,7 +554,105 @@ component! {
         repository: GPU_PILOT_REPOSITORY,
         image: AGENT_IMAGE,
         version: concat!("v", env!("CARGO_PKG_VERSION")),
+        replaces: ["gpu-operator-validator"],
     }
+    extra {
+        /// Environment of the driver validation (the validator's main container). Kept, not
+        /// rendered yet.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        driver: Option<ValidatorEnv> = None,
+        /// Environment of the toolkit validation (the validator's init container). Kept, not
+        /// rendered yet.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        toolkit: Option<ValidatorEnv> = None,
+        /// NVIDIA's device-plugin validation workload: accepted, not used (gpu-pilot validates
+        /// the plugin from what the node advertises).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        plugin: Option<ValidatorEnv> = None,
+        /// NVIDIA's CUDA validation workload: accepted, not used.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cuda: Option<ValidatorEnv> = None,
+        /// Sandbox workloads only: accepted, not used.
+        #[serde(rename = "vfioPCI", skip_serializing_if = "Option::is_none")]
+        vfio_pci: Option<ValidatorEnv> = None,
+        /// Sandbox workloads only: accepted, not used.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        vgpu_manager: Option<ValidatorEnv> = None,
+        /// Sandbox workloads only: accepted, not used.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        vgpu_devices: Option<ValidatorEnv> = None,
+    }
+}
+
+component! {
+    /// GPUDirect Storage (`nvidia-fs`), a container of the driver pod.
+    GdsSpec {
+        enabled: false,
+        repository: "nvcr.io/nvidia/cloud-native",
+        image: "nvidia-fs",
+        version: "2.20.5",
+    }
+}
+
+component! {
+    /// GDRCopy (`gdrdrv`), a container of the driver pod.
+    GdrcopySpec {
+        enabled: false,
+        repository: "nvcr.io/nvidia/cloud-native",
+        image: "gdrdrv",
+        version: "v2.5.1",
+    }
+}
+
+mod dcgm_exporter;
+mod driver;
+mod not_run;
+
+pub use dcgm_exporter::*;
+pub use driver::*;
+pub use not_run::*;
+
+/// Extra environment for one of the validator's steps.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidatorEnv {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bounds::MAX_ITEMS))]
+    pub env: Vec<NameValue>,
+}
+
+/// NVIDIA's MPS settings of the device plugin.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MpsSpec {
+    /// MPS's folder on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub root: Option<String>,
+}
+
+/// The ConfigMap with mig-parted's `clients.yaml`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GpuClientsConfigRef {
+    /// ConfigMap name; empty means none.
+    #[schemars(length(max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self == '' || self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "gpuClientsConfig.name must be a ConfigMap name: lowercase letters, digits, '-' and '.'"
+        }
+    ]))]
+    pub name: String,
+}
+
+/// Pod Security admission.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PsaSpec {
+    /// Label the operator's namespace `pod-security.kubernetes.io/enforce=privileged` (and
+    /// audit, warn), so a cluster-wide restricted default does not refuse the operands.
+    pub enabled: bool,
 }
 
 /// Which kernel modules the driver loads.
@@ -401,14 +669,6 @@ pub enum KernelModuleType {
 /// A reference to a ConfigMap in the operator's namespace and the entry used by default.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
-#[schemars(extend("x-kubernetes-validations" = [
-    {
-        "rule": "self.default == '' || self.name != ''",
-        "message": "config.default names an entry of the ConfigMap in config.name: set config.name too",
-        "fieldPath": ".name",
-        "reason": "FieldValueRequired"
-    }
-]))]
 pub struct ConfigRef {
     /// ConfigMap name; empty means no ConfigMap.
     #[schemars(length(max = 253))]
@@ -475,6 +735,17 @@ pub struct OperatorSpec {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "annotation_map")]
     pub annotations: BTreeMap<String, String>,
+    /// NVIDIA's CUDA image for its operands' init containers: accepted, not used (gpu-pilot's
+    /// operands need none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_container: Option<InitContainerSpec>,
+    /// OpenShift's driver toolkit: accepted, not used (NVIDIA's operator ignores it off
+    /// OpenShift too).
+    #[serde(
+        rename = "use_ocp_driver_toolkit",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub use_ocp_driver_toolkit: Option<bool>,
 }
 
 impl Default for OperatorSpec {
@@ -484,6 +755,8 @@ impl Default for OperatorSpec {
             runtime_class: "nvidia".into(),
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
+            init_container: None,
+            use_ocp_driver_toolkit: None,
         }
     }
 }
@@ -509,7 +782,7 @@ pub struct DaemonsetsSpec {
     #[schemars(schema_with = "annotation_map")]
     pub annotations: BTreeMap<String, String>,
     /// Tolerations of every operand pod.
-    #[schemars(length(max = bounds::MAX_ITEMS))]
+    #[schemars(schema_with = "terse::<Vec<Toleration>>", length(max = bounds::MAX_ITEMS))]
     pub tolerations: Vec<Toleration>,
     /// PriorityClass of every operand pod (empty: none).
     #[schemars(length(max = 253))]

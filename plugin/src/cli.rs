@@ -16,7 +16,8 @@ use crate::global::Global;
   kubectl gpu install --set mig.strategy=mixed      install (or upgrade) and watch the rollout
   kubectl gpu status                                policy state and nodes per stage
   kubectl gpu doctor                                what is wrong, and how to fix it
-  kubectl gpu mig set all-1g.10gb --nodes pool=a100  change the MIG layout of some nodes",
+  kubectl gpu mig set all-1g.10gb --nodes pool=a100  change the MIG layout of some nodes
+  kubectl gpu migrate --dry-run                     take over from NVIDIA's GPU Operator (plan only)",
     arg_required_else_help = true
 )]
 pub struct Cli {
@@ -36,6 +37,9 @@ pub enum Command {
     Status(crate::status::StatusArgs),
     /// Check the cluster for everything that keeps GPUs from working, and say how to fix it.
     Doctor(crate::doctor::DoctorArgs),
+    /// Move from NVIDIA's GPU Operator: its settings as gpu-pilot values, and a takeover that
+    /// leaves running GPU pods alone.
+    Migrate(crate::migrate::MigrateArgs),
     /// MIG layouts on nodes.
     #[command(subcommand)]
     Mig(crate::mig::MigCommand),
@@ -56,6 +60,13 @@ pub enum Command {
     /// Print a CEL expression the chart reads from files/cel/ (gpu-pod or keep-on-update).
     #[command(hide = true)]
     Cel { which: String },
+    /// Print the values the chart refuses when true (charts/gpu-pilot/files/refused.yaml).
+    #[command(hide = true)]
+    RefusedKeys,
+    /// Print the table of what each key of NVIDIA's chart values does (docs/nvidia-values.md),
+    /// from NVIDIA's values.yaml.
+    #[command(hide = true)]
+    NvidiaKeys { nvidia_values: std::path::PathBuf },
 }
 
 /// Run a command; the result is the process exit code.
@@ -67,6 +78,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Status(a) => crate::status::run(&g, a).await,
         Command::Doctor(a) => crate::doctor::run(&g, a).await,
         Command::Mig(a) => crate::mig::run(&g, a).await,
+        Command::Migrate(a) => crate::migrate::run(&g, a).await,
         Command::Version(a) => crate::version::run(&g, a).await,
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
@@ -82,6 +94,24 @@ pub async fn run(cli: Cli) -> i32 {
                 "no CEL expression {which:?}; use gpu-pod or keep-on-update"
             )),
         },
+        Command::RefusedKeys => {
+            print!("{}", gpu_pilot_core::values::nvidia::refusals_yaml());
+            Ok(0)
+        }
+        Command::NvidiaKeys { nvidia_values } => {
+            gpu_pilot_core::values::nvidia::read_values_file(&nvidia_values)
+                .map_err(|e| anyhow::anyhow!(e))
+                .map(|v| {
+                    print!(
+                        "{}",
+                        gpu_pilot_core::values::nvidia::markdown(
+                            &v,
+                            &gpu_pilot_core::values::nvidia::module_of(&nvidia_values)
+                        )
+                    );
+                    0
+                })
+        }
         Command::ValuesSchema => {
             let text = serde_json::to_string_pretty(&gpu_pilot_core::values::schema())
                 .expect("the schema serializes");

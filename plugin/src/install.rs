@@ -96,6 +96,10 @@ pub fn load_values(args: &InstallArgs) -> anyhow::Result<Values> {
 
 pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
     let values = load_values(&args)?;
+    // On stderr, so `--dry-run -o yaml` output stays a clean stream of objects.
+    for notice in &values.notices {
+        eprintln!("warning: {notice}");
+    }
     let objs = render::objects(&g.namespace, &values, Include::ALL);
     if args.dry_run {
         print_objects(g.output, &objs)?;
@@ -111,22 +115,7 @@ pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
         anyhow::bail!("preflight failed: fix the errors above and run install again");
     }
 
-    out.heading(&format!(
-        "applying {} objects to {} (namespace {})",
-        objs.len(),
-        kube.server,
-        g.namespace
-    ));
-    let (created, changed, unchanged) =
-        apply_all(&kube, &objs, &values, &g.namespace, &mut out, args.timeout).await?;
-    let pruned = prune(&kube, &g.namespace, &objs).await?;
-    for p in &pruned {
-        out.line(&format!("pruned    {p} (no longer part of the install)"));
-    }
-    out.line(&format!(
-        "{created} created, {changed} changed, {unchanged} unchanged, {} pruned",
-        pruned.len()
-    ));
+    apply_and_prune(&kube, &g.namespace, &values, &objs, &mut out, args.timeout).await?;
 
     if !wait {
         out.line(
@@ -136,6 +125,34 @@ pub async fn run(g: &Global, args: InstallArgs) -> anyhow::Result<i32> {
     }
     out.heading("rollout");
     follow_rollout(&kube, &g.namespace, args.timeout, &mut out).await
+}
+
+/// Apply an install's objects in order, prune what an earlier install made and this one does not,
+/// and say what changed.
+pub async fn apply_and_prune(
+    kube: &Kube,
+    namespace: &str,
+    values: &Values,
+    objs: &[Value],
+    out: &mut Printer,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    out.heading(&format!(
+        "applying {} objects to {} (namespace {namespace})",
+        objs.len(),
+        kube.server,
+    ));
+    let (created, changed, unchanged) =
+        apply_all(kube, objs, values, namespace, out, timeout).await?;
+    let pruned = prune(kube, namespace, objs).await?;
+    for p in &pruned {
+        out.line(&format!("pruned    {p} (no longer part of the install)"));
+    }
+    out.line(&format!(
+        "{created} created, {changed} changed, {unchanged} unchanged, {} pruned",
+        pruned.len()
+    ));
+    Ok(())
 }
 
 /// Print objects for `--dry-run`.
@@ -350,7 +367,7 @@ async fn preflight(
 
 /// The objects install would apply over that someone else made (a Namespace of one's own is
 /// fine: install uses it without touching it).
-async fn foreign_objects(kube: &Kube, objs: &[Value]) -> anyhow::Result<Vec<String>> {
+pub async fn foreign_objects(kube: &Kube, objs: &[Value]) -> anyhow::Result<Vec<String>> {
     let mut foreign = Vec::new();
     for o in objs.iter().filter(|o| o["kind"] != "Namespace") {
         if objects::ownership(kube, o).await?.0 == objects::Ownership::Foreign {
@@ -490,7 +507,8 @@ async fn wait_for_webhook(
 /// Delete objects an earlier install created that this one no longer renders (a component
 /// turned off, cert-manager switched off).
 async fn prune(kube: &Kube, namespace: &str, objs: &[Value]) -> anyhow::Result<Vec<String>> {
-    let all = render::every_possible_object(namespace);
+    let mut all = render::every_possible_object(namespace);
+    all.extend(objects::values_config_maps(kube, namespace).await?);
     let wanted: std::collections::BTreeSet<String> = objs.iter().map(key).collect();
     let mut pruned = Vec::new();
     for o in all.iter().filter(|o| !wanted.contains(&key(o))) {
@@ -501,7 +519,7 @@ async fn prune(kube: &Kube, namespace: &str, objs: &[Value]) -> anyhow::Result<V
     Ok(pruned)
 }
 
-async fn follow_rollout(
+pub async fn follow_rollout(
     kube: &Kube,
     namespace: &str,
     timeout: Duration,

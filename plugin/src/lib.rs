@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod global;
 pub mod install;
 pub mod mig;
+pub mod migrate;
 pub mod status;
 pub mod ui;
 pub mod uninstall;

@@ -60,7 +60,8 @@ pub async fn run(g: &Global, a: UninstallArgs) -> anyhow::Result<i32> {
     removed += cleaned + ds;
 
     out.heading(&format!("what install created (namespace {ns})"));
-    let objs = render::every_possible_object(ns);
+    let mut objs = render::every_possible_object(ns);
+    objs.extend(objects::values_config_maps(&kube, ns).await?);
     let mut kept = Vec::new();
     for o in objs.iter().rev() {
         match o["kind"].as_str() {

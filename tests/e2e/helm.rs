@@ -473,6 +473,105 @@ fn cases(values_file: &Path) -> Vec<Case> {
     out
 }
 
+/// NVIDIA's own chart values (from its Go module), plus the keys install makes objects of: the
+/// config.create/data ConfigMaps, extraObjects, the controller's placement and logging.
+fn nvidia_values_case(dir: &Path) -> anyhow::Result<Case> {
+    let nvidia =
+        gpu_pilot_e2e::nvidia::gpu_operator_module()?.join("deployments/gpu-operator/values.yaml");
+    let extra = dir.join("nvidia-extra.yaml");
+    std::fs::write(&extra, NVIDIA_EXTRA)?;
+    let args: Vec<String> = [
+        "-f".to_string(),
+        nvidia.to_string_lossy().into_owned(),
+        "-f".to_string(),
+        extra.to_string_lossy().into_owned(),
+    ]
+    .to_vec();
+    let ns = "gpu-operator";
+    Ok(Case {
+        name: "NVIDIA's values.yaml and its chart-only keys",
+        namespace: ns,
+        kubectl_gpu: args.clone(),
+        helm: args,
+        expect: vec![
+            (
+                POLICY.into(),
+                "/spec/driver/useNvidiaDriverCRD",
+                json!(false),
+            ),
+            (
+                POLICY.into(),
+                "/spec/migManager/config/name",
+                json!("default-mig-parted-config"),
+            ),
+            (
+                deployment(ns, "gpu-pilot-controller"),
+                "/spec/template/spec/containers/0/image",
+                json!(format!("ghcr.io/gpu-pilot/gpu-pilot-controller:v{VERSION}")),
+            ),
+            (
+                deployment(ns, "gpu-pilot-controller"),
+                "/spec/template/spec/tolerations/0/key",
+                json!("node-role.kubernetes.io/master"),
+            ),
+            (
+                deployment(ns, "gpu-pilot-controller"),
+                "/spec/template/spec/priorityClassName",
+                json!("system-node-critical"),
+            ),
+            (
+                deployment(ns, "gpu-pilot-controller"),
+                "/spec/template/spec/containers/0/args/6",
+                json!("text"),
+            ),
+            (
+                format!("ConfigMap/{ns}/dp-config"),
+                "/metadata/labels/app.kubernetes.io~1component",
+                json!("values-config"),
+            ),
+            (
+                format!("ConfigMap/{ns}/dcgm-metrics"),
+                "/data/dcgm-metrics.csv",
+                json!("DCGM_FI_DEV_SM_CLOCK, gauge, SM clock frequency (in MHz)."),
+            ),
+            (format!("ConfigMap/{ns}/extra-a"), "/data/a", json!("b")),
+            (format!("Secret/{ns}/extra-b"), "/stringData/c", json!("d")),
+        ],
+    })
+}
+
+const NVIDIA_EXTRA: &str = "\
+devicePlugin:
+  config:
+    name: dp-config
+    create: true
+    data:
+      default: |-
+        version: v1
+        flags:
+          migStrategy: none
+dcgmExporter:
+  config:
+    name: dcgm-metrics
+    create: true
+    data: DCGM_FI_DEV_SM_CLOCK, gauge, SM clock frequency (in MHz).
+extraObjects:
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: extra-a, namespace: gpu-operator}
+  data: {a: b}
+- |
+  apiVersion: v1
+  kind: Secret
+  metadata:
+    name: extra-b
+    namespace: gpu-operator
+  stringData: {c: d}
+operator:
+  nodeSelector: {kubernetes.io/os: linux}
+  logging: {level: 4, develMode: true}
+";
+
 const VALUES_FILE: &str = "\
 daemonsets:
   tolerations:
@@ -522,7 +621,9 @@ async fn template_parity() -> anyhow::Result<()> {
     std::fs::write(&values_file, VALUES_FILE)?;
     let mut failures = Vec::new();
     let mut compared = 0;
-    for case in cases(&values_file) {
+    let mut all = cases(&values_file);
+    all.push(nvidia_values_case(home.path())?);
+    for case in all {
         let ours = kubectl_gpu_objects(case.namespace, &case.kubectl_gpu)
             .with_context(|| format!("case {:?}: kubectl gpu install", case.name))?;
         let theirs = helm_objects(&tools, home.path(), case.namespace, &case.helm)

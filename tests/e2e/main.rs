@@ -9,6 +9,8 @@ mod faults;
 mod foundation;
 mod hardening;
 mod helm;
+mod migrate;
+mod nvidia;
 mod plugin;
 mod realnode;
 mod webhook;
@@ -39,6 +41,8 @@ fn tests() -> Vec<(&'static str, TestFn)> {
     all.extend(agent::tests());
     all.extend(webhook::tests());
     all.extend(helm::tests());
+    all.extend(nvidia::tests());
+    all.extend(migrate::tests());
     all.extend(plugin::tests());
     all.extend(doctor::tests());
     all.extend(hardening::tests());

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 pub mod agent;
 pub mod controller;
 pub mod nodes;
+pub mod nvidia;
 pub mod serial;
 pub mod tools;
 pub mod webhook;

@@ -96,21 +96,87 @@ caBundle: {{ .caBundle | quote }}
 {{- end }}
 
 {{/*
-The ClusterPolicy spec: the policy sections of the values verbatim, and operator.defaultRuntime,
-runtimeClass, labels and annotations as spec.operator (kubectl-gpu's values::spec_json).
+The ClusterPolicy spec: the policy sections of the values, and operator.defaultRuntime,
+runtimeClass, labels, annotations, initContainer and use_ocp_driver_toolkit as spec.operator
+(kubectl-gpu's values::spec_json); NVIDIA's chart-only keys dropped or renamed as NVIDIA's chart
+writes them, and an empty migManager.config.name read as NVIDIA's operator reads it, as the default
+mig-parted ConfigMap (kubectl-gpu's nvidia::chart_keys_to_spec).
 */}}
 {{- define "gpu-pilot.policySpec" -}}
 {{- $operator := dict -}}
-{{- range $key := list "defaultRuntime" "runtimeClass" "labels" "annotations" -}}
+{{- range $key := list "defaultRuntime" "runtimeClass" "labels" "annotations" "initContainer" "use_ocp_driver_toolkit" -}}
 {{- if hasKey $.Values.operator $key -}}
 {{- $_ := set $operator $key (get $.Values.operator $key) -}}
 {{- end -}}
 {{- end -}}
 {{- $spec := dict "operator" $operator -}}
-{{- range $key := list "daemonsets" "driver" "toolkit" "devicePlugin" "dcgmExporter" "gfd" "migManager" "mig" "validator" "cdi" "hostPaths" -}}
+{{- range $key := list "daemonsets" "driver" "toolkit" "devicePlugin" "dcgmExporter" "gfd" "migManager" "mig" "validator" "cdi" "hostPaths" "psa" "gds" "gdrcopy" "dcgm" "nodeStatusExporter" "psp" "sandboxWorkloads" "vfioManager" "sandboxDevicePlugin" "vgpuManager" "vgpuDeviceManager" "kataManager" "ccManager" -}}
 {{- if hasKey $.Values $key -}}
-{{- $_ := set $spec $key (get $.Values $key) -}}
+{{- $_ := set $spec $key (deepCopy (get $.Values $key)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $section := list "devicePlugin" "migManager" "dcgmExporter" -}}
+{{- $s := get $spec $section -}}
+{{- if and (kindIs "map" $s) (hasKey $s "config") (kindIs "map" $s.config) -}}
+{{- $_ := set $s "config" (omit $s.config "create" "data") -}}
+{{- end -}}
+{{- end -}}
+{{- $mm := get $spec "migManager" -}}
+{{- if and (kindIs "map" $mm) (kindIs "map" $mm.config) (hasKey $mm.config "name") (eq (toString $mm.config.name) "") -}}
+{{- $_ := set $mm.config "name" "default-mig-parted-config" -}}
+{{- end -}}
+{{- $driver := get $spec "driver" -}}
+{{- if kindIs "map" $driver -}}
+{{- if hasKey $driver "nvidiaDriverCRD" -}}
+{{- $crd := $driver.nvidiaDriverCRD -}}
+{{- $_ := unset $driver "nvidiaDriverCRD" -}}
+{{- if and (kindIs "map" $crd) (hasKey $crd "enabled") -}}
+{{- $_ := set $driver "useNvidiaDriverCRD" $crd.enabled -}}
+{{- end -}}
+{{- end -}}
+{{- if and (hasKey $driver "upgradePolicy") (kindIs "map" $driver.upgradePolicy) -}}
+{{- $up := $driver.upgradePolicy -}}
+{{- if hasKey $up "gpuPodDeletion" -}}
+{{- $_ := set $up "podDeletion" $up.gpuPodDeletion -}}
+{{- $_ := unset $up "gpuPodDeletion" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- toYaml $spec -}}
+{{- end }}
+
+{{/*
+Refuse what gpu-pilot does not support: each key of files/refused.yaml (written by kubectl-gpu,
+which refuses the same) that is true in the values fails the render with its message.
+*/}}
+{{- define "gpu-pilot.refuseUnsupported" -}}
+{{- $refused := .Files.Get "files/refused.yaml" | fromYaml -}}
+{{- range $key, $message := $refused -}}
+{{- $v := $.Values -}}
+{{- range $segment := splitList "." $key -}}
+{{- if kindIs "map" $v -}}
+{{- $v = get $v $segment -}}
+{{- else -}}
+{{- $v = false -}}
+{{- end -}}
+{{- end -}}
+{{- if eq (toString $v) "true" -}}
+{{- fail $message -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The controller's image: NVIDIA's gpu-operator image (from NVIDIA's values) means gpu-pilot's
+controller, as in kubectl-gpu's Values::controller_image.
+*/}}
+{{- define "gpu-pilot.controllerImage" -}}
+{{- $v := index . 0 -}}
+{{- $chart := index . 1 -}}
+{{- $name := first (splitList ":" (last (splitList "/" (first (splitList "@" (toString $v.image)))))) -}}
+{{- if eq $name "gpu-operator" -}}
+{{- include "gpu-pilot.image" (list (dict "repository" "ghcr.io/gpu-pilot" "image" "gpu-pilot-controller" "version" "") $chart) -}}
+{{- else -}}
+{{- include "gpu-pilot.image" (list $v $chart) -}}
+{{- end -}}
 {{- end }}

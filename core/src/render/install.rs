@@ -54,6 +54,7 @@ pub fn objects(namespace: &str, values: &Values, include: Include) -> Vec<Value>
     out.extend(super::controller_rbac::objects(namespace));
     out.extend(agent_own_node_policy(namespace));
     out.push(mig_parted_config(namespace));
+    out.extend(values_config_maps(namespace, values));
     out.extend(controller(namespace, values));
     if values.webhook.enabled {
         let mut rbac = super::webhook::rbac(namespace);
@@ -68,7 +69,52 @@ pub fn objects(namespace: &str, values: &Values, include: Include) -> Vec<Value>
         }
     }
     out.push(cluster_policy(values));
+    out.extend(extra_objects(values));
     out
+}
+
+/// The component label of the ConfigMaps made from `config.create/data`, so that install can
+/// prune them and uninstall remove them whatever their names.
+pub const VALUES_CONFIG_COMPONENT: &str = "values-config";
+
+/// The ConfigMaps NVIDIA's chart makes from `devicePlugin.config`, `migManager.config` and
+/// `dcgmExporter.config` when `create` is true and `data` is not empty (named `config.name`).
+pub fn values_config_maps(namespace: &str, values: &Values) -> Vec<Value> {
+    let tree = &values.tree;
+    let mut out = Vec::new();
+    for section in ["devicePlugin", "migManager", "dcgmExporter"] {
+        let config = &tree[section]["config"];
+        if config["create"] != json!(true) {
+            continue;
+        }
+        let data = match (section, &config["data"]) {
+            ("dcgmExporter", Value::String(csv)) if !csv.is_empty() => {
+                json!({ "dcgm-metrics.csv": csv })
+            }
+            (_, Value::Object(m)) if !m.is_empty() => json!(m),
+            _ => continue,
+        };
+        out.push(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": config["name"],
+                "namespace": namespace,
+                "labels": labels(VALUES_CONFIG_COMPONENT),
+            },
+            "data": data,
+        }));
+    }
+    out
+}
+
+/// `extraObjects`: maps, or YAML strings holding one object each, applied as given (the values
+/// check refuses items that are not objects). Unlike Helm's, strings are not templates, and a
+/// namespaced object needs its `metadata.namespace`.
+pub fn extra_objects(values: &Values) -> Vec<Value> {
+    crate::values::nvidia::extra_objects(&values.tree)
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect()
 }
 
 /// The name of the admission policy (and its binding) that keeps the agent to its own Node.
@@ -159,10 +205,20 @@ fn resources(r: &Option<k8s_openapi::api::core::v1::ResourceRequirements>) -> Va
         .unwrap_or_else(|| json!({}))
 }
 
-/// The controller's Deployment and the Service in front of its metrics.
+/// The controller's Deployment and the Service in front of its metrics. Where its pods run and
+/// how it logs follow the `operator` values, as NVIDIA's chart places its operator.
 pub fn controller(namespace: &str, values: &Values) -> Vec<Value> {
     let op = &values.operator;
-    service_and_deployment(
+    let devel = op.logging.devel_mode == Some(true);
+    let mut env = vec![
+        json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }),
+    ];
+    if let Some(level) = &op.logging.level {
+        // zap's levels; a number above 0 is one of zap's debug levels.
+        let level = level.as_str().unwrap_or("debug");
+        env.push(json!({ "name": "RUST_LOG", "value": level }));
+    }
+    let mut objs = service_and_deployment(
         namespace,
         Workload {
             name: CONTROLLER,
@@ -180,10 +236,35 @@ pub fn controller(namespace: &str, values: &Values) -> Vec<Value> {
         },
         json!({
             "name": "controller",
-            "args": ["run", "--namespace", namespace, "--metrics-addr", "0.0.0.0:8080", "--log-format", "json"],
-            "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
+            "args": ["run", "--namespace", namespace, "--metrics-addr", "0.0.0.0:8080", "--log-format", if devel { "text" } else { "json" }],
+            "env": env,
         }),
-    )
+    );
+    let deployment = objs
+        .iter_mut()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("service_and_deployment makes a Deployment");
+    let pod = &mut deployment["spec"]["template"]["spec"];
+    if op.priority_class_name.is_empty() {
+        pod.as_object_mut()
+            .expect("a pod spec")
+            .remove("priorityClassName");
+    } else {
+        pod["priorityClassName"] = json!(op.priority_class_name);
+    }
+    if !op.tolerations.is_empty() {
+        pod["tolerations"] = json!(op.tolerations);
+    }
+    if !op.node_selector.is_empty() {
+        pod["nodeSelector"] = json!(op.node_selector);
+    }
+    if let Some(affinity) = op.affinity.as_ref().filter(|a| **a != Default::default()) {
+        pod["affinity"] = json!(affinity);
+    }
+    if !op.annotations.is_empty() {
+        deployment["spec"]["template"]["metadata"]["annotations"] = json!(op.annotations);
+    }
+    objs
 }
 
 /// The webhook's Service and Deployment.

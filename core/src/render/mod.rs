@@ -13,6 +13,7 @@ use serde_json::Value;
 
 pub mod controller_rbac;
 pub mod install;
+pub mod nvidia;
 pub mod operands;
 pub mod webhook;
 

@@ -106,8 +106,9 @@ pub fn render(policy: &ClusterPolicy, namespace: &str) -> Result<Desired, Render
     let owner = owner_reference(policy);
     let spec = &policy.spec;
     let meta = |name: &str, component: &str, ns: Option<&str>| -> Value {
-        let mut labels = common_labels(component);
-        labels.extend(spec.operator.labels.clone());
+        // The admin's labels first: gpu-pilot's own (which it selects by) win.
+        let mut labels = spec.operator.labels.clone();
+        labels.extend(common_labels(component));
         json!({
             "name": name,
             "namespace": ns,
@@ -377,8 +378,10 @@ pub fn render_daemonset(
     let shape = shape(spec, c);
     let name = c.daemonset_name();
 
-    let mut pod_labels = common_labels(c.gate_name());
-    pod_labels.extend(spec.daemonsets.labels.clone());
+    // The admin's labels first: gpu-pilot's own win (a policy from NVIDIA's chart labels its
+    // operands managed-by gpu-operator).
+    let mut pod_labels = spec.daemonsets.labels.clone();
+    pod_labels.extend(common_labels(c.gate_name()));
     pod_labels.insert(label::NAME.into(), name.clone());
     let selector = BTreeMap::from([
         (label::NAME.to_string(), name.clone()),
@@ -531,8 +534,8 @@ pub fn render_daemonset(
     } else {
         OPERAND_SERVICE_ACCOUNT
     };
-    let mut ds_labels = common_labels(c.gate_name());
-    ds_labels.extend(spec.operator.labels.clone());
+    let mut ds_labels = spec.operator.labels.clone();
+    ds_labels.extend(common_labels(c.gate_name()));
     let ds = json!({
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",

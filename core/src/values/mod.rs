@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use gpu_pilot_api::policy::{ClusterPolicySpec, ContainerRuntime, ImagePullPolicy};
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use gpu_pilot_api::policy::{ClusterPolicySpec, ContainerRuntime, ImagePullPolicy, terse};
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 mod schema;
 mod set;
 
+pub mod nvidia;
 pub use schema::{check, schema};
 pub use set::apply_set;
 use set::set_values;
@@ -26,8 +27,9 @@ use set::set_values;
 /// The chart's values.yaml, the defaults of every install.
 pub const DEFAULT_VALUES: &str = include_str!("../../../charts/gpu-pilot/values.yaml");
 
-/// The sections of the values that are ClusterPolicy spec sections under the same key.
-pub const POLICY_SECTIONS: [&str; 11] = [
+/// The sections of the values that are ClusterPolicy spec sections under the same key (the
+/// chart's `gpu-pilot.policySpec` lists the same).
+pub const POLICY_SECTIONS: [&str; 24] = [
     "daemonsets",
     "driver",
     "toolkit",
@@ -39,11 +41,30 @@ pub const POLICY_SECTIONS: [&str; 11] = [
     "validator",
     "cdi",
     "hostPaths",
+    "psa",
+    "gds",
+    "gdrcopy",
+    "dcgm",
+    "nodeStatusExporter",
+    "psp",
+    "sandboxWorkloads",
+    "vfioManager",
+    "sandboxDevicePlugin",
+    "vgpuManager",
+    "vgpuDeviceManager",
+    "kataManager",
+    "ccManager",
 ];
 
 /// The keys of `operator` that go into the ClusterPolicy's `spec.operator`.
-pub const POLICY_OPERATOR_KEYS: [&str; 4] =
-    ["defaultRuntime", "runtimeClass", "labels", "annotations"];
+pub const POLICY_OPERATOR_KEYS: [&str; 6] = [
+    "defaultRuntime",
+    "runtimeClass",
+    "labels",
+    "annotations",
+    "initContainer",
+    "use_ocp_driver_toolkit",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValuesError {
@@ -96,9 +117,87 @@ pub struct OperatorValues {
     /// Labels added to every object the controller creates.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Annotations added to every object the controller creates.
+    /// Annotations added to every object the controller creates, and to the controller's pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// PriorityClass of the controller's pods.
+    #[serde(default)]
+    pub priority_class_name: String,
+    /// Tolerations of the controller's pods.
+    #[serde(default)]
+    #[schemars(schema_with = "terse::<Vec<Toleration>>")]
+    pub tolerations: Vec<Toleration>,
+    /// Node selector of the controller's pods.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Affinity of the controller's pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "terse::<Option<Affinity>>")]
+    pub affinity: Option<Affinity>,
+    /// Logging of the controller, in NVIDIA's terms.
+    #[serde(default)]
+    pub logging: LoggingValues,
+    /// NVIDIA's init-container image for its operands (ClusterPolicy spec.operator): kept, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_container: Option<gpu_pilot_api::policy::InitContainerSpec>,
+    /// OpenShift's driver toolkit (ClusterPolicy spec.operator): kept, unused off OpenShift.
+    #[serde(
+        default,
+        rename = "use_ocp_driver_toolkit",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub use_ocp_driver_toolkit: Option<bool>,
+    /// NVIDIA's chart deletes its CRD on uninstall when true. gpu-pilot: `kubectl gpu uninstall`
+    /// deletes the CRD unless `--keep-crd`; Helm never deletes `crds/`.
+    #[serde(
+        default,
+        rename = "cleanupCRD",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cleanup_crd: Option<bool>,
+    /// NVIDIA's chart applies its CRD in a pre-upgrade hook when true. gpu-pilot: `kubectl gpu
+    /// install` applies the CRD on every run.
+    #[serde(
+        default,
+        rename = "upgradeCRD",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub upgrade_crd: Option<bool>,
+    /// Read by NVIDIA's chart template, absent from NVIDIA's CRD: kept, unused.
+    #[serde(
+        default,
+        rename = "defaultGPUMode",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub default_gpu_mode: Option<String>,
+}
+
+/// The controller's logging, as NVIDIA's chart spells it for its operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoggingValues {
+    /// zap's time encoding (`epoch`, `iso8601`, `rfc3339`, ...): gpu-pilot always writes RFC
+    /// 3339 times, so this is kept and unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_encoding: Option<String>,
+    /// `debug`, `info` or `error` (zap's levels; a number > 0 means debug): the controller's
+    /// log level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "log_level_schema")]
+    pub level: Option<Value>,
+    /// Text logs (zap's development mode) instead of JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devel_mode: Option<bool>,
+}
+
+fn log_level_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "debug, info or error, or a number above 0 for debug",
+        "anyOf": [
+            { "type": "string", "enum": ["debug", "info", "error"] },
+            { "type": "integer", "minimum": 1 }
+        ]
+    })
 }
 
 /// What the apiserver does when the webhook cannot be reached.
@@ -147,6 +246,10 @@ pub struct CertManagerValues {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NfdValues {
     pub enabled: bool,
+    /// NVIDIA's chart adds a NodeFeatureRule labelling TDX and SEV-SNP nodes for confidential
+    /// computing, which gpu-pilot does not support: `true` is refused.
+    #[serde(default)]
+    pub nodefeaturerules: bool,
 }
 
 /// The merged values, checked and split into what each part of the install needs.
@@ -161,6 +264,9 @@ pub struct Values {
     pub spec_json: Value,
     /// The same spec, typed.
     pub spec: ClusterPolicySpec,
+    /// What install should say about the values: NVIDIA keys that do nothing here, NVIDIA
+    /// images replaced by gpu-pilot's.
+    pub notices: Vec<String>,
 }
 
 impl Values {
@@ -171,10 +277,12 @@ impl Values {
 
     /// Check a merged tree and split it.
     pub fn from_tree(tree: Value) -> Result<Values, ValuesError> {
-        let errors = check(&tree);
+        let mut errors = check(&tree);
         if !errors.is_empty() {
             return Err(ValuesError::Schema(errors));
         }
+        errors.extend(nvidia::refused(&tree));
+        errors.extend(nvidia::invalid(&tree));
         let section = |key: &str| tree.get(key).cloned().unwrap_or_else(|| json!({}));
         let operator: OperatorValues = typed("operator", section("operator"))?;
         let webhook: WebhookValues = typed("webhook", section("webhook"))?;
@@ -182,6 +290,15 @@ impl Values {
         let spec_json = spec_json(&tree);
 
         let spec: ClusterPolicySpec = typed("the ClusterPolicy sections", spec_json.clone())?;
+        errors.extend(
+            gpu_pilot_api::policy::unsupported(&spec)
+                .into_iter()
+                .map(|(_, _, message)| message),
+        );
+        if !errors.is_empty() {
+            return Err(ValuesError::Schema(errors));
+        }
+        let notices = nvidia::notices(&tree, &spec);
         Ok(Values {
             tree,
             operator,
@@ -189,6 +306,7 @@ impl Values {
             nfd,
             spec_json,
             spec,
+            notices,
         })
     }
 
@@ -258,8 +376,17 @@ impl Values {
         Values::from_tree(tree)
     }
 
-    /// The controller's image reference.
+    /// The controller's image reference (NVIDIA's operator image, from NVIDIA's values, means
+    /// gpu-pilot's controller).
     pub fn controller_image(&self) -> String {
+        if nvidia::is_nvidia_operator_image(&self.operator.image) {
+            let defaults = Values::defaults();
+            return image_ref(
+                &defaults.operator.repository,
+                &defaults.operator.image,
+                &defaults.operator.version,
+            );
+        }
         image_ref(
             &self.operator.repository,
             &self.operator.image,
@@ -320,7 +447,9 @@ pub fn spec_json(tree: &Value) -> Value {
             spec.insert(key.into(), v.clone());
         }
     }
-    Value::Object(spec)
+    let mut spec = Value::Object(spec);
+    nvidia::chart_keys_to_spec(&mut spec);
+    spec
 }
 
 /// Merging `-f` files into the user's values (Helm's mergeMaps): maps merge key by key,

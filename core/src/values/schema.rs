@@ -36,6 +36,7 @@ pub fn schema() -> Value {
         strip_openapi(&mut s);
         properties.insert(key.into(), s);
     }
+    super::nvidia::add_chart_keys(&mut properties);
     let mut root = json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "gpu-pilot chart values",

@@ -29,6 +29,7 @@ fn resource_of(kind: &str) -> Option<(&'static str, bool)> {
         "Deployment" => ("deployments", true),
         "Issuer" => ("issuers", true),
         "Certificate" => ("certificates", true),
+        "RuntimeClass" => ("runtimeclasses", false),
         _ => return None,
     })
 }
@@ -61,13 +62,40 @@ pub enum Applied {
     Unchanged,
 }
 
+/// The dynamic API for any kind: the kinds install renders directly, others (`extraObjects`)
+/// through the apiserver's discovery.
+async fn api_for_any(kube: &Kube, obj: &Value) -> anyhow::Result<Api<DynamicObject>> {
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    if resource_of(kind).is_some() {
+        return api_for(kube, obj);
+    }
+    let api_version = obj["apiVersion"].as_str().unwrap_or_default();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let (ar, caps) = kube::discovery::pinned_kind(&kube.client, &gvk)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: the cluster does not serve {api_version} {kind} (is its CRD installed?)",
+                explain(&e, &kube.server, &format!("looking up {}", key(obj)))
+            )
+        })?;
+    Ok(match caps.scope {
+        kube::discovery::Scope::Namespaced => {
+            let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default");
+            Api::namespaced_with(kube.client.clone(), ns, &ar)
+        }
+        kube::discovery::Scope::Cluster => Api::all_with(kube.client.clone(), &ar),
+    })
+}
+
 /// Server-side apply one object as `kubectl-gpu`; tells whether anything changed. An object that
 /// exists is first applied as a dry run: when that would change nothing but bookkeeping, nothing
 /// is written. (A plain no-op apply is not always free: on an object whose status another manager
 /// applies, e.g. a ValidatingAdmissionPolicy's type checking, it reorders `managedFields` and
 /// bumps the resourceVersion.)
 pub async fn apply(kube: &Kube, obj: &Value, dry_run: bool) -> anyhow::Result<Applied> {
-    let api = api_for(kube, obj)?;
+    let api = api_for_any(kube, obj).await?;
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     let failed = |what: &str, e: &kube::Error| {
         anyhow::anyhow!(explain(e, &kube.server, &format!("{what} {}", key(obj))))
@@ -242,6 +270,41 @@ pub async fn exists(kube: &Kube, obj: &Value) -> anyhow::Result<bool> {
             &format!("reading {}", key(obj))
         ))),
     }
+}
+
+/// The ConfigMaps of `namespace` that install made from values (`config.create/data`), as objects
+/// `delete` takes: their names depend on the values, so they are found by label.
+pub async fn values_config_maps(kube: &Kube, namespace: &str) -> anyhow::Result<Vec<Value>> {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(kube.client.clone(), namespace);
+    let selector = format!(
+        "{}={},{}={}",
+        gpu_pilot_api::names::label::MANAGED_BY,
+        gpu_pilot_api::names::label::MANAGED_BY_VALUE,
+        gpu_pilot_api::names::label::COMPONENT,
+        gpu_pilot_core::render::install::VALUES_CONFIG_COMPONENT
+    );
+    let list = api
+        .list_metadata(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(explain(
+                &e,
+                &kube.server,
+                &format!("listing ConfigMaps in {namespace}")
+            ))
+        })?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|m| m.metadata.name)
+        .map(|name| {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": { "name": name, "namespace": namespace },
+            })
+        })
+        .collect())
 }
 
 #[cfg(test)]
