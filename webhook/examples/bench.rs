@@ -435,7 +435,7 @@ async fn through_apiserver(
             validating_config: None,
         }),
         limits: Limits::default(),
-        check_interval: Duration::from_secs(60),
+        check_interval: Duration::from_secs(30),
         startup_timeout: Duration::from_secs(60),
     };
     let running = gpu_pilot_webhook::Running::start(client.clone(), opts).await?;

@@ -113,6 +113,21 @@ impl CertSettings {
         }
         Ok(())
     }
+
+    /// The schedule against how often certificates are checked: every replica reads the Secret
+    /// again within one `check_interval`, so a CA that is replaced must stay trusted at least that
+    /// long, or a replica still serving the old leaf is refused by the apiserver meanwhile.
+    pub fn check_with_interval(&self, check_interval: Duration) -> Result<(), CertError> {
+        self.check()?;
+        if self.ca_overlap <= check_interval {
+            return Err(CertError::Settings(format!(
+                "--ca-overlap ({}) must be longer than --check-interval ({}): other replicas pick up a new certificate only at their next check, and until then the CA they serve from must stay trusted; raise --ca-overlap or lower --check-interval",
+                gpu_pilot_core::duration::format(self.ca_overlap),
+                gpu_pilot_core::duration::format(check_interval),
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

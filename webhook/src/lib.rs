@@ -84,7 +84,7 @@ pub async fn run(
     let result = async {
         let (reloader, upkeep) = match &opts.certs {
             CertSource::Secret(settings) => {
-                settings.check()?;
+                settings.check_with_interval(opts.check_interval)?;
                 let manager = CertManager {
                     client: client.clone(),
                     settings: settings.clone(),

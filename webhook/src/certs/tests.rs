@@ -319,3 +319,24 @@ fn certificates_made_again_from_scratch_keep_the_old_ca_trusted_for_the_overlap(
     );
     assert_eq!(merged.matches("BEGIN CERTIFICATE").count(), 3);
 }
+
+#[test]
+fn an_overlap_shorter_than_the_check_interval_is_refused() {
+    let s = settings();
+    assert!(s.check_with_interval(Duration::from_secs(30)).is_ok());
+    for interval in [s.ca_overlap, s.ca_overlap * 2] {
+        let e = s.check_with_interval(interval).unwrap_err().to_string();
+        assert!(
+            e.contains("--ca-overlap (1m) must be longer than --check-interval"),
+            "{e}"
+        );
+    }
+    // The other checks still come first.
+    let mut bad = settings();
+    bad.cert_renew_before = bad.cert_validity;
+    let e = bad
+        .check_with_interval(Duration::from_secs(1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--cert-renew-before"), "{e}");
+}
