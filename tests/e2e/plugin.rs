@@ -226,7 +226,26 @@ async fn install_reinstall_uninstall(env: Env) -> anyhow::Result<()> {
         let shown = text(&out);
         ensure!(out.status.success() && shown.contains("20/20 GPU nodes ready"), "{shown}");
 
-        // 5. Uninstall leaves nothing, and is safe twice.
+        // 5. What each account may do is what docs/architecture.md shows: `kubectl auth can-i
+        // --list` as the controller (its RBAC made by install) and as the agent and the operands
+        // (their RBAC made by the controller), this test's namespace read as `gpu-pilot`.
+        let mut differ = Vec::new();
+        for account in [
+            gpu_pilot_core::render::controller_rbac::SERVICE_ACCOUNT,
+            gpu_pilot_core::render::operands::AGENT_SERVICE_ACCOUNT,
+            gpu_pilot_core::render::operands::OPERAND_SERVICE_ACCOUNT,
+        ] {
+            let rename = |row: String| row.replace(&ns, "gpu-pilot");
+            if let Err(e) =
+                gpu_pilot_e2e::rbac::ensure_documented(&env.cluster, &ns, account, account, rename)
+                    .await
+            {
+                differ.push(format!("{e:#}"));
+            }
+        }
+        ensure!(differ.is_empty(), "{}", differ.join("\n"));
+
+        // 6. Uninstall leaves nothing, and is safe twice.
         let out = kubectl_gpu(&env, &["uninstall", "-n", &ns]).await?;
         let shown = text(&out);
         ensure!(out.status.success(), "uninstall failed:\n{shown}");

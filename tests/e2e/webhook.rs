@@ -862,29 +862,14 @@ pub(crate) async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()>
         }
         // What `kubectl auth can-i --list` shows for the account, beyond what any account may,
         // is what docs/architecture.md says.
-        let shown =
-            can_i_beyond_baseline(&cluster, &ns, &format!("system:serviceaccount:{ns}:{id}"))
-                .await?
-                .into_iter()
-                .map(|row| {
-                    row.replace(&format!("[{id}]"), &format!("[{}]", names::NAME))
-                        .replace(
-                            &format!("[{TLS_SECRET}]"),
-                            &format!("[{}]", names::TLS_SECRET),
-                        )
-                })
-                .collect::<BTreeSet<String>>();
-        let documented = documented_can_i("gpu-pilot-webhook")?;
-        ensure!(
-            shown == documented,
-            "kubectl auth can-i --list as the webhook differs from docs/architecture.md:\n  shown:\n    {}\n  documented:\n    {}",
-            shown.iter().cloned().collect::<Vec<_>>().join("\n    "),
-            documented
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n    ")
-        );
+        gpu_pilot_e2e::rbac::ensure_documented(&cluster, &ns, &id, "gpu-pilot-webhook", |row| {
+            row.replace(&format!("[{id}]"), &format!("[{}]", names::NAME))
+                .replace(
+                    &format!("[{TLS_SECRET}]"),
+                    &format!("[{}]", names::TLS_SECRET),
+                )
+        })
+        .await?;
         // And it keeps rotating its certificate.
         let metrics = fx.running().metrics.clone();
         eventually(
@@ -907,54 +892,6 @@ pub(crate) async fn least_privilege(cluster: Arc<Cluster>) -> anyhow::Result<()>
     let result = body.await;
     cleanup_rbac(&env.client, &id).await;
     with_cleanup(env, fx, async { result }).await
-}
-
-/// The rows of `kubectl auth can-i --list` in `ns` for `user` that an account with no binding
-/// does not have (whitespace collapsed).
-async fn can_i_beyond_baseline(
-    cluster: &Cluster,
-    ns: &str,
-    user: &str,
-) -> anyhow::Result<BTreeSet<String>> {
-    let rows = |user: String| async move {
-        let (ok, out, err) = kubectl(
-            cluster,
-            &["auth", "can-i", "--list", "-n", ns, "--as", &user],
-            None,
-        )
-        .await?;
-        ensure!(ok, "kubectl auth can-i --list as {user}: {err}");
-        Ok::<_, anyhow::Error>(
-            out.lines()
-                .skip(1)
-                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-                .filter(|l| !l.is_empty())
-                .collect::<BTreeSet<String>>(),
-        )
-    };
-    let all = rows(user.to_string()).await?;
-    let baseline = rows(format!("system:serviceaccount:{ns}:no-binding-at-all")).await?;
-    Ok(all.difference(&baseline).cloned().collect())
-}
-
-/// The rows docs/architecture.md shows for `account` (the block after `<!-- can-i: account -->`).
-fn documented_can_i(account: &str) -> anyhow::Result<BTreeSet<String>> {
-    let doc = include_str!("../../docs/architecture.md");
-    let marker = format!("<!-- can-i: {account} -->");
-    let after = doc
-        .split_once(&marker)
-        .with_context(|| format!("docs/architecture.md has no {marker}"))?
-        .1;
-    let block = after
-        .split("```")
-        .nth(1)
-        .context("no code block after the marker")?;
-    Ok(block
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|l| !l.is_empty() && !l.starts_with("Resources"))
-        .collect())
 }
 
 async fn cleanup_rbac(client: &Client, id: &str) {

@@ -18,6 +18,7 @@ pub mod agent;
 pub mod controller;
 pub mod nodes;
 pub mod nvidia;
+pub mod rbac;
 pub mod serial;
 pub mod tools;
 pub mod webhook;

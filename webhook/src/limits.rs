@@ -335,4 +335,76 @@ mod tests {
             assert!(e.starts_with(&format!("{flag} is 0")), "{flag}: {e}");
         }
     }
+
+    /// One step of a client mix: a review with a declared length (or none), or the oldest
+    /// review held so far finishing.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Arrive(Option<u64>),
+        Finish,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => proptest::option::of(0u64..5_000).prop_map(Step::Arrive),
+            2 => Just(Step::Finish),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a model of the two bounds: a review is admitted exactly when its count and its
+        /// bytes fit beside the reviews held, refused as too large exactly past the body limit,
+        /// every shed is counted under its bound, and what is held goes back to zero.
+        #[test]
+        fn the_gate_admits_exactly_what_fits_and_gives_everything_back(
+            max_in_flight in 1usize..6,
+            max_body_bytes in 1usize..2_000,
+            extra_bytes in 0usize..4_000,
+            steps in proptest::collection::vec(step(), 1..80),
+        ) {
+            let limits = Limits {
+                max_in_flight,
+                max_body_bytes,
+                max_in_flight_bytes: max_body_bytes + extra_bytes,
+                ..Limits::default()
+            };
+            let (g, m) = gate(limits.clone());
+            let mut held: std::collections::VecDeque<(Held, usize)> = Default::default();
+            let (mut shed_requests, mut shed_bytes) = (0u64, 0u64);
+            for s in steps {
+                match s {
+                    Step::Finish => {
+                        held.pop_front();
+                    }
+                    Step::Arrive(declared) => {
+                        let cost = declared.map_or(max_body_bytes, |n| n as usize).max(1);
+                        let bytes_now: usize = held.iter().map(|(_, c)| c).sum();
+                        let result = g.admit(declared);
+                        if declared.is_some_and(|n| n > max_body_bytes as u64) {
+                            proptest::prop_assert!(matches!(result, Err(Refused::TooLarge)));
+                        } else if held.len() >= max_in_flight {
+                            proptest::prop_assert!(matches!(result, Err(Refused::Busy(_))));
+                            shed_requests += 1;
+                        } else if bytes_now + cost > limits.max_in_flight_bytes {
+                            proptest::prop_assert!(matches!(result, Err(Refused::Busy(_))));
+                            shed_bytes += 1;
+                        } else {
+                            let h = result.ok();
+                            proptest::prop_assert!(h.is_some(), "a review that fits was refused");
+                            held.push_back((h.unwrap(), cost));
+                        }
+                    }
+                }
+                let bytes_now: usize = held.iter().map(|(_, c)| c).sum();
+                proptest::prop_assert_eq!(m.in_flight_now(), (held.len() as i64, bytes_now as i64));
+                proptest::prop_assert!(held.len() <= max_in_flight);
+                proptest::prop_assert!(bytes_now <= limits.max_in_flight_bytes);
+            }
+            proptest::prop_assert_eq!(m.shed_count(Shed::Requests), shed_requests);
+            proptest::prop_assert_eq!(m.shed_count(Shed::Bytes), shed_bytes);
+            held.clear();
+            proptest::prop_assert_eq!(m.in_flight_now(), (0, 0));
+        }
+    }
 }
