@@ -369,7 +369,7 @@ mod tests {
                 max_in_flight_bytes: max_body_bytes + extra_bytes,
                 ..Limits::default()
             };
-            let (g, m) = gate(limits.clone());
+            let (g, m) = gate(limits);
             let mut held: std::collections::VecDeque<(Held, usize)> = Default::default();
             let (mut shed_requests, mut shed_bytes) = (0u64, 0u64);
             for s in steps {
