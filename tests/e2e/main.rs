@@ -14,6 +14,7 @@ mod nvidia;
 mod plugin;
 mod realnode;
 mod webhook;
+mod webhook_abuse;
 mod webhook_reinvocation;
 mod webhook_tls;
 

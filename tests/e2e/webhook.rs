@@ -64,6 +64,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         ("webhook::runs_with_only_its_least_privilege_rbac", |c| {
             Box::pin(least_privilege(c))
         }),
+        (
+            "webhook::an_abusive_client_cannot_starve_the_apiserver",
+            |c| Box::pin(crate::webhook_abuse::abusive_client_cannot_starve_the_apiserver(c)),
+        ),
     ]
 }
 

@@ -12,7 +12,9 @@
 //! client, waits that long and sends it again within the webhook's timeout) and
 //! `gpupilot_webhook_shed_total{reason}` counts it; a connection past a bound is closed at once.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -37,6 +39,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Reviews answered at once; more are shed with 429.
     pub max_in_flight: usize,
+    /// Reviews from one IP address answered at once, so that one client (a pod holding streams
+    /// open with bodies it never sends) cannot take every slot from the apiserver.
+    pub max_in_flight_per_peer: usize,
     /// Bytes of review bodies held at once; more are shed with 429.
     pub max_in_flight_bytes: usize,
     /// Open connections; more are closed as soon as they are accepted.
@@ -65,6 +70,7 @@ impl Default for Limits {
             max_body_bytes: 2 * APISERVER_MAX_OBJECT_BYTES + (64 << 10),
             request_timeout: Duration::from_secs(10),
             max_in_flight: 64,
+            max_in_flight_per_peer: 16,
             max_in_flight_bytes: 8 << 20,
             max_connections: 64,
             max_connections_per_peer: 16,
@@ -89,6 +95,7 @@ impl Limits {
         let zero = [
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-in-flight", self.max_in_flight),
+            ("--max-in-flight-per-peer", self.max_in_flight_per_peer),
             ("--max-in-flight-bytes", self.max_in_flight_bytes),
             ("--max-connections", self.max_connections),
             ("--max-connections-per-peer", self.max_connections_per_peer),
@@ -100,6 +107,12 @@ impl Limits {
         if let Some((flag, _)) = zero.iter().find(|(_, v)| *v == 0) {
             return Err(LimitsError(format!(
                 "{flag} is 0, so no review could ever be answered; give it a positive value"
+            )));
+        }
+        if self.max_in_flight_per_peer > self.max_in_flight {
+            return Err(LimitsError(format!(
+                "--max-in-flight-per-peer ({}) is more than --max-in-flight ({}), so one client could hold every slot; lower it",
+                self.max_in_flight_per_peer, self.max_in_flight
             )));
         }
         if self.max_in_flight_bytes < self.max_body_bytes {
@@ -129,13 +142,44 @@ impl Limits {
 pub struct Gate {
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
+    /// Reviews being answered per client address.
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     limits: Limits,
     metrics: Arc<Metrics>,
+}
+
+/// The address a request came from, put in its extensions by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub IpAddr);
+
+/// The per-client counts; a panic elsewhere while they were held leaves them consistent (each
+/// change is one statement), so a poisoned lock is used as it is.
+fn lock(m: &Mutex<HashMap<IpAddr, usize>>) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One review counted against its client's share; given back on drop.
+struct PeerShare {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerShare {
+    fn drop(&mut self) {
+        let mut map = lock(&self.peers);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// What a review holds while it is answered; dropping it (answered, timed out or cancelled)
 /// gives it back.
 struct Held {
+    _peer: Option<PeerShare>,
     _request: OwnedSemaphorePermit,
     _bytes: OwnedSemaphorePermit,
     cost: usize,
@@ -153,17 +197,37 @@ impl Gate {
         Gate {
             requests: Arc::new(Semaphore::new(limits.max_in_flight)),
             bytes: Arc::new(Semaphore::new(limits.max_in_flight_bytes)),
+            peers: Arc::default(),
             limits,
             metrics,
         }
     }
 
+    /// One review from `peer` more, within its client's share, or why not.
+    fn take_peer_share(&self, peer: IpAddr) -> Result<PeerShare, Refused> {
+        let mut map = lock(&self.peers);
+        let n = map.entry(peer).or_default();
+        if *n >= self.limits.max_in_flight_per_peer {
+            self.metrics.shed(Shed::RequestsPerPeer);
+            return Err(Refused::Busy(format!(
+                "gpu-pilot-webhook is answering {} reviews from {peer} already (--max-in-flight-per-peer)",
+                self.limits.max_in_flight_per_peer
+            )));
+        }
+        *n += 1;
+        Ok(PeerShare {
+            peers: self.peers.clone(),
+            ip: peer,
+        })
+    }
+
     /// The request's cost (its declared length, or the largest body), or why it is refused.
-    fn admit(&self, declared: Option<u64>) -> Result<Held, Refused> {
+    fn admit(&self, declared: Option<u64>, peer: Option<IpAddr>) -> Result<Held, Refused> {
         let max = self.limits.max_body_bytes;
         if declared.is_some_and(|n| n > max as u64) {
             return Err(Refused::TooLarge);
         }
+        let peer = peer.map(|ip| self.take_peer_share(ip)).transpose()?;
         let cost = declared.map_or(max, |n| n as usize).max(1);
         let request = self.requests.clone().try_acquire_owned().map_err(|_| {
             self.metrics.shed(Shed::Requests);
@@ -185,6 +249,7 @@ impl Gate {
             })?;
         self.metrics.in_flight(1, cost as i64);
         Ok(Held {
+            _peer: peer,
             _request: request,
             _bytes: bytes,
             cost,
@@ -226,7 +291,8 @@ pub async fn gate(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Re
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
-    match gate.admit(declared) {
+    let peer = req.extensions().get::<Peer>().map(|p| p.0);
+    match gate.admit(declared, peer) {
         Ok(held) => {
             let response = next.run(req).await;
             drop(held);
@@ -265,18 +331,18 @@ mod tests {
             ..Limits::default()
         };
         let (g, m) = gate(limits);
-        let a = g.admit(Some(500)).ok().unwrap();
+        let a = g.admit(Some(500), None).ok().unwrap();
         // 500 + 600 (no length: the largest body) > 1000.
-        assert!(matches!(g.admit(None), Err(Refused::Busy(_))));
+        assert!(matches!(g.admit(None, None), Err(Refused::Busy(_))));
         assert_eq!(m.shed_count(Shed::Bytes), 1);
-        let b = g.admit(Some(100)).ok().unwrap();
-        assert!(matches!(g.admit(Some(1)), Err(Refused::Busy(_))));
+        let b = g.admit(Some(100), None).ok().unwrap();
+        assert!(matches!(g.admit(Some(1), None), Err(Refused::Busy(_))));
         assert_eq!(m.shed_count(Shed::Requests), 1);
-        assert!(matches!(g.admit(Some(601)), Err(Refused::TooLarge)));
+        assert!(matches!(g.admit(Some(601), None), Err(Refused::TooLarge)));
         assert_eq!(m.in_flight_now(), (2, 600));
         drop((a, b));
         assert_eq!(m.in_flight_now(), (0, 0));
-        let all = g.admit(Some(600)).ok().unwrap();
+        let all = g.admit(Some(600), None).ok().unwrap();
         drop(all);
     }
 
@@ -316,11 +382,23 @@ mod tests {
                 .contains("--max-header-bytes (4096) must be at least 8192"),
             "{e}"
         );
+        let e = Limits {
+            max_in_flight_per_peer: 65,
+            ..Limits::default()
+        }
+        .check()
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--max-in-flight-per-peer (65) is more than --max-in-flight (64)"),
+            "{e}"
+        );
         // Every count that could be zero is named when it is.
         type Zero = (&'static str, fn(&mut Limits));
-        let zeros: [Zero; 6] = [
+        let zeros: [Zero; 7] = [
             ("--max-body-bytes", |l| l.max_body_bytes = 0),
             ("--max-in-flight", |l| l.max_in_flight = 0),
+            ("--max-in-flight-per-peer", |l| l.max_in_flight_per_peer = 0),
             ("--max-in-flight-bytes", |l| l.max_in_flight_bytes = 0),
             ("--max-connections", |l| l.max_connections = 0),
             ("--max-connections-per-peer", |l| {
@@ -340,14 +418,15 @@ mod tests {
     /// review held so far finishing.
     #[derive(Debug, Clone)]
     enum Step {
-        Arrive(Option<u64>),
+        /// A review with a declared length (or none) from one of a few client addresses.
+        Arrive(Option<u64>, u8),
         Finish,
     }
 
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         use proptest::prelude::*;
         prop_oneof![
-            3 => proptest::option::of(0u64..5_000).prop_map(Step::Arrive),
+            3 => (proptest::option::of(0u64..5_000), 0u8..3).prop_map(|(d, p)| Step::Arrive(d, p)),
             2 => Just(Step::Finish),
         ]
     }
@@ -359,30 +438,37 @@ mod tests {
         #[test]
         fn the_gate_admits_exactly_what_fits_and_gives_everything_back(
             max_in_flight in 1usize..6,
+            per_peer in 1usize..6,
             max_body_bytes in 1usize..2_000,
             extra_bytes in 0usize..4_000,
             steps in proptest::collection::vec(step(), 1..80),
         ) {
             let limits = Limits {
                 max_in_flight,
+                max_in_flight_per_peer: per_peer.min(max_in_flight),
                 max_body_bytes,
                 max_in_flight_bytes: max_body_bytes + extra_bytes,
                 ..Limits::default()
             };
             let (g, m) = gate(limits);
-            let mut held: std::collections::VecDeque<(Held, usize)> = Default::default();
-            let (mut shed_requests, mut shed_bytes) = (0u64, 0u64);
+            let mut held: std::collections::VecDeque<(Held, usize, u8)> = Default::default();
+            let (mut shed_requests, mut shed_bytes, mut shed_peer) = (0u64, 0u64, 0u64);
             for s in steps {
                 match s {
                     Step::Finish => {
                         held.pop_front();
                     }
-                    Step::Arrive(declared) => {
+                    Step::Arrive(declared, p) => {
                         let cost = declared.map_or(max_body_bytes, |n| n as usize).max(1);
-                        let bytes_now: usize = held.iter().map(|(_, c)| c).sum();
-                        let result = g.admit(declared);
+                        let bytes_now: usize = held.iter().map(|(_, c, _)| c).sum();
+                        let from_peer = held.iter().filter(|(_, _, q)| *q == p).count();
+                        let ip = IpAddr::from([10, 0, 0, p]);
+                        let result = g.admit(declared, Some(ip));
                         if declared.is_some_and(|n| n > max_body_bytes as u64) {
                             proptest::prop_assert!(matches!(result, Err(Refused::TooLarge)));
+                        } else if from_peer >= limits.max_in_flight_per_peer {
+                            proptest::prop_assert!(matches!(result, Err(Refused::Busy(_))));
+                            shed_peer += 1;
                         } else if held.len() >= max_in_flight {
                             proptest::prop_assert!(matches!(result, Err(Refused::Busy(_))));
                             shed_requests += 1;
@@ -392,19 +478,22 @@ mod tests {
                         } else {
                             let h = result.ok();
                             proptest::prop_assert!(h.is_some(), "a review that fits was refused");
-                            held.push_back((h.unwrap(), cost));
+                            held.push_back((h.unwrap(), cost, p));
                         }
                     }
                 }
-                let bytes_now: usize = held.iter().map(|(_, c)| c).sum();
+                let bytes_now: usize = held.iter().map(|(_, c, _)| c).sum();
                 proptest::prop_assert_eq!(m.in_flight_now(), (held.len() as i64, bytes_now as i64));
                 proptest::prop_assert!(held.len() <= max_in_flight);
                 proptest::prop_assert!(bytes_now <= limits.max_in_flight_bytes);
             }
             proptest::prop_assert_eq!(m.shed_count(Shed::Requests), shed_requests);
             proptest::prop_assert_eq!(m.shed_count(Shed::Bytes), shed_bytes);
+            proptest::prop_assert_eq!(m.shed_count(Shed::RequestsPerPeer), shed_peer);
+            proptest::prop_assert!(lock(&g.peers).is_empty() || !held.is_empty());
             held.clear();
             proptest::prop_assert_eq!(m.in_flight_now(), (0, 0));
+            proptest::prop_assert!(lock(&g.peers).is_empty(), "a client's share was not given back");
         }
     }
 }

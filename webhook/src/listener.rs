@@ -329,7 +329,10 @@ async fn connection(c: Connection) {
         last_ms: AtomicU64::new(0),
         ended: tokio::sync::Notify::new(),
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service(router, activity.clone()));
+    let conn = builder.serve_connection(
+        TokioIo::new(stream),
+        service(router, activity.clone(), peer.map(|p| p.ip())),
+    );
     tokio::pin!(conn);
     let mut closing = false;
     loop {
@@ -372,15 +375,19 @@ async fn connection(c: Connection) {
 fn service(
     router: Router,
     activity: Arc<Activity>,
+    peer: Option<IpAddr>,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = axum::response::Response,
     Error = Infallible,
     Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
 > + Clone {
-    hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         let held = activity.begin();
         let router = router.clone();
+        if let Some(ip) = peer {
+            req.extensions_mut().insert(crate::limits::Peer(ip));
+        }
         async move {
             let response = router.oneshot(req.map(axum::body::Body::new)).await;
             drop(held);

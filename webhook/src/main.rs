@@ -98,6 +98,10 @@ struct Serve {
     /// Reviews answered at once; more are answered 429 (the apiserver retries after a second).
     #[arg(long, default_value_t = Limits::default().max_in_flight)]
     max_in_flight: usize,
+    /// Reviews from one IP address answered at once; more from it are answered 429, so one
+    /// client cannot hold every slot the apiserver needs.
+    #[arg(long, default_value_t = Limits::default().max_in_flight_per_peer)]
+    max_in_flight_per_peer: usize,
     /// Bytes of review bodies held at once; more are answered 429. Bounds the memory reviews use.
     #[arg(long, default_value_t = Limits::default().max_in_flight_bytes)]
     max_in_flight_bytes: usize,
@@ -178,6 +182,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
             max_body_bytes: s.max_body_bytes,
             request_timeout: s.request_timeout,
             max_in_flight: s.max_in_flight,
+            max_in_flight_per_peer: s.max_in_flight_per_peer,
             max_in_flight_bytes: s.max_in_flight_bytes,
             max_connections: s.max_connections,
             max_connections_per_peer: s.max_connections_per_peer,

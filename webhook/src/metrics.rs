@@ -68,6 +68,8 @@ pub enum Shed {
     Connections,
     /// `--max-connections-per-peer` were open from the same address.
     ConnectionsPerPeer,
+    /// `--max-in-flight-per-peer` reviews from the same address were being answered.
+    RequestsPerPeer,
 }
 
 impl Shed {
@@ -77,6 +79,7 @@ impl Shed {
             Shed::Bytes => "bytes",
             Shed::Connections => "connections",
             Shed::ConnectionsPerPeer => "connections_per_peer",
+            Shed::RequestsPerPeer => "requests_per_peer",
         }
     }
 }
