@@ -181,7 +181,7 @@ fn kubectl_gpu_objects(ns: &str, args: &[String]) -> anyhow::Result<BTreeMap<Str
     Ok(objs)
 }
 
-/// `helm template gpu-pilot charts/gpu-pilot -n <ns> --include-crds <args>`, parsed.
+/// `helm template gpu-pilot charts/gpu-pilot -n <ns> --include-crds --no-hooks <args>`, parsed.
 async fn helm_objects(
     tools: &Path,
     home: &Path,
@@ -192,7 +192,8 @@ async fn helm_objects(
         helm(tools, home)
             .args(["template", RELEASE])
             .arg(chart())
-            .args(["--namespace", ns, "--include-crds"])
+            // The uninstall hooks are Helm's alone (kubectl gpu uninstall does their work itself).
+            .args(["--namespace", ns, "--include-crds", "--no-hooks"])
             .args(args),
         &format!("helm template {}", args.join(" ")),
     )
@@ -907,7 +908,7 @@ async fn lifecycle(env: Env) -> anyhow::Result<()> {
         // Leave no release behind; the next scenario's reset clears what the controller set.
         let _ = helm(&tools, home.path())
             .env("KUBECONFIG", env.cluster.kubeconfig())
-            .args(["uninstall", RELEASE, "--namespace", &env.ns])
+            .args(["uninstall", RELEASE, "--namespace", &env.ns, "--no-hooks"])
             .output()
             .await;
     }
@@ -1066,18 +1067,22 @@ async fn lifecycle_steps(
         status["info"]["status"]
     );
 
-    // uninstall: the controller releases the policy's finalizer once it has cleaned up.
+    // uninstall: the controller releases the policy's finalizer once it has cleaned up. The
+    // controller and webhook run in this process and the chart's pods are kwok's, so its
+    // uninstall hook Jobs (the controller's image) would never run here: --no-hooks. The hooks
+    // run for real in realnode::helm_chart_with_the_same_images.
     run_ok(
         helm_in_cluster().args([
             "uninstall",
             RELEASE,
             "--namespace",
             ns,
+            "--no-hooks",
             "--wait",
             "--timeout",
             "5m",
         ]),
-        "helm uninstall --wait",
+        "helm uninstall --no-hooks --wait",
     )
     .await?;
     let policies = Api::<ClusterPolicy>::all(client.clone())
