@@ -754,6 +754,95 @@ async fn lint() -> anyhow::Result<()> {
         minor - 1,
         shown(&out)
     );
+    uninstall_hooks_render(&tools, home.path()).await
+}
+
+/// The uninstall hooks (templates/uninstall-hook.yaml): hooks only, so `helm install` creates
+/// none of them; both Jobs run the controller's image as the controller's Deployment does; the
+/// RBAC reaches the CRD, by name, only with operator.cleanupCRD, which also passes --delete-crd.
+async fn uninstall_hooks_render(tools: &Path, home: &Path) -> anyhow::Result<()> {
+    const NS: &str = "gpu-pilot";
+    let want = [
+        "ClusterRole/gpu-pilot-uninstall-hook",
+        "ClusterRoleBinding/gpu-pilot-uninstall-hook",
+        "Job/gpu-pilot/gpu-pilot-uninstall-post-delete",
+        "Job/gpu-pilot/gpu-pilot-uninstall-pre-delete",
+        "Role/gpu-pilot/gpu-pilot-uninstall-hook",
+        "RoleBinding/gpu-pilot/gpu-pilot-uninstall-hook",
+        "ServiceAccount/gpu-pilot/gpu-pilot-uninstall-hook",
+    ];
+    for cleanup in [false, true] {
+        let set = format!("operator.cleanupCRD={cleanup}");
+        let objects = objects_of(
+            &run_ok(
+                helm(tools, home)
+                    .args(["template", RELEASE])
+                    .arg(chart())
+                    .args(["--namespace", NS, "--set", &set]),
+                &format!("helm template --set {set}"),
+            )
+            .await?,
+        )?;
+        let hooks: BTreeMap<&str, &Value> = objects
+            .iter()
+            .filter(|(_, o)| o["metadata"]["annotations"]["helm.sh/hook"].is_string())
+            .map(|(k, o)| (k.as_str(), o))
+            .collect();
+        ensure!(
+            hooks.keys().copied().eq(want),
+            "{set}: the hooks are {:?}",
+            hooks.keys()
+        );
+        let controller_image = &objects[&deployment(NS, "gpu-pilot-controller")]["spec"]["template"]
+            ["spec"]["containers"][0]["image"];
+        for stage in ["pre-delete", "post-delete"] {
+            let job = hooks[format!("Job/{NS}/gpu-pilot-uninstall-{stage}").as_str()];
+            let pod = &job["spec"]["template"]["spec"];
+            let args: Vec<&str> = pod["containers"][0]["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            ensure!(
+                job["metadata"]["annotations"]["helm.sh/hook"] == stage
+                    && &pod["containers"][0]["image"] == controller_image
+                    && args[..2] == ["uninstall-hook", stage]
+                    && pod["serviceAccountName"] == "gpu-pilot-uninstall-hook"
+                    && job["spec"]["backoffLimit"] == 0
+                    && args.contains(&"--delete-crd") == (cleanup && stage == "post-delete"),
+                "{set}: {stage} Job: {job:#}"
+            );
+        }
+        let crd_rules: Vec<&Value> = hooks["ClusterRole/gpu-pilot-uninstall-hook"]["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["apiGroups"][0] == "apiextensions.k8s.io")
+            .collect();
+        ensure!(
+            match cleanup {
+                false => crd_rules.is_empty(),
+                true =>
+                    crd_rules.len() == 1
+                        && crd_rules[0]["resourceNames"] == json!(["clusterpolicies.gpupilot.io"]),
+            },
+            "{set}: the hook's CRD rules {crd_rules:?}"
+        );
+        // Nothing else reaches past what the hooks touch: no wildcard, no secrets list.
+        for (k, o) in &hooks {
+            for r in o["rules"].as_array().into_iter().flatten() {
+                let text = r.to_string();
+                ensure!(
+                    !text.contains('*')
+                        && (r["resources"] != json!(["secrets"])
+                            || r["resourceNames"].is_array()
+                                && r["verbs"] == json!(["get", "delete"])),
+                    "{k}: rule {r}"
+                );
+            }
+        }
+    }
     Ok(())
 }
 

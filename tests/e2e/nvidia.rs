@@ -29,7 +29,7 @@ use kube::api::{
 use serde_json::{Value, json};
 
 use crate::TestFn;
-use crate::foundation::ensure_crd;
+use gpu_pilot_e2e::ensure_crd;
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
