@@ -4,8 +4,10 @@ use crate::doctor::checks::testkit::*;
 use crate::doctor::snapshot::checked_event;
 
 /// Events as the kubelet records them (`kubectl get events -o json`): two of a GPU pod whose
-/// RuntimeClass names a handler containerd lacks, one of a CPU pod whose network cannot be set
-/// up, one of a pod that has started since.
+/// RuntimeClass names a handler containerd lacks (the message as containerd 2.4 on the real node
+/// gave it in realnode::doctor_names_a_pod_whose_runtime_handler_containerd_lacks, moved to the
+/// tests' clock and names), one of a CPU pod whose network cannot be set up, one of a pod that has
+/// started since.
 fn recorded() -> Vec<Event> {
     serde_json::from_str(include_str!("events.json")).unwrap()
 }
