@@ -232,7 +232,7 @@ async fn post_delete(client: &Client, o: &HookOptions, deadline: Instant) -> any
         }
         removed += delete_own(
             Api::<CustomResourceDefinition>::all(client.clone()),
-            &ClusterPolicy::crd_name(),
+            ClusterPolicy::crd_name(),
         )
         .await?;
     }

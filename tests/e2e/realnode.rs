@@ -1541,7 +1541,7 @@ impl Foreign {
             .get_opt(FOREIGN_CONFIGMAP)
             .await?;
         ensure!(
-            cm.is_some_and(|c| c.data.is_some_and(|d| d.get("note").is_some())),
+            cm.is_some_and(|c| c.data.is_some_and(|d| d.contains_key("note"))),
             "uninstall deleted or changed ConfigMap {NS}/{FOREIGN_CONFIGMAP}"
         );
         let n = node(client).await?;
