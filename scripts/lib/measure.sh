@@ -4,6 +4,16 @@ say() { printf '%s\n' "$*"; }
 secs() { awk -v s="$1" 'BEGIN { if (s >= 60) printf "%dm%02ds", s / 60, s % 60; else printf "%ds", s }'; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
 load() { say "  load: $(uptime | sed 's/.*load average/load average/'), $(nproc) cores"; }
+# cpu: the user + system seconds of every finished child of this shell so far (bash's `times`),
+# so a figure taken on a loaded machine can be read against the CPU time it took.
+# Run by this shell itself (a pipe or $(...) would ask a fresh subshell, which has no children).
+cpu() {
+  local f
+  f=$(mktemp)
+  times >"$f"
+  tail -n 1 "$f" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub(/s$/, "", p[2]); t += p[1] * 60 + p[2] } printf "%d\n", t }'
+  rm -f "$f"
+}
 
 # timed LOG COMMAND...: runs COMMAND with each output line prefixed by the seconds since it
 # started (in LOG), and prints the total seconds; on failure shows the log's end and exits.
