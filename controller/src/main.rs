@@ -65,6 +65,29 @@ enum Command {
         #[arg(short, long, default_value = gpu_pilot_api::names::DEFAULT_NAMESPACE)]
         namespace: String,
     },
+    /// What the Helm chart's uninstall hooks run: pre-delete deletes the ClusterPolicy and waits
+    /// until the controller has finalized it, then takes the agent's labels off the nodes;
+    /// post-delete deletes what the controller and webhook made while they ran.
+    #[command(
+        after_help = "Examples (as the chart's hook Jobs run them):\n  gpu-pilot-controller uninstall-hook pre-delete --namespace gpu-pilot --timeout 3m\n  gpu-pilot-controller uninstall-hook post-delete --namespace gpu-pilot --timeout 1m --delete-crd"
+    )]
+    UninstallHook {
+        /// When the hook runs.
+        #[arg(value_enum)]
+        stage: gpu_pilot_controller::uninstall::Stage,
+        /// Kubeconfig to use outside a cluster (default: in-cluster config, then $KUBECONFIG).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Namespace gpu-pilot runs in.
+        #[arg(short, long, env = "POD_NAMESPACE", default_value = gpu_pilot_api::names::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// The longest the stage waits (for the controller, then for pods to stop).
+        #[arg(long, default_value = "3m", value_parser = gpu_pilot_core::duration::parse)]
+        timeout: Duration,
+        /// post-delete: delete the ClusterPolicy CRD too (the chart's operator.cleanupCRD).
+        #[arg(long)]
+        delete_crd: bool,
+    },
     /// Print the ClusterPolicy CustomResourceDefinition generated from the Rust types.
     #[command(
         after_help = "Example:\n  gpu-pilot-controller crd > charts/gpu-pilot/crds/clusterpolicies.gpupilot.io.yaml\n  gpu-pilot-controller crd | kubectl apply --server-side -f -"
@@ -94,6 +117,27 @@ fn main() -> anyhow::Result<()> {
                 gpu_pilot_core::render::controller_rbac::yaml(&namespace)
             );
             Ok(())
+        }
+        Command::UninstallHook {
+            stage,
+            kubeconfig,
+            namespace,
+            timeout,
+            delete_crd,
+        } => {
+            let opts = gpu_pilot_controller::uninstall::HookOptions {
+                namespace,
+                timeout,
+                delete_crd,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let client =
+                        gpu_pilot_controller::run::client(kubeconfig.as_deref(), None).await?;
+                    gpu_pilot_controller::uninstall::run(client, stage, &opts).await
+                })
         }
         Command::Run {
             kubeconfig,

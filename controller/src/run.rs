@@ -41,13 +41,17 @@ pub struct Options {
     pub resync: Duration,
 }
 
-async fn client(opts: &Options) -> anyhow::Result<Client> {
-    let config = match &opts.kubeconfig {
+/// A client from `kubeconfig` (and `context`), or the in-cluster configuration.
+pub async fn client(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<String>,
+) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("could not read the kubeconfig {}", path.display()))?;
             let o = kube::config::KubeConfigOptions {
-                context: opts.context.clone(),
+                context,
                 ..Default::default()
             };
             Config::from_custom_kubeconfig(kc, &o).await?
@@ -65,7 +69,7 @@ pub async fn run(
     opts: Options,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let client = client(&opts).await?;
+    let client = client(opts.kubeconfig.as_deref(), opts.context.clone()).await?;
     // Say clearly when the CRD is missing or RBAC forbids reading policies, and wait for it
     // (an install applies the CRD and the controller at the same time).
     loop {

@@ -8,11 +8,13 @@
 //! - [`rollout`], [`status`]: one node's next stage and labels; the policy's status.
 //! - [`render`]: every object gpu-pilot creates: the operands, the controller's and the
 //!   webhook's RBAC and webhook configurations, and the install manifests.
+//! - [`cleanup`]: what removing gpu-pilot takes off a node.
 //! - [`values`]: the Helm chart's values, read the way Helm reads them.
 //! - [`duration`]: the one duration syntax of every flag; `telemetry` (feature `telemetry`):
 //!   the one logging set-up of every daemon.
 //! - `testkit` (feature `testkit`): policies generated from the CRD's schema, for property tests.
 
+pub mod cleanup;
 pub mod decide;
 pub mod duration;
 pub mod facts;

@@ -1,14 +1,12 @@
 //! `kubectl gpu uninstall`: the policy first (the controller removes operands and node labels),
 //! then whatever is left on nodes, then every object install created. Safe to run twice.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use gpu_pilot_api::ClusterPolicy;
 use gpu_pilot_api::names::{FINALIZER, annotation, label};
-use gpu_pilot_core::facts::NodeFacts;
+use gpu_pilot_core::cleanup::node_cleanup_patch;
 use gpu_pilot_core::render::managed_selector;
-use gpu_pilot_core::rollout::cleanup_node;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
@@ -16,7 +14,7 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use gpu_pilot_core::render::install as render;
 use gpu_pilot_core::render::key;
@@ -222,50 +220,6 @@ async fn remove_policies(
     }
 }
 
-/// The merge patch that removes every label and annotation gpu-pilot put on a node, or `None`.
-pub fn node_cleanup_patch(node: &Node) -> Option<Value> {
-    let facts = NodeFacts::from_node(node);
-    let plan = cleanup_node(&facts);
-    let mut labels: BTreeMap<String, Value> =
-        plan.labels.into_keys().map(|k| (k, Value::Null)).collect();
-    let mut annotations: BTreeMap<String, Value> = plan
-        .annotations
-        .into_keys()
-        .map(|k| (k, Value::Null))
-        .collect();
-    let node_labels = node.labels();
-    let node_annotations = node.annotations();
-    // The agent's labels (GFD's names), as it recorded them.
-    if let Some(keys) = node_annotations.get(annotation::AGENT_LABELS) {
-        for k in keys.split(',').map(str::trim).filter(|k| !k.is_empty()) {
-            if node_labels.contains_key(k) {
-                labels.insert(k.to_string(), Value::Null);
-            }
-        }
-        annotations.insert(annotation::AGENT_LABELS.into(), Value::Null);
-    }
-    for k in [annotation::MIG_PAUSED_GATES, annotation::STAGE_REASON] {
-        if node_annotations.contains_key(k) {
-            annotations.insert(k.into(), Value::Null);
-        }
-    }
-    // Gates the MIG manager paused, and its state label.
-    for (k, v) in node_labels {
-        if k.starts_with(label::DEPLOY_PREFIX)
-            && v.starts_with(gpu_pilot_api::names::gate_value::PAUSED_PREFIX)
-        {
-            labels.insert(k.clone(), Value::Null);
-        }
-    }
-    if node_labels.contains_key(label::MIG_CONFIG_STATE) {
-        labels.insert(label::MIG_CONFIG_STATE.into(), Value::Null);
-    }
-    if labels.is_empty() && annotations.is_empty() {
-        return None;
-    }
-    Some(json!({"metadata": {"labels": labels, "annotations": annotations}}))
-}
-
 /// Node labels, and operand DaemonSets, that a controller which never ran its cleanup left.
 async fn clean_leftovers(kube: &Kube, ns: &str) -> anyhow::Result<(usize, usize)> {
     let nodes: Api<Node> = Api::all(kube.client.clone());
@@ -415,62 +369,4 @@ async fn delete_helpers(kube: &Kube, ns: &str, out: &mut Printer) -> anyhow::Res
             s,
         )
         .await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn node(labels: Value, annotations: Value) -> Node {
-        serde_json::from_value(
-            json!({"metadata": {"name": "n", "labels": labels, "annotations": annotations}}),
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn cleanup_takes_gpu_pilots_labels_and_keeps_the_admins() {
-        let n = node(
-            json!({
-                "nvidia.com/gpu.deploy.driver": "true",
-                "nvidia.com/gpu.deploy.device-plugin": "false",
-                "nvidia.com/gpu.deploy.gpu-feature-discovery": "paused-for-mig-change",
-                "gpupilot.io/stage": "ready",
-                "nvidia.com/gpu.count": "8",
-                "nvidia.com/mig.config": "all-1g.10gb",
-                "nvidia.com/mig.config.state": "success",
-                "team": "ml",
-            }),
-            json!({"gpupilot.io/agent-labels": "nvidia.com/gpu.count,nvidia.com/gpu.product", "gpupilot.io/stage-reason": "x"}),
-        );
-        let p = node_cleanup_patch(&n).unwrap();
-        let l = &p["metadata"]["labels"];
-        assert!(
-            l["nvidia.com/gpu.deploy.driver"].is_null()
-                && l.get("nvidia.com/gpu.deploy.driver").is_some()
-        );
-        assert!(
-            l.get("nvidia.com/gpu.deploy.device-plugin").is_none(),
-            "an admin's false stays"
-        );
-        assert!(
-            l.get("nvidia.com/gpu.deploy.gpu-feature-discovery")
-                .is_some()
-        );
-        assert!(l.get("gpupilot.io/stage").is_some());
-        assert!(l.get("nvidia.com/gpu.count").is_some());
-        assert!(l.get("nvidia.com/gpu.product").is_none(), "not on the node");
-        assert!(
-            l.get("nvidia.com/mig.config").is_none(),
-            "the admin's request stays"
-        );
-        assert!(l.get("nvidia.com/mig.config.state").is_some());
-        assert!(l.get("team").is_none());
-        assert!(
-            p["metadata"]["annotations"]
-                .get("gpupilot.io/agent-labels")
-                .is_some()
-        );
-        assert!(node_cleanup_patch(&node(json!({"team": "ml"}), json!({}))).is_none());
-    }
 }

@@ -181,7 +181,7 @@ fn kubectl_gpu_objects(ns: &str, args: &[String]) -> anyhow::Result<BTreeMap<Str
     Ok(objs)
 }
 
-/// `helm template gpu-pilot charts/gpu-pilot -n <ns> --include-crds <args>`, parsed.
+/// `helm template gpu-pilot charts/gpu-pilot -n <ns> --include-crds --no-hooks <args>`, parsed.
 async fn helm_objects(
     tools: &Path,
     home: &Path,
@@ -192,7 +192,8 @@ async fn helm_objects(
         helm(tools, home)
             .args(["template", RELEASE])
             .arg(chart())
-            .args(["--namespace", ns, "--include-crds"])
+            // The uninstall hooks are Helm's alone (kubectl gpu uninstall does their work itself).
+            .args(["--namespace", ns, "--include-crds", "--no-hooks"])
             .args(args),
         &format!("helm template {}", args.join(" ")),
     )
@@ -753,6 +754,95 @@ async fn lint() -> anyhow::Result<()> {
         minor - 1,
         shown(&out)
     );
+    uninstall_hooks_render(&tools, home.path()).await
+}
+
+/// The uninstall hooks (templates/uninstall-hook.yaml): hooks only, so `helm install` creates
+/// none of them; both Jobs run the controller's image as the controller's Deployment does; the
+/// RBAC reaches the CRD, by name, only with operator.cleanupCRD, which also passes --delete-crd.
+async fn uninstall_hooks_render(tools: &Path, home: &Path) -> anyhow::Result<()> {
+    const NS: &str = "gpu-pilot";
+    let want = [
+        "ClusterRole/gpu-pilot-uninstall-hook",
+        "ClusterRoleBinding/gpu-pilot-uninstall-hook",
+        "Job/gpu-pilot/gpu-pilot-uninstall-post-delete",
+        "Job/gpu-pilot/gpu-pilot-uninstall-pre-delete",
+        "Role/gpu-pilot/gpu-pilot-uninstall-hook",
+        "RoleBinding/gpu-pilot/gpu-pilot-uninstall-hook",
+        "ServiceAccount/gpu-pilot/gpu-pilot-uninstall-hook",
+    ];
+    for cleanup in [false, true] {
+        let set = format!("operator.cleanupCRD={cleanup}");
+        let objects = objects_of(
+            &run_ok(
+                helm(tools, home)
+                    .args(["template", RELEASE])
+                    .arg(chart())
+                    .args(["--namespace", NS, "--set", &set]),
+                &format!("helm template --set {set}"),
+            )
+            .await?,
+        )?;
+        let hooks: BTreeMap<&str, &Value> = objects
+            .iter()
+            .filter(|(_, o)| o["metadata"]["annotations"]["helm.sh/hook"].is_string())
+            .map(|(k, o)| (k.as_str(), o))
+            .collect();
+        ensure!(
+            hooks.keys().copied().eq(want),
+            "{set}: the hooks are {:?}",
+            hooks.keys()
+        );
+        let controller_image = &objects[&deployment(NS, "gpu-pilot-controller")]["spec"]["template"]
+            ["spec"]["containers"][0]["image"];
+        for stage in ["pre-delete", "post-delete"] {
+            let job = hooks[format!("Job/{NS}/gpu-pilot-uninstall-{stage}").as_str()];
+            let pod = &job["spec"]["template"]["spec"];
+            let args: Vec<&str> = pod["containers"][0]["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            ensure!(
+                job["metadata"]["annotations"]["helm.sh/hook"] == stage
+                    && &pod["containers"][0]["image"] == controller_image
+                    && args[..2] == ["uninstall-hook", stage]
+                    && pod["serviceAccountName"] == "gpu-pilot-uninstall-hook"
+                    && job["spec"]["backoffLimit"] == 0
+                    && args.contains(&"--delete-crd") == (cleanup && stage == "post-delete"),
+                "{set}: {stage} Job: {job:#}"
+            );
+        }
+        let crd_rules: Vec<&Value> = hooks["ClusterRole/gpu-pilot-uninstall-hook"]["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["apiGroups"][0] == "apiextensions.k8s.io")
+            .collect();
+        ensure!(
+            match cleanup {
+                false => crd_rules.is_empty(),
+                true =>
+                    crd_rules.len() == 1
+                        && crd_rules[0]["resourceNames"] == json!(["clusterpolicies.gpupilot.io"]),
+            },
+            "{set}: the hook's CRD rules {crd_rules:?}"
+        );
+        // Nothing else reaches past what the hooks touch: no wildcard, no secrets list.
+        for (k, o) in &hooks {
+            for r in o["rules"].as_array().into_iter().flatten() {
+                let text = r.to_string();
+                ensure!(
+                    !text.contains('*')
+                        && (r["resources"] != json!(["secrets"])
+                            || r["resourceNames"].is_array()
+                                && r["verbs"] == json!(["get", "delete"])),
+                    "{k}: rule {r}"
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -907,7 +997,7 @@ async fn lifecycle(env: Env) -> anyhow::Result<()> {
         // Leave no release behind; the next scenario's reset clears what the controller set.
         let _ = helm(&tools, home.path())
             .env("KUBECONFIG", env.cluster.kubeconfig())
-            .args(["uninstall", RELEASE, "--namespace", &env.ns])
+            .args(["uninstall", RELEASE, "--namespace", &env.ns, "--no-hooks"])
             .output()
             .await;
     }
@@ -1066,18 +1156,22 @@ async fn lifecycle_steps(
         status["info"]["status"]
     );
 
-    // uninstall: the controller releases the policy's finalizer once it has cleaned up.
+    // uninstall: the controller releases the policy's finalizer once it has cleaned up. The
+    // controller and webhook run in this process and the chart's pods are kwok's, so its
+    // uninstall hook Jobs (the controller's image) would never run here: --no-hooks. The hooks
+    // run for real in realnode::helm_chart_with_the_same_images.
     run_ok(
         helm_in_cluster().args([
             "uninstall",
             RELEASE,
             "--namespace",
             ns,
+            "--no-hooks",
             "--wait",
             "--timeout",
             "5m",
         ]),
-        "helm uninstall --wait",
+        "helm uninstall --no-hooks --wait",
     )
     .await?;
     let policies = Api::<ClusterPolicy>::all(client.clone())

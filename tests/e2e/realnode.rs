@@ -14,7 +14,10 @@
 //! - the kubelet and containerd restarted while every GPU is in use: each pod keeps its GPU, the
 //!   kubelet hands none out twice (a pod bound to the full node is refused), a freed one goes to
 //!   the next pod;
-//! - the Helm chart with the same images.
+//! - a GPU pod whose RuntimeClass names a handler the node's containerd lacks: the kubelet's
+//!   FailedCreatePodSandBox, and `kubectl gpu doctor` naming the pod, the node and the cause;
+//! - the Helm chart with the same images, and plain `helm uninstall` leaving nothing of
+//!   gpu-pilot's and everything of others'.
 //!
 //! The scenarios share the node and gpu-pilot's one installation, so they run one at a time.
 
@@ -30,9 +33,10 @@ use gpu_pilot_api::names::{DEFAULT_POLICY_NAME, label};
 use gpu_pilot_api::policy::{PolicyState, VERSION};
 use gpu_pilot_e2e::{Cluster, eventually, repo_root};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Node, Pod, Secret};
+use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -74,6 +78,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         (
             "realnode::kubelet_and_containerd_restarted_under_gpu_load_no_gpu_handed_out_twice",
             |_| Box::pin(serial(restarts_under_gpu_load)),
+        ),
+        (
+            "realnode::doctor_names_a_pod_whose_runtime_handler_containerd_lacks",
+            |_| Box::pin(serial(doctor_sandbox_failure)),
         ),
         ("realnode::helm_chart_with_the_same_images", |_| {
             Box::pin(serial(helm_chart))
@@ -1291,6 +1299,134 @@ async fn restarts_under_gpu_load(env: Env) -> anyhow::Result<()> {
     check_node_clean(&env).await
 }
 
+/// A RuntimeClass of the test's own whose handler, "nvidia", the real node's containerd does not
+/// have (its only runtime is runc): the kubelet cannot create the sandbox of a GPU pod that uses
+/// it, and the doctor says which pod, on which node, why, and what to do.
+async fn doctor_sandbox_failure(env: Env) -> anyhow::Result<()> {
+    const RC: &str = "e2e-no-such-handler";
+    const POD: &str = "gpu-pod-no-runtime";
+    install(&env).await?;
+    wait_policy_ready(&env.client).await?;
+    wait_allocatable(&env.client, "4").await?;
+    check_doctor_healthy(&env).await?;
+    let rcs = Api::<RuntimeClass>::all(env.client.clone());
+    rcs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": RC}, "handler": "nvidia"}))?,
+    )
+    .await?;
+    let pods = Api::<Pod>::namespaced(env.client.clone(), "default");
+    let result = async {
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": POD},
+                "spec": {
+                    "runtimeClassName": RC,
+                    "nodeSelector": {"gpupilot.io/real-node": "true"},
+                    "containers": [{
+                        "name": "cuda",
+                        "image": env.images.busybox,
+                        "command": ["sleep", "3600"],
+                        "resources": {"limits": {"nvidia.com/gpu": 1}}
+                    }]
+                }
+            }))?,
+        )
+        .await?;
+        let events = Api::<Event>::namespaced(env.client.clone(), "default");
+        let event = eventually(
+            "the kubelet's FailedCreatePodSandBox event for the pod",
+            Duration::from_secs(120),
+            || async {
+                let list = events
+                    .list(&ListParams::default().fields(&format!(
+                        "involvedObject.name={POD},reason=FailedCreatePodSandBox"
+                    )))
+                    .await?;
+                Ok(match list.items.into_iter().next() {
+                    Some(e) => Ok(e),
+                    None => Err("none yet".to_string()),
+                })
+            },
+        )
+        .await?;
+        let message = event.message.clone().unwrap_or_default();
+        eprintln!(
+            "realnode: the kubelet's event, as recorded: {}",
+            serde_json::to_string(&event)?
+        );
+        ensure!(
+            message.contains("no runtime for \"nvidia\" is configured"),
+            "the kubelet's message is not the one the doctor reads: {message}"
+        );
+
+        let out = kubectl_gpu(&env, &["doctor"]).await?;
+        let text = shown(&out);
+        ensure!(
+            out.status.code() == Some(2),
+            "doctor should exit 2 (errors) with a GPU pod stuck, exit {:?}:\n{text}",
+            out.status.code()
+        );
+        for want in [
+            "pod-sandbox-failed",
+            &format!("default/{POD}"),
+            NODE,
+            "no runtime for \"nvidia\" is configured",
+            &format!("RuntimeClass {RC}"),
+            "restart containerd",
+        ] {
+            ensure!(
+                text.contains(want),
+                "doctor's output lacks {want:?}:\n{text}"
+            );
+        }
+        let out = kubectl_gpu(&env, &["doctor", "-o", "json"]).await?;
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("doctor's JSON:\n{}", shown(&out)))?;
+        let found: Vec<&Value> = report["findings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["check"] == "pod-sandbox-failed")
+            .collect();
+        ensure!(
+            found.len() == 1
+                && found[0]["severity"] == "error"
+                && found[0]["objects"]
+                    .as_array()
+                    .is_some_and(|o| o.contains(&json!(format!("Pod/default/{POD}")))
+                        && o.contains(&json!(format!("Node/{NODE}")))),
+            "doctor -o json: {found:#?}"
+        );
+
+        // Once the pod is gone its events are history: healthy again.
+        pods.delete(POD, &DeleteParams::default().grace_period(0))
+            .await?;
+        eventually("the stuck pod gone", Duration::from_secs(60), || async {
+            Ok(match pods.get_opt(POD).await? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            })
+        })
+        .await?;
+        check_doctor_healthy(&env).await
+    }
+    .await;
+    let _ = pods
+        .delete(POD, &DeleteParams::default().grace_period(0))
+        .await;
+    let _ = rcs.delete(RC, &DeleteParams::default()).await;
+    result?;
+    let out = kubectl_gpu(&env, &["uninstall"]).await?;
+    ensure!(
+        out.status.success(),
+        "kubectl gpu uninstall:\n{}",
+        shown(&out)
+    );
+    check_node_clean(&env).await
+}
+
 async fn helm_chart(env: Env) -> anyhow::Result<()> {
     let tools = tools_with(&["helm"])?;
     let home = tempfile::tempdir()?;
@@ -1311,37 +1447,22 @@ async fn helm_chart(env: Env) -> anyhow::Result<()> {
             "--timeout",
             "5m",
         ])
-        .args(values_args(&env));
+        .args(values_args(&env))
+        // As NVIDIA's chart: the CRD goes too (Helm never deletes a chart's crds/ itself).
+        .args(["--set", "operator.cleanupCRD=true"]);
     run_ok(&mut install, "helm install").await?;
     wait_policy_ready(&env.client).await?;
     check_gpu_pilot_runs_on_the_node(&env).await?;
     wait_allocatable(&env.client, "4").await?;
     run_gpu_pod(&env, "gpu-pod-helm").await?;
     check_doctor_healthy(&env).await?;
-    // Removed as Helm's objects: Helm labels everything it installs `managed-by: Helm` (over the
-    // chart's `gpu-pilot`), so `kubectl gpu uninstall` leaves them to Helm. The policy goes first,
-    // while the controller and the webhook still run (the controller removes the operands and
-    // node labels, then releases its finalizer); `helm uninstall` alone would delete the webhook
-    // before the policy, whose delete the webhook must admit. Then Helm's release; then
-    // `kubectl gpu uninstall` for what Helm does not remove: the CRD (Helm never deletes what a
-    // chart's crds/ installed) and the GPU feature labels the agent wrote on the node (as
-    // NVIDIA's operator, the chart leaves them). Last the namespace Helm made.
-    let policies = Api::<ClusterPolicy>::all(env.client.clone());
-    policies
-        .delete(DEFAULT_POLICY_NAME, &DeleteParams::default())
-        .await?;
-    eventually(
-        "the ClusterPolicy released by the in-cluster controller",
-        Duration::from_secs(180),
-        || async {
-            Ok(match policies.get_opt(DEFAULT_POLICY_NAME).await? {
-                None => Ok(()),
-                Some(p) => Err(format!("finalizers {:?}", p.metadata.finalizers)),
-            })
-        },
-    )
-    .await?;
-    run_ok(
+
+    // What gpu-pilot did not make, under names and prefixes like its own: uninstall keeps it.
+    let foreign = Foreign::make(&env.client).await?;
+    // Plain `helm uninstall`: the chart's pre-delete hook deletes the policy and waits for the
+    // controller to finalize it, Helm deletes the release, the post-delete hook what the
+    // controller and webhook made while they ran, and the CRD.
+    let out = run_ok(
         helm_here().args([
             "uninstall",
             "gpu-pilot",
@@ -1349,33 +1470,134 @@ async fn helm_chart(env: Env) -> anyhow::Result<()> {
             NS,
             "--wait",
             "--timeout",
-            "3m",
+            "5m",
         ]),
         "helm uninstall",
     )
     .await?;
+    eprintln!("realnode: helm uninstall: {}", out.trim());
     let releases = run_ok(helm_here().args(["list", "-A", "-a", "-q"]), "helm list").await?;
     ensure!(releases.trim().is_empty(), "Helm releases left: {releases}");
-    let deployments = Api::<Deployment>::namespaced(env.client.clone(), NS)
-        .list_metadata(&ListParams::default())
-        .await?;
+    let left = managed_objects(&env.client).await?;
     ensure!(
-        deployments.items.is_empty(),
-        "helm uninstall left Deployments: {:?}",
-        deployments
-            .items
-            .iter()
-            .map(|d| d.name_any())
-            .collect::<Vec<_>>()
+        left.is_empty(),
+        "helm uninstall left objects labelled {}={}: {left:?}",
+        label::MANAGED_BY,
+        label::MANAGED_BY_VALUE
     );
-    let out = kubectl_gpu(&env, &["uninstall"]).await?;
-    ensure!(
-        out.status.success(),
-        "kubectl gpu uninstall after helm uninstall:\n{}",
-        shown(&out)
-    );
+    foreign.check_kept(&env.client).await?;
+    // Helm leaves the namespace `--create-namespace` made; with the admin's objects gone, the
+    // node must be as before: no label of gpu-pilot's, no GPU, no container.
+    foreign.remove(&env.client).await?;
     Api::<Namespace>::all(env.client.clone())
         .delete(NS, &DeleteParams::default())
         .await?;
     check_node_clean(&env).await
+}
+
+/// Objects gpu-pilot did not make, with names and label prefixes like its own: a Secret named as
+/// cert-manager's for the webhook (which the post-delete hook deletes only when labelled), a
+/// ConfigMap in gpu-pilot's namespace, and an admin's `nvidia.com/` label on the node.
+struct Foreign;
+
+const FOREIGN_LABEL: &str = "nvidia.com/team";
+const FOREIGN_SECRET: &str = "gpu-pilot-webhook-cert";
+const FOREIGN_CONFIGMAP: &str = "gpu-pilot-admin-notes";
+
+impl Foreign {
+    async fn make(client: &Client) -> anyhow::Result<Foreign> {
+        let pp = PostParams::default();
+        Api::<Secret>::namespaced(client.clone(), NS)
+            .create(
+                &pp,
+                &serde_json::from_value(json!({
+                    "metadata": {"name": FOREIGN_SECRET, "labels": {"owner": "admin"}},
+                    "stringData": {"note": "not gpu-pilot's"},
+                }))?,
+            )
+            .await?;
+        Api::<ConfigMap>::namespaced(client.clone(), NS)
+            .create(
+                &pp,
+                &serde_json::from_value(json!({
+                    "metadata": {"name": FOREIGN_CONFIGMAP},
+                    "data": {"note": "not gpu-pilot's"},
+                }))?,
+            )
+            .await?;
+        label_node(client, Some("vision")).await?;
+        Ok(Foreign)
+    }
+
+    async fn check_kept(&self, client: &Client) -> anyhow::Result<()> {
+        let secret = Api::<Secret>::namespaced(client.clone(), NS)
+            .get_opt(FOREIGN_SECRET)
+            .await?;
+        ensure!(
+            secret.is_some_and(|s| s.data.is_some_and(|d| d.contains_key("note"))),
+            "uninstall deleted or changed Secret {NS}/{FOREIGN_SECRET}, which gpu-pilot did not make"
+        );
+        let cm = Api::<ConfigMap>::namespaced(client.clone(), NS)
+            .get_opt(FOREIGN_CONFIGMAP)
+            .await?;
+        ensure!(
+            cm.is_some_and(|c| c.data.is_some_and(|d| d.contains_key("note"))),
+            "uninstall deleted or changed ConfigMap {NS}/{FOREIGN_CONFIGMAP}"
+        );
+        let n = node(client).await?;
+        ensure!(
+            n.labels().get(FOREIGN_LABEL).map(String::as_str) == Some("vision"),
+            "uninstall removed the admin's label {FOREIGN_LABEL} from {NODE}: {:?}",
+            n.labels()
+        );
+        Ok(())
+    }
+
+    async fn remove(self, client: &Client) -> anyhow::Result<()> {
+        label_node(client, None).await
+    }
+}
+
+async fn label_node(client: &Client, value: Option<&str>) -> anyhow::Result<()> {
+    Api::<Node>::all(client.clone())
+        .patch(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {FOREIGN_LABEL: value}}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Every object in the cluster that carries gpu-pilot's managed-by label, of every kind the
+/// apiserver serves and lists, as `kind/namespace/name`.
+async fn managed_objects(client: &Client) -> anyhow::Result<Vec<String>> {
+    let discovery = kube::Discovery::new(client.clone()).run().await?;
+    let lp = ListParams::default().labels(&format!(
+        "{}={}",
+        label::MANAGED_BY,
+        label::MANAGED_BY_VALUE
+    ));
+    let mut out = Vec::new();
+    for group in discovery.groups() {
+        for (ar, caps) in group.recommended_resources() {
+            if !caps.supports_operation(kube::discovery::verbs::LIST) {
+                continue;
+            }
+            let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
+            let list = api
+                .list_metadata(&lp)
+                .await
+                .with_context(|| format!("listing {}", ar.plural))?;
+            out.extend(list.items.iter().map(|o| {
+                format!(
+                    "{}/{}/{}",
+                    ar.kind,
+                    o.metadata.namespace.clone().unwrap_or_default(),
+                    o.name_any()
+                )
+            }));
+        }
+    }
+    Ok(out)
 }

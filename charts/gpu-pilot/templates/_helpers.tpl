@@ -180,3 +180,13 @@ controller, as in kubectl-gpu's Values::controller_image.
 {{- include "gpu-pilot.image" (list $v $chart) -}}
 {{- end -}}
 {{- end }}
+
+{{/* Labels and Helm hook annotations of the uninstall hooks' ServiceAccount and roles (templates/uninstall-hook.yaml). */}}
+{{- define "gpu-pilot.uninstallHookMeta" -}}
+labels:
+  {{- include "gpu-pilot.labels" "uninstall-hook" | nindent 2 }}
+annotations:
+  helm.sh/hook: pre-delete,post-delete
+  helm.sh/hook-weight: "-10"
+  helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end }}

@@ -147,8 +147,9 @@ pub struct OperatorValues {
         skip_serializing_if = "Option::is_none"
     )]
     pub use_ocp_driver_toolkit: Option<bool>,
-    /// NVIDIA's chart deletes its CRD on uninstall when true. gpu-pilot: `kubectl gpu uninstall`
-    /// deletes the CRD unless `--keep-crd`; Helm never deletes `crds/`.
+    /// Delete the ClusterPolicy CRD on `helm uninstall` (the chart's post-delete hook), as NVIDIA's
+    /// chart does when true; Helm itself never deletes `crds/`. `kubectl gpu uninstall` deletes
+    /// the CRD unless `--keep-crd`.
     #[serde(
         default,
         rename = "cleanupCRD",

@@ -194,6 +194,15 @@ fn objects(snap: &Snapshot, report: &Report) -> anyhow::Result<Vec<Entry>> {
         format!("{} Warning events in {}", snap.events.len(), snap.namespace),
         yaml_list(&snap.events)?,
     );
+    add(
+        "sandbox-events.yaml",
+        format!(
+            "{} {} events of pods, cluster-wide",
+            snap.sandbox_events.len(),
+            crate::doctor::snapshot::SANDBOX_FAILED
+        ),
+        yaml_list(&snap.sandbox_events)?,
+    );
     let hooks: Vec<Value> = [
         snap.mutating.as_ref().map(serde_json::to_value),
         snap.validating.as_ref().map(serde_json::to_value),
@@ -499,7 +508,7 @@ mod tests {
             ..Default::default()
         };
         let (dir, path, w) = bundle_of(&snap, "hello");
-        assert_eq!(w.files, 15, "13 snapshot files, a log and the README");
+        assert_eq!(w.files, 16, "14 snapshot files, a log and the README");
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
             std::fs::File::open(&path).unwrap(),
         ));

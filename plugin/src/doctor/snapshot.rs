@@ -27,10 +27,10 @@ use kube::{Api, ResourceExt};
 
 use crate::cluster::{Kube, explain};
 
-/// Requests one snapshot takes when every list fits in one page: the version, 15 lists or gets,
+/// Requests one snapshot takes when every list fits in one page: the version, 16 lists or gets,
 /// the TLS Secret's metadata and the two of [`crate::cluster::probe::gpu_operator_signs`]. Each
 /// further page of nodes, pods or events is one more; log reads of failing pods come on top.
-pub const SNAPSHOT_REQUESTS: u64 = 19;
+pub const SNAPSHOT_REQUESTS: u64 = 20;
 /// Items per page of the lists that grow with the cluster (nodes, pods, events): what the doctor
 /// holds of whole objects at any moment. `kubectl get` pages by the same 500.
 pub const PAGE_SIZE: u32 = 500;
@@ -81,6 +81,9 @@ pub struct Snapshot {
     pub tls_secret: Option<ObjectMeta>,
     /// Warning events in gpu-pilot's namespace.
     pub events: Vec<Event>,
+    /// `FailedCreatePodSandBox` events of pods, cluster-wide (a field selector on the reason),
+    /// each cut to what the check reads ([`checked_event`]).
+    pub sandbox_events: Vec<Event>,
     pub lease: Option<Lease>,
     /// Signs of NVIDIA's GPU Operator, as sentences.
     pub gpu_operator_signs: Vec<String>,
@@ -282,6 +285,42 @@ pub fn checked_pod(p: Pod) -> Pod {
     }
 }
 
+/// The kubelet's event when it cannot create a pod's sandbox.
+pub const SANDBOX_FAILED: &str = "FailedCreatePodSandBox";
+/// Characters of an event's message a snapshot keeps (the runtime's error comes first).
+const MESSAGE_CHARS: usize = 1000;
+
+/// An event cut down to what the checks read: its object, reason, message (the first
+/// [`MESSAGE_CHARS`]), count, times and where it came from.
+pub fn checked_event(e: Event) -> Event {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    let o = e.involved_object;
+    Event {
+        metadata: ObjectMeta {
+            name: e.metadata.name,
+            namespace: e.metadata.namespace,
+            creation_timestamp: e.metadata.creation_timestamp,
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            kind: o.kind,
+            namespace: o.namespace,
+            name: o.name,
+            uid: o.uid,
+            ..ObjectReference::default()
+        },
+        type_: e.type_,
+        reason: e.reason,
+        message: e.message.map(|m| m.chars().take(MESSAGE_CHARS).collect()),
+        count: e.count,
+        last_timestamp: e.last_timestamp,
+        event_time: e.event_time,
+        source: e.source,
+        reporting_instance: e.reporting_instance,
+        ..Event::default()
+    }
+}
+
 impl Snapshot {
     /// Reads the cluster. Fails only when the cluster cannot be reached at all (with what to do);
     /// a part that cannot be read is recorded in `unreadable` and the rest is still checked.
@@ -299,6 +338,10 @@ impl Snapshot {
         };
         let pod: fn(Pod) -> Pod = match detail {
             Detail::Checked => checked_pod,
+            Detail::Whole => without_managed_fields,
+        };
+        let event: fn(Event) -> Event = match detail {
+            Detail::Checked => checked_event,
             Detail::Whole => without_managed_fields,
         };
         // The version first: it tells "cannot reach the cluster" apart from everything else.
@@ -326,6 +369,7 @@ impl Snapshot {
             validating,
             tls_secret,
             events,
+            sandbox_events,
             lease,
             signs,
         ) = tokio::join!(
@@ -352,6 +396,14 @@ impl Snapshot {
                 Api::<Event>::namespaced(c.clone(), ns),
                 paged.clone().fields("type=Warning"),
                 without_managed_fields
+            ),
+            // Pods whose sandbox cannot be created, wherever they are: only that reason is read.
+            list_paged(
+                Api::<Event>::all(c.clone()),
+                paged
+                    .clone()
+                    .fields(&format!("reason={SANDBOX_FAILED},involvedObject.kind=Pod")),
+                event
             ),
             lease_api.get_opt(CONTROLLER_LEASE),
             crate::cluster::probe::gpu_operator_signs(kube),
@@ -409,6 +461,12 @@ impl Snapshot {
             )
             .map(|m| m.metadata),
             events: keep(&format!("Events in {ns}"), events, &mut u, &server),
+            sandbox_events: keep(
+                &format!("{SANDBOX_FAILED} Events"),
+                sandbox_events,
+                &mut u,
+                &server,
+            ),
             lease: keep_opt("the controller's Lease", lease, &mut u, &server),
             gpu_operator_signs: match signs {
                 Ok(s) => s,

@@ -208,8 +208,8 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "operator.cleanupCRD",
-        Ignored(
-            "kubectl gpu uninstall deletes the CRD unless --keep-crd; Helm never deletes a chart's crds/",
+        Implemented(
+            "the chart's post-delete hook deletes the ClusterPolicy CRD after helm uninstall (Helm never deletes a chart's crds/); kubectl gpu uninstall deletes it unless --keep-crd",
         ),
     ),
     rule(

@@ -25,6 +25,7 @@ mod install;
 mod mig;
 mod nodes;
 mod rollout;
+mod sandbox;
 #[cfg(test)]
 pub(crate) mod testkit;
 mod workloads;
@@ -36,6 +37,7 @@ use install::*;
 use mig::*;
 use nodes::*;
 use rollout::*;
+use sandbox::*;
 use workloads::*;
 
 pub use mig::writes_mig_state;
@@ -78,6 +80,7 @@ checks! {
     mig_pending: "mig-config-pending", Warning, "MIG layout changes in progress (warning after 15 minutes)";
     gate_paused: "gate-paused", Warning, "no deploy gate is left paused-* outside a MIG change";
     pending_gpu_pods: "pending-gpu-pods", Warning, "no pod asking for GPUs waits unscheduled, and why it does";
+    sandbox_failures: "pod-sandbox-failed", Error, "no pod is stuck before starting because its sandbox cannot be created (FailedCreatePodSandBox: a runtime handler containerd lacks, a RuntimeClass gone, the pod network, the pause image)";
     driver_skew: "driver-version-skew", Warning, "every GPU node runs the same driver version";
     node_not_ready: "gpu-node-not-ready", Error, "every GPU node is Ready";
     node_cordoned: "gpu-node-cordoned", Warning, "no GPU node is cordoned";
