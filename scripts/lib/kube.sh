@@ -6,6 +6,11 @@
 #   process run with it holds exactly that account's RBAC and an audit log can pick out its
 #   requests (user system:serviceaccount:NAMESPACE:SERVICEACCOUNT).
 #
+# crds_established CRD...
+#   waits (60 s at most) until each CustomResourceDefinition is Established. `kubectl wait
+#   --for=condition=Established` right after the create can fail instead of waiting ("accessor
+#   error: <nil> ... expected []interface{}") while the CRD has no conditions yet.
+#
 # Operand readiness, judged the same way for gpu-pilot, NVIDIA's GPU Operator and the bare
 # DaemonSets of the floor:
 #
@@ -15,6 +20,16 @@
 #             not from the DaemonSet's status, whose counters lag behind new node labels)
 #   READY     of those, the DaemonSet's pods that are Ready (at most one counted per node)
 #   LAST_READY the latest Ready condition lastTransitionTime among them (RFC 3339, seconds), or -
+crds_established() {
+  local crd start=$SECONDS
+  for crd in "$@"; do
+    until [ "$(kc get crd "$crd" -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null)" = True ]; do
+      [ $((SECONDS - start)) -lt 60 ] || { echo "CRD $crd not Established after 60s" >&2; return 1; }
+      sleep 0.2
+    done
+  done
+}
+
 operands_ready() {
   local ns=$1 expected=0 name sel n
   while read -r name sel; do

@@ -1,8 +1,8 @@
 //! Benchmark of the admission webhook.
 //!
 //! 1. Direct over TLS: the real router and rustls server on 127.0.0.1, HTTP/1.1 keep-alive
-//!    clients posting a GPU pod review; requests per second and p50/p99 latency at 1, 16 and 64
-//!    concurrent connections.
+//!    clients posting a GPU pod review; requests per second and p50/p99 latency at 1, 4 and 16
+//!    concurrent connections (16: the server's limit per peer address).
 //! 2. Through the apiserver (with `--kubeconfig`, e.g. from `scripts/local-cluster up`): pods
 //!    created per second in a namespace the webhook mutates versus one it does not, and versus
 //!    the already-mutated pod in that namespace, alternating rounds in the same run, with the CPU
@@ -53,11 +53,11 @@ struct Args {
     /// Rounds through the apiserver (each round runs every kind once, in turn).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Also measure the simple part of the mutation done by a MutatingAdmissionPolicy (round M).
+    /// Also measure the simple part of the mutation done by a MutatingAdmissionPolicy (round M, and P: the same without its parameter).
     #[arg(long)]
     admission_policy: bool,
-    /// Only these kinds through the apiserver (letters of A, B, C, D, M), e.g. to profile one.
-    #[arg(long, default_value = "ABCDM")]
+    /// Only these kinds through the apiserver (letters of A, B, C, D, M, P), e.g. to profile one.
+    #[arg(long, default_value = "ABCDMP")]
     kinds: String,
     /// Reviews the handler answers in the single-thread CPU measurement.
     #[arg(long, default_value_t = 20000)]
@@ -133,6 +133,10 @@ async fn client_loop(
     Ok(lat)
 }
 
+/// The most connections measured: the webhook's default limit on connections from one address
+/// (what one apiserver may hold open).
+const PER_PEER: usize = 16;
+
 async fn direct(seconds: u64, handler_reviews: usize) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc();
     let ca = new_ca(now, Duration::from_secs(86400))?;
@@ -158,16 +162,20 @@ async fn direct(seconds: u64, handler_reviews: usize) -> anyhow::Result<()> {
         metrics: Arc::new(Metrics::default()),
         ready: Arc::new(AtomicBool::new(true)),
     });
-    let app = server::router(state.clone(), Limits::default());
+    // The default limits, but for connections from one address: the server counts a connection
+    // until its task ends, a moment after the client closed it, so one level's connections would
+    // otherwise still count against the next level's (by design; not what is measured here).
+    let limits = Limits {
+        max_connections: 4 * PER_PEER,
+        max_connections_per_peer: 4 * PER_PEER,
+        ..Limits::default()
+    };
+    let app = server::router(state.clone(), limits);
     let tls = server::TlsCell::new(tls_config(cert.as_bytes(), key.as_bytes())?);
-    let (addr, handle) = gpu_pilot_webhook::listener::spawn_local(
-        tls,
-        app,
-        Limits::default(),
-        state.metrics.clone(),
-    )
-    .await
-    .context("the server did not start")?;
+    let (addr, handle) =
+        gpu_pilot_webhook::listener::spawn_local(tls, app, limits, state.metrics.clone())
+            .await
+            .context("the server did not start")?;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())?)?;
@@ -212,14 +220,15 @@ async fn direct(seconds: u64, handler_reviews: usize) -> anyhow::Result<()> {
         );
     }
 
+    let per_peer = PER_PEER;
     println!(
-        "direct over TLS (rustls, HTTP/1.1 keep-alive), POST /mutate/pods with a gpu-memory pod, {seconds}s per level:"
+        "direct over TLS (rustls, HTTP/1.1 keep-alive), POST /mutate/pods with a gpu-memory pod, {seconds}s per level, up to {per_peer} connections (--max-connections-per-peer):"
     );
     println!(
         "{:>12} {:>10} {:>10} {:>10} {:>10} {:>14}",
         "connections", "requests", "req/s", "p50", "p99", "CPU/request"
     );
-    for conns in [1usize, 16, 64] {
+    for conns in [1usize, 4, per_peer] {
         let until = Instant::now() + Duration::from_secs(seconds);
         let started = Instant::now();
         let cpu_before = process_cpu_seconds();
@@ -269,6 +278,9 @@ enum Kind {
     PremutatedWebhook,
     /// M: plain pod, a MutatingAdmissionPolicy mutates it (CEL in the apiserver, no call).
     Policy,
+    /// P: the same policy without its parameter (the runtime class written into the CEL), to
+    /// tell the cost of reading the ClusterPolicy as a parameter from the rest.
+    PolicyNoParams,
 }
 
 impl Kind {
@@ -279,16 +291,21 @@ impl Kind {
             Kind::Premutated => "C",
             Kind::PremutatedWebhook => "D",
             Kind::Policy => "M",
+            Kind::PolicyNoParams => "P",
         }
     }
 }
 
-/// The simple part of gpu-pilot's pod mutation as a MutatingAdmissionPolicy: for a pod that asks
-/// for a GPU (the webhook's own match condition), `runtimeClassName` from the ClusterPolicy's
-/// `spec.operator.runtimeClass` when unset, and the `nvidia.com/gpu:NoSchedule` toleration unless
-/// an `Exists` toleration covers it already (the rules of `mutate::mutate_pod`). The ClusterPolicy
-/// is the policy's parameter, so the runtime class follows it without a webhook.
-fn admission_policy(name: &str, policy_name: &str, namespace: &str) -> (Value, Value) {
+/// The simple part of gpu-pilot's pod mutation as a MutatingAdmissionPolicy, as an install would
+/// register it: for the pods the webhook is called for (its own match condition), in namespace
+/// `namespace`, `runtimeClassName` from the ClusterPolicy's `spec.operator.runtimeClass` when
+/// unset (never overriding), and the `nvidia.com/gpu:NoSchedule` toleration unless an `Exists`
+/// toleration covers it already (the rules of `mutate::mutate_pod`). With `params` the
+/// ClusterPolicy is the policy's parameter (every ClusterPolicy a candidate, those the controller
+/// marked `ignored` skipped), so the runtime class follows it without a webhook; without, the
+/// runtime class `nvidia-bench` is written into the CEL (round P), which tells the cost of the
+/// parameter from the rest.
+fn admission_policy(name: &str, namespace: &str, params: bool) -> (Value, Value) {
     use gpu_pilot_api::names::GPU_TAINT_KEY;
     let toleration = format!(
         "Object.spec.tolerations{{key: '{GPU_TAINT_KEY}', operator: 'Exists', effect: 'NoSchedule'}}"
@@ -296,18 +313,22 @@ fn admission_policy(name: &str, policy_name: &str, namespace: &str) -> (Value, V
     let covered = format!(
         "has(object.spec.tolerations) && object.spec.tolerations.exists(t, (!has(t.key) || t.key == '' || t.key == '{GPU_TAINT_KEY}') && (!has(t.effect) || t.effect == '' || t.effect == 'NoSchedule') && has(t.operator) && t.operator == 'Exists')"
     );
+    let (skip, runtime_class) = if params {
+        ("variables.ignored ? [] : ", "variables.runtimeClass")
+    } else {
+        ("", "'nvidia-bench'")
+    };
     let expression = format!(
-        "(has(object.spec.runtimeClassName) || params.spec.operator.runtimeClass == '' ? [] : \
-           [JSONPatch{{op: 'add', path: '/spec/runtimeClassName', value: params.spec.operator.runtimeClass}}]) + \
+        "{skip}(has(object.spec.runtimeClassName) || {runtime_class} == '' ? [] : \
+           [JSONPatch{{op: 'add', path: '/spec/runtimeClassName', value: {runtime_class}}}]) + \
          ({covered} ? [] : has(object.spec.tolerations) ? \
            [JSONPatch{{op: 'add', path: '/spec/tolerations/-', value: {toleration}}}] : \
            [JSONPatch{{op: 'add', path: '/spec/tolerations', value: [{toleration}]}}])"
     );
-    let policy = json!({
+    let mut policy = json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
         "metadata": {"name": name},
         "spec": {
-            "paramKind": {"apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy"},
             "matchConstraints": {"resourceRules": [{
                 "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]
             }]},
@@ -317,17 +338,25 @@ fn admission_policy(name: &str, policy_name: &str, namespace: &str) -> (Value, V
             "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": expression}}]
         }
     });
-    let binding = json!({
+    let mut binding = json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicyBinding",
         "metadata": {"name": name},
         "spec": {
             "policyName": name,
-            "paramRef": {"name": policy_name, "parameterNotFoundAction": "Allow"},
             "matchResources": {"namespaceSelector": {"matchExpressions": [
                 {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [namespace]}
             ]}}
         }
     });
+    if params {
+        policy["spec"]["paramKind"] =
+            json!({"apiVersion": "gpupilot.io/v1alpha1", "kind": "ClusterPolicy"});
+        policy["spec"]["variables"] = json!([
+            {"name": "runtimeClass", "expression": "params.?spec.?operator.?runtimeClass.orValue('')"},
+            {"name": "ignored", "expression": "params.?status.?state.orValue('') == 'ignored'"}
+        ]);
+        binding["spec"]["paramRef"] = json!({"selector": {}, "parameterNotFoundAction": "Allow"});
+    }
     (policy, binding)
 }
 
@@ -357,12 +386,13 @@ async fn through_apiserver(
     )
     .await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let (with_ns, without_ns, policy_ns) = (
+    let (with_ns, without_ns, policy_ns, fixed_ns) = (
         format!("{id}-with"),
         format!("{id}-without"),
         format!("{id}-policy"),
+        format!("{id}-fixed"),
     );
-    for ns in [&with_ns, &without_ns, &policy_ns] {
+    for ns in [&with_ns, &without_ns, &policy_ns, &fixed_ns] {
         namespaces
             .create(
                 &PostParams::default(),
@@ -371,7 +401,7 @@ async fn through_apiserver(
             .await?;
     }
     // Wait until the namespaces' default service accounts exist (pods need them).
-    for ns in [&with_ns, &without_ns, &policy_ns] {
+    for ns in [&with_ns, &without_ns, &policy_ns, &fixed_ns] {
         let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(client.clone(), ns);
         for _ in 0..100 {
@@ -465,15 +495,18 @@ async fn through_apiserver(
         Api::all_with(client.clone(), &ar("MutatingAdmissionPolicy")),
         Api::all_with(client.clone(), &ar("MutatingAdmissionPolicyBinding")),
     );
+    let fixed_id = format!("{id}-fixed");
     if with_policy {
-        let (policy, binding) = admission_policy(&id, &id, &policy_ns);
-        map_api
-            .create(&PostParams::default(), &serde_json::from_value(policy)?)
-            .await
-            .context("creating the MutatingAdmissionPolicy (admissionregistration.k8s.io/v1 is served from Kubernetes 1.36 on)")?;
-        mapb_api
-            .create(&PostParams::default(), &serde_json::from_value(binding)?)
-            .await?;
+        for (ns, name, params) in [(&policy_ns, &id, true), (&fixed_ns, &fixed_id, false)] {
+            let (policy, binding) = admission_policy(name, ns, params);
+            map_api
+                .create(&PostParams::default(), &serde_json::from_value(policy)?)
+                .await
+                .context("creating the MutatingAdmissionPolicy (admissionregistration.k8s.io/v1 is served from Kubernetes 1.36 on)")?;
+            mapb_api
+                .create(&PostParams::default(), &serde_json::from_value(binding)?)
+                .await?;
+        }
     }
 
     // Wait until the apiserver applies each mutation (it loads new configurations in the background).
@@ -487,6 +520,7 @@ async fn through_apiserver(
     let mut mutated_namespaces = vec![&with_ns];
     if with_policy {
         mutated_namespaces.push(&policy_ns);
+        mutated_namespaces.push(&fixed_ns);
     }
     for ns in mutated_namespaces {
         let probe_api: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -551,11 +585,12 @@ async fn through_apiserver(
     ];
     if with_policy {
         kinds.push(Kind::Policy);
+        kinds.push(Kind::PolicyNoParams);
     }
     kinds.retain(|k| only.contains(k.label()));
     anyhow::ensure!(
         !kinds.is_empty(),
-        "--kinds {only:?} selects no kind: use letters of ABCD, and M with --admission-policy"
+        "--kinds {only:?} selects no kind: use letters of ABCD, and M or P with --admission-policy"
     );
     println!(
         "\nthrough the apiserver: {pods} GPU pods per round, {parallel} in flight, {rounds} rounds, kinds in turn:\n  \
@@ -565,7 +600,8 @@ async fn through_apiserver(
          D  that pre-mutated pod in B's namespace (the webhook is called and answers without a patch){}\n\
          apiserver CPU from its process_cpu_seconds_total; bench CPU is this process (client and webhook)",
         if with_policy {
-            "\n  M  plain pod, namespace a MutatingAdmissionPolicy mutates (the same two fields, CEL in the apiserver)"
+            "\n  M  plain pod, namespace a MutatingAdmissionPolicy mutates (the same two fields, CEL in the apiserver)\n  \
+               P  plain pod, the same policy without its parameter (the runtime class written into the CEL)"
         } else {
             ""
         }
@@ -591,6 +627,7 @@ async fn through_apiserver(
                 Kind::Premutated => (&without_ns, &premutated),
                 Kind::PremutatedWebhook => (&with_ns, &premutated),
                 Kind::Policy => (&policy_ns, &plain),
+                Kind::PolicyNoParams => (&fixed_ns, &plain),
             };
             let (api_before, seen_before) = apiserver_facts(&client).await?;
             let (cpu_before, calls_before) = (process_cpu_seconds(), calls());
@@ -663,10 +700,11 @@ async fn through_apiserver(
         ratio(Kind::PremutatedWebhook, Kind::Premutated),
         if with_policy {
             format!(
-                ", M/A {} (admission policy vs no mutation), M/C {} (same stored pod), B/M {} (webhook vs admission policy)",
+                ", M/A {} (admission policy vs no mutation), M/C {} (same stored pod), B/M {} (webhook vs admission policy), P/A {} (the policy without its parameter)",
                 ratio(Kind::Policy, Kind::Plain),
                 ratio(Kind::Policy, Kind::Premutated),
-                ratio(Kind::Webhook, Kind::Policy)
+                ratio(Kind::Webhook, Kind::Policy),
+                ratio(Kind::PolicyNoParams, Kind::Plain)
             )
         } else {
             String::new()
@@ -694,11 +732,13 @@ async fn through_apiserver(
     running.stop().await;
     let _ = mwcs.delete(&id, &DeleteParams::default()).await;
     if with_policy {
-        let _ = mapb_api.delete(&id, &DeleteParams::default()).await;
-        let _ = map_api.delete(&id, &DeleteParams::default()).await;
+        for name in [&id, &fixed_id] {
+            let _ = mapb_api.delete(name, &DeleteParams::default()).await;
+            let _ = map_api.delete(name, &DeleteParams::default()).await;
+        }
     }
     let _ = policies.delete(&id, &DeleteParams::default()).await;
-    for ns in [&with_ns, &without_ns, &policy_ns] {
+    for ns in [&with_ns, &without_ns, &policy_ns, &fixed_ns] {
         let _ = namespaces.delete(ns, &DeleteParams::background()).await;
     }
     Ok(())
