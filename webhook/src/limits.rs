@@ -12,9 +12,8 @@
 //! client, waits that long and sends it again within the webhook's timeout) and
 //! `gpupilot_webhook_shed_total{reason}` counts it; a connection past a bound is closed at once.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -23,6 +22,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::listener::{PeerSlot, Peers};
 use crate::metrics::{Metrics, Shed};
 
 /// The apiserver refuses request bodies over 3 MiB (`MaxRequestBodyBytes`), so no object it
@@ -143,7 +143,7 @@ pub struct Gate {
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     /// Reviews being answered per client address.
-    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peers: Arc<Peers>,
     limits: Limits,
     metrics: Arc<Metrics>,
 }
@@ -152,34 +152,10 @@ pub struct Gate {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub IpAddr);
 
-/// The per-client counts; a panic elsewhere while they were held leaves them consistent (each
-/// change is one statement), so a poisoned lock is used as it is.
-fn lock(m: &Mutex<HashMap<IpAddr, usize>>) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One review counted against its client's share; given back on drop.
-struct PeerShare {
-    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl Drop for PeerShare {
-    fn drop(&mut self) {
-        let mut map = lock(&self.peers);
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// What a review holds while it is answered; dropping it (answered, timed out or cancelled)
 /// gives it back.
 struct Held {
-    _peer: Option<PeerShare>,
+    _peer: Option<PeerSlot>,
     _request: OwnedSemaphorePermit,
     _bytes: OwnedSemaphorePermit,
     cost: usize,
@@ -204,21 +180,16 @@ impl Gate {
     }
 
     /// One review from `peer` more, within its client's share, or why not.
-    fn take_peer_share(&self, peer: IpAddr) -> Result<PeerShare, Refused> {
-        let mut map = lock(&self.peers);
-        let n = map.entry(peer).or_default();
-        if *n >= self.limits.max_in_flight_per_peer {
-            self.metrics.shed(Shed::RequestsPerPeer);
-            return Err(Refused::Busy(format!(
-                "gpu-pilot-webhook is answering {} reviews from {peer} already (--max-in-flight-per-peer)",
-                self.limits.max_in_flight_per_peer
-            )));
-        }
-        *n += 1;
-        Ok(PeerShare {
-            peers: self.peers.clone(),
-            ip: peer,
-        })
+    fn take_peer_share(&self, peer: IpAddr) -> Result<PeerSlot, Refused> {
+        self.peers
+            .take(peer, self.limits.max_in_flight_per_peer)
+            .ok_or_else(|| {
+                self.metrics.shed(Shed::RequestsPerPeer);
+                Refused::Busy(format!(
+                    "gpu-pilot-webhook is answering {} reviews from {peer} already (--max-in-flight-per-peer)",
+                    self.limits.max_in_flight_per_peer
+                ))
+            })
     }
 
     /// The request's cost (its declared length, or the largest body), or why it is refused.
@@ -490,10 +461,9 @@ mod tests {
             proptest::prop_assert_eq!(m.shed_count(Shed::Requests), shed_requests);
             proptest::prop_assert_eq!(m.shed_count(Shed::Bytes), shed_bytes);
             proptest::prop_assert_eq!(m.shed_count(Shed::RequestsPerPeer), shed_peer);
-            proptest::prop_assert!(lock(&g.peers).is_empty() || !held.is_empty());
-            held.clear();
+                        held.clear();
             proptest::prop_assert_eq!(m.in_flight_now(), (0, 0));
-            proptest::prop_assert!(lock(&g.peers).is_empty(), "a client's share was not given back");
+            proptest::prop_assert!(g.peers.is_empty(), "a client's share was not given back");
         }
     }
 }

@@ -100,18 +100,25 @@ impl Handle {
     }
 }
 
-/// Connections open per peer address.
+/// Something counted per peer address (open connections here, reviews in flight in the gate).
 #[derive(Default)]
-struct Peers(Mutex<HashMap<IpAddr, usize>>);
+pub(crate) struct Peers(Mutex<HashMap<IpAddr, usize>>);
 
-/// One peer's share, given back when the connection ends.
-struct PeerSlot {
+/// One unit of a peer's share, given back when dropped.
+pub(crate) struct PeerSlot {
     peers: Arc<Peers>,
     ip: IpAddr,
 }
 
 impl Peers {
-    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+    /// Whether no peer holds anything.
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.lock().expect("peers lock").is_empty()
+    }
+
+    /// One more for `ip`, unless it holds `max` already.
+    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
         let mut map = self.0.lock().expect("peers lock");
         let n = map.entry(ip).or_default();
         if *n >= max {
